@@ -1,0 +1,328 @@
+//! Connections to RabbitMQ (pooled by deadpool-lapin, one pool per cluster URL, tried in
+//! turn) and a publisher that always waits for the broker's confirm.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use deadpool_lapin::lapin::options::{BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions};
+use deadpool_lapin::lapin::types::ShortString;
+use deadpool_lapin::lapin::{
+    BasicProperties, Channel, Confirmation, ConnectionProperties, PublisherConfirm,
+};
+use deadpool_lapin::{Pool, PoolConfig, Runtime, Timeouts};
+use serde::Serialize;
+
+use crate::config::{BrokerArgs, redact_url};
+use crate::topology::Names;
+
+/// A broker error, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot reach the broker ({urls}): {reason}")]
+    Unreachable { urls: String, reason: String },
+    #[error("broker error: {0}")]
+    Amqp(#[from] deadpool_lapin::lapin::Error),
+    #[error("the broker refused a message published to exchange {exchange:?}")]
+    Nacked { exchange: String },
+    #[error("no queue is bound for a message published to exchange {exchange:?}")]
+    Unroutable { exchange: String },
+    #[error("cannot encode message: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("the broker cancelled the consumer or closed its channel")]
+    ConsumerEnded,
+    #[error("invalid broker settings: {0}")]
+    Config(String),
+}
+
+impl BrokerError {
+    /// Whether reconnecting may help. Only bad settings are not worth another try.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, BrokerError::Config(_) | BrokerError::Encode(_))
+    }
+}
+
+/// Persistent JSON message properties, as the contract asks of every publisher.
+pub fn json_properties() -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(ShortString::from("application/json"))
+}
+
+/// Transient JSON properties, for messages whose value dies with them (heartbeats, RPC).
+pub fn transient_json_properties() -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(1)
+        .with_content_type(ShortString::from("application/json"))
+}
+
+/// The broker of one deployment: a connection pool per URL and the deployment's names.
+#[derive(Clone)]
+pub struct Broker {
+    pools: Arc<Vec<(String, Pool)>>,
+    /// Index of the URL that last answered, tried first next time.
+    preferred: Arc<AtomicUsize>,
+    names: Names,
+    client_name: String,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let urls: Vec<String> = self.pools.iter().map(|(u, _)| redact_url(u)).collect();
+        f.debug_struct("Broker")
+            .field("urls", &urls)
+            .field("namespace", &self.names.namespace())
+            .finish()
+    }
+}
+
+impl Broker {
+    /// `client_name` shows as the connection name in RabbitMQ's tools.
+    pub fn new(args: &BrokerArgs, client_name: &str) -> Result<Self, BrokerError> {
+        let urls = args.urls();
+        if urls.is_empty() {
+            return Err(BrokerError::Config("AMQP_URL is empty".into()));
+        }
+        if !crate::jobspec::valid_id(&args.namespace) {
+            return Err(BrokerError::Config(format!(
+                "namespace {:?} must be 1-128 letters, digits, '.', '_' or '-'",
+                args.namespace
+            )));
+        }
+        let mut pools = Vec::with_capacity(urls.len());
+        for url in urls {
+            let config = deadpool_lapin::Config {
+                url: Some(url.clone()),
+                pool: Some(PoolConfig {
+                    max_size: 4,
+                    timeouts: Timeouts {
+                        wait: Some(Duration::from_secs(10)),
+                        create: Some(Duration::from_secs(5)),
+                        recycle: Some(Duration::from_secs(5)),
+                    },
+                    ..PoolConfig::default()
+                }),
+            };
+            let name = client_name.to_owned();
+            let pool = config
+                .create_pool(
+                    move || ConnectionProperties::default().with_connection_name(name.clone().into()),
+                    Runtime::Tokio1,
+                )
+                .map_err(|e| BrokerError::Config(format!("{}: {e}", redact_url(&url))))?;
+            pools.push((url, pool));
+        }
+        Ok(Self {
+            pools: Arc::new(pools),
+            preferred: Arc::new(AtomicUsize::new(0)),
+            names: crate::topology::Names::new(args.namespace.clone()),
+            client_name: client_name.to_owned(),
+        })
+    }
+
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
+    pub fn client_name(&self) -> &str {
+        &self.client_name
+    }
+
+    /// A pooled connection, trying each URL in turn from the one that answered last.
+    pub async fn connection(&self) -> Result<deadpool_lapin::Connection, BrokerError> {
+        let n = self.pools.len();
+        let first = self.preferred.load(Ordering::Relaxed) % n;
+        let mut reasons = Vec::new();
+        for i in 0..n {
+            let at = (first + i) % n;
+            let (url, pool) = &self.pools[at];
+            match pool.get().await {
+                Ok(conn) => {
+                    self.preferred.store(at, Ordering::Relaxed);
+                    return Ok(conn);
+                }
+                Err(e) => reasons.push(format!("{}: {e}", redact_url(url))),
+            }
+        }
+        Err(BrokerError::Unreachable {
+            urls: self
+                .pools
+                .iter()
+                .map(|(u, _)| redact_url(u))
+                .collect::<Vec<_>>()
+                .join(", "),
+            reason: reasons.join("; "),
+        })
+    }
+
+    /// A channel on a pooled connection (shared with other short-lived users).
+    pub async fn channel(&self) -> Result<Channel, BrokerError> {
+        let conn = self.connection().await?;
+        Ok(conn.create_channel().await?)
+    }
+
+    /// A publishing channel with publisher confirms on.
+    pub async fn publisher(&self) -> Result<Publisher, BrokerError> {
+        Publisher::open(&*self.connection().await?).await
+    }
+
+    /// Two connections held for the life of a session: one for publishing, one for consuming,
+    /// so the broker's flow control on publishers never stalls consumption and acks.
+    pub async fn session(&self) -> Result<Session, BrokerError> {
+        let publish = self.connection().await?;
+        let consume = self.connection().await?;
+        Ok(Session { publish, consume })
+    }
+
+    /// Declares the namespace's whole fixed topology.
+    pub async fn declare_topology(&self) -> Result<(), BrokerError> {
+        let channel = self.channel().await?;
+        crate::topology::declare(&channel, &self.names).await?;
+        let _ = channel.close(200, "topology declared".into()).await;
+        Ok(())
+    }
+}
+
+/// The connections of one supervised session; dropping it hands them back to the pool,
+/// which discards broken ones.
+pub struct Session {
+    publish: deadpool_lapin::Connection,
+    consume: deadpool_lapin::Connection,
+}
+
+impl Session {
+    pub async fn publisher(&self) -> Result<Publisher, BrokerError> {
+        Publisher::open(&self.publish).await
+    }
+
+    /// A channel without confirms on the consuming connection (for replies that may be lost).
+    pub async fn plain_channel(&self) -> Result<Channel, BrokerError> {
+        Ok(self.consume.create_channel().await?)
+    }
+
+    /// A consuming channel with `prefetch` unacknowledged deliveries per consumer.
+    pub async fn consumer_channel(&self, prefetch: u16) -> Result<Channel, BrokerError> {
+        let channel = self.consume.create_channel().await?;
+        // basic_qos must come before basic_consume to bound the first burst too.
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        Ok(channel)
+    }
+}
+
+/// A channel in confirm mode.
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+}
+
+impl Publisher {
+    async fn open(conn: &deadpool_lapin::lapin::Connection) -> Result<Self, BrokerError> {
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Self { channel })
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Publishes and returns the pending confirm, so callers can pipeline many publishes and
+    /// await their confirms together. A `mandatory` message that no queue takes is an error
+    /// when its confirm is awaited.
+    pub async fn start_with(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        mandatory: bool,
+    ) -> Result<PendingConfirm, BrokerError> {
+        let confirm = self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                properties,
+            )
+            .await?;
+        Ok(PendingConfirm {
+            confirm,
+            exchange: exchange.to_owned(),
+        })
+    }
+
+    /// [`Publisher::start_with`] of a message that may go unrouted (topic subscribers).
+    pub async fn start(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<PendingConfirm, BrokerError> {
+        self.start_with(exchange, routing_key, body, properties, false)
+            .await
+    }
+
+    /// Publishes and waits until the broker has taken responsibility for the message.
+    pub async fn send(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), BrokerError> {
+        self.start(exchange, routing_key, body, properties)
+            .await?
+            .wait()
+            .await
+    }
+
+    /// [`Publisher::send`] of a JSON-encoded persistent message.
+    pub async fn send_json<T: Serialize>(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: &T,
+    ) -> Result<(), BrokerError> {
+        let body = serde_json::to_vec(message)?;
+        self.send(exchange, routing_key, &body, json_properties())
+            .await
+    }
+}
+
+/// A published message whose confirm has not been awaited yet.
+pub struct PendingConfirm {
+    confirm: PublisherConfirm,
+    exchange: String,
+}
+
+impl PendingConfirm {
+    pub async fn wait(self) -> Result<(), BrokerError> {
+        match self.confirm.await? {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(BrokerError::Unroutable {
+                exchange: self.exchange,
+            }),
+            Confirmation::Nack(_) | Confirmation::NotRequested => Err(BrokerError::Nacked {
+                exchange: self.exchange,
+            }),
+        }
+    }
+}
+
+/// Waits for every confirm; the first refusal or error wins.
+pub async fn wait_all(pending: Vec<PendingConfirm>) -> Result<(), BrokerError> {
+    for confirm in pending {
+        confirm.wait().await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,65 @@
+//! Taking deliveries in batches, so one store commit and one multiple-ack cover many messages.
+
+use deadpool_lapin::lapin::message::Delivery;
+use deadpool_lapin::lapin::options::BasicAckOptions;
+use deadpool_lapin::lapin::{Channel, Consumer};
+use deadpool_lapin::lapin::options::BasicConsumeOptions;
+use deadpool_lapin::lapin::types::FieldTable;
+use futures::{FutureExt, StreamExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::BrokerError;
+
+/// Starts a manually-acknowledged consumer on `queue`.
+pub async fn consume(channel: &Channel, queue: &str, tag: &str) -> Result<Consumer, BrokerError> {
+    Ok(channel
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?)
+}
+
+/// Waits for the next delivery, then takes every delivery already buffered, up to `max`.
+/// Returns `Ok(None)` when `shutdown` fires first; an error or an ended stream (the broker
+/// cancelled the consumer, the channel closed) ends the session.
+pub async fn next_batch(
+    consumer: &mut Consumer,
+    max: usize,
+    shutdown: &CancellationToken,
+) -> Result<Option<Vec<Delivery>>, BrokerError> {
+    let first = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(None),
+        next = consumer.next() => next,
+    };
+    let mut batch = vec![delivery_or_end(first)?];
+    while batch.len() < max {
+        match consumer.next().now_or_never() {
+            Some(next) => batch.push(delivery_or_end(next)?),
+            None => break,
+        }
+    }
+    Ok(Some(batch))
+}
+
+fn delivery_or_end(
+    next: Option<Result<Delivery, deadpool_lapin::lapin::Error>>,
+) -> Result<Delivery, BrokerError> {
+    match next {
+        Some(Ok(delivery)) => Ok(delivery),
+        Some(Err(e)) => Err(e.into()),
+        None => Err(BrokerError::ConsumerEnded),
+    }
+}
+
+/// Acknowledges every delivery of `batch` (all on one channel) with one multiple-ack.
+pub async fn ack_batch(batch: &[Delivery]) -> Result<(), BrokerError> {
+    if let Some(last) = batch.iter().max_by_key(|d| d.delivery_tag) {
+        last.acker
+            .ack(BasicAckOptions { multiple: true })
+            .await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,415 @@
+//! The JobSpec of the public contract: parsing and validation.
+//!
+//! Every way a message can be wrong ends in a [`Rejection`] whose `error` names the field and the
+//! problem, so the user can fix the job without reading batchq's logs.
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+pub const DEFAULT_MAX_CONCURRENT_FRAGMENTS: u32 = 16;
+pub const DEFAULT_LIFESPAN_MS: u64 = 60_000;
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+pub const MIN_LIFESPAN_MS: u64 = 100;
+/// Upper bounds that the contract leaves open; they keep one fragment message and one job's
+/// bookkeeping within sane sizes.
+pub const MAX_FRAGMENT_SIZE: u64 = 1_000_000;
+pub const MAX_CONCURRENT_FRAGMENTS: u64 = 100_000;
+pub const MAX_LIFESPAN_MS: u64 = 24 * 3600 * 1000;
+pub const MAX_ATTEMPTS: u64 = 100;
+pub const MAX_ID_LEN: usize = 128;
+
+/// What a job runs over: explicit items, or the integers of a range.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobInput {
+    Items(Vec<Value>),
+    Range { start: i64, end: i64 },
+}
+
+impl JobInput {
+    /// Number of operations in the job.
+    pub fn len(&self) -> u64 {
+        match self {
+            JobInput::Items(items) => items.len() as u64,
+            JobInput::Range { start, end } => (i128::from(*end) - i128::from(*start)) as u64,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A validated job, with every default filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSpec {
+    pub job_id: String,
+    pub operation: String,
+    pub params: Map<String, Value>,
+    pub input: JobInput,
+    /// `None`: batchq chooses the size.
+    pub fragment_size: Option<u32>,
+    /// Most fragments of this job that may be out at once. Holding only this window in the
+    /// work queue is what lets a small job overtake a huge one submitted before it.
+    pub max_concurrent_fragments: u32,
+    pub lifespan_ms: u64,
+    pub max_attempts: u32,
+    pub tolerated_failure_percent: f64,
+    pub collect_results: bool,
+}
+
+/// Why a message is not a job, and the id its `rejected` status is published under.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    pub job_id: String,
+    pub error: String,
+}
+
+/// Limits applied before the body is parsed.
+#[derive(Debug, Clone, Copy)]
+pub struct ParseLimits {
+    pub max_message_bytes: usize,
+}
+
+impl Default for ParseLimits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// The JobSpec as written, before defaults and bounds.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJobSpec {
+    // Checked before this struct is built; listed so `deny_unknown_fields` accepts it.
+    #[serde(rename = "job_id")]
+    _job_id: Option<serde::de::IgnoredAny>,
+    operation: Option<String>,
+    params: Option<Map<String, Value>>,
+    items: Option<Vec<Value>>,
+    range: Option<RawRange>,
+    fragment_size: Option<i64>,
+    max_concurrent_fragments: Option<i64>,
+    lifespan_ms: Option<i64>,
+    max_attempts: Option<i64>,
+    tolerated_failure_percent: Option<f64>,
+    collect_results: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRange {
+    start: i64,
+    end: i64,
+}
+
+/// `job_id` and `operation` become parts of queue names and routing keys.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn check_id(field: &str, id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err(format!("{field}: must not be empty"));
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(format!(
+            "{field}: is {} characters long, at most {MAX_ID_LEN} are allowed",
+            id.len()
+        ));
+    }
+    if let Some(bad) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "{field}: contains {bad:?}; only letters, digits, '.', '_' and '-' are allowed"
+        ));
+    }
+    Ok(())
+}
+
+fn bounded(field: &str, value: Option<i64>, min: u64, max: u64) -> Result<Option<u64>, String> {
+    match value {
+        None => Ok(None),
+        Some(v) if v < 0 || (v as u64) < min => {
+            Err(format!("{field}: must be at least {min}, got {v}"))
+        }
+        Some(v) if v as u64 > max => Err(format!("{field}: must be at most {max}, got {v}")),
+        Some(v) => Ok(Some(v as u64)),
+    }
+}
+
+/// The id to reject a message under when it has no usable `job_id` of its own.
+fn fallback_id(message_id: Option<&str>) -> String {
+    match message_id {
+        Some(id) if valid_id(id) => id.to_owned(),
+        _ => uuid::Uuid::new_v4().to_string(),
+    }
+}
+
+/// True for a missing content type and for `application/json` (parameters allowed).
+pub fn is_json_content_type(content_type: Option<&str>) -> bool {
+    match content_type {
+        None => true,
+        Some(ct) => {
+            let essence = ct.split(';').next().unwrap_or("").trim();
+            essence.is_empty() || essence.eq_ignore_ascii_case("application/json")
+        }
+    }
+}
+
+/// Parses and validates a JobSpec message body.
+///
+/// `message_id` is the AMQP property, used as the rejection's id when the body has no usable
+/// `job_id`.
+pub fn parse_job_spec(
+    body: &[u8],
+    content_type: Option<&str>,
+    message_id: Option<&str>,
+    limits: ParseLimits,
+) -> Result<JobSpec, Rejection> {
+    let reject = |error: String| Rejection {
+        job_id: fallback_id(message_id),
+        error,
+    };
+    if body.len() > limits.max_message_bytes {
+        return Err(reject(format!(
+            "message: body is {} bytes, the limit is {} bytes",
+            body.len(),
+            limits.max_message_bytes
+        )));
+    }
+    if !is_json_content_type(content_type) {
+        return Err(reject(format!(
+            "message: content_type is {:?}, expected \"application/json\"",
+            content_type.unwrap_or_default()
+        )));
+    }
+    let text = std::str::from_utf8(body).map_err(|e| {
+        reject(format!(
+            "message: body is not valid UTF-8 (invalid byte at offset {})",
+            e.valid_up_to()
+        ))
+    })?;
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| reject(format!("message: body is not valid JSON: {e}")))?;
+    let Value::Object(object) = value else {
+        return Err(reject(format!(
+            "message: body must be a JSON object, got {}",
+            json_kind(&value)
+        )));
+    };
+
+    // Find the id first, so that every later rejection is reported under the user's own id.
+    let job_id = match object.get("job_id") {
+        None => None,
+        Some(Value::String(id)) => {
+            if let Err(error) = check_id("job_id", id) {
+                return Err(reject(error));
+            }
+            Some(id.clone())
+        }
+        Some(other) => {
+            return Err(reject(format!(
+                "job_id: must be a string, got {}",
+                json_kind(other)
+            )));
+        }
+    };
+    let job_id = job_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let reject = |error: String| Rejection {
+        job_id: job_id.clone(),
+        error,
+    };
+
+    let raw: RawJobSpec = serde_path_to_error::deserialize(Value::Object(object))
+        .map_err(|e| reject(describe_serde_error(&e)))?;
+    validate(job_id.clone(), raw).map_err(reject)
+}
+
+fn validate(job_id: String, raw: RawJobSpec) -> Result<JobSpec, String> {
+    let operation = raw
+        .operation
+        .ok_or_else(|| "operation: missing; name the operation to run".to_owned())?;
+    check_id("operation", &operation)?;
+    let input = match (raw.items, raw.range) {
+        (Some(_), Some(_)) => {
+            return Err("items, range: both given; give exactly one of them".to_owned());
+        }
+        (None, None) => {
+            return Err("items, range: neither given; give exactly one of them".to_owned());
+        }
+        (Some(items), None) => JobInput::Items(items),
+        (None, Some(RawRange { start, end })) => {
+            if end < start {
+                return Err(format!(
+                    "range: end ({end}) is less than start ({start}); end is exclusive and must be at least start"
+                ));
+            }
+            JobInput::Range { start, end }
+        }
+    };
+    let fragment_size = bounded("fragment_size", raw.fragment_size, 1, MAX_FRAGMENT_SIZE)?;
+    let max_concurrent_fragments = bounded(
+        "max_concurrent_fragments",
+        raw.max_concurrent_fragments,
+        1,
+        MAX_CONCURRENT_FRAGMENTS,
+    )?;
+    let lifespan_ms = bounded("lifespan_ms", raw.lifespan_ms, MIN_LIFESPAN_MS, MAX_LIFESPAN_MS)?;
+    let max_attempts = bounded("max_attempts", raw.max_attempts, 1, MAX_ATTEMPTS)?;
+    let tolerated_failure_percent = raw.tolerated_failure_percent.unwrap_or(0.0);
+    if !(0.0..=100.0).contains(&tolerated_failure_percent) {
+        return Err(format!(
+            "tolerated_failure_percent: must be between 0 and 100, got {tolerated_failure_percent}"
+        ));
+    }
+    Ok(JobSpec {
+        job_id,
+        operation,
+        params: raw.params.unwrap_or_default(),
+        input,
+        fragment_size: fragment_size.map(|v| v as u32),
+        max_concurrent_fragments: max_concurrent_fragments
+            .map_or(DEFAULT_MAX_CONCURRENT_FRAGMENTS, |v| v as u32),
+        lifespan_ms: lifespan_ms.unwrap_or(DEFAULT_LIFESPAN_MS),
+        max_attempts: max_attempts.map_or(DEFAULT_MAX_ATTEMPTS, |v| v as u32),
+        tolerated_failure_percent,
+        collect_results: raw.collect_results.unwrap_or(true),
+    })
+}
+
+/// serde's message, prefixed by the path of the field it is about.
+fn describe_serde_error(e: &serde_path_to_error::Error<serde_json::Error>) -> String {
+    let path = e.path().to_string();
+    let inner = e.inner().to_string();
+    if path == "." || path.is_empty() {
+        // Unknown fields are reported at the top level; serde names them in its message.
+        inner
+    } else {
+        format!("{path}: {inner}")
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// `text(item)` of the contract: a JSON string as itself, anything else as its compact JSON
+/// text with object keys in the order the JobSpec gives them.
+pub fn item_text(item: &Value) -> std::borrow::Cow<'_, str> {
+    match item {
+        Value::String(s) => std::borrow::Cow::Borrowed(s),
+        other => std::borrow::Cow::Owned(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<JobSpec, Rejection> {
+        parse_job_spec(body.as_bytes(), None, None, ParseLimits::default())
+    }
+
+    fn error_of(body: &str) -> String {
+        parse(body).expect_err("must be rejected").error
+    }
+
+    #[test]
+    fn accepts_full_spec() {
+        let spec = parse(
+            r#"{"job_id":"j-1","operation":"sha256","params":{"rounds":10},
+                "range":{"start":5,"end":15},"fragment_size":3,"max_concurrent_fragments":2,
+                "lifespan_ms":1000,"max_attempts":4,"tolerated_failure_percent":2.5,
+                "collect_results":false}"#,
+        )
+        .expect("valid");
+        assert_eq!(spec.job_id, "j-1");
+        assert_eq!(spec.input, JobInput::Range { start: 5, end: 15 });
+        assert_eq!(spec.input.len(), 10);
+        assert_eq!(spec.fragment_size, Some(3));
+        assert_eq!(spec.max_concurrent_fragments, 2);
+        assert_eq!(spec.lifespan_ms, 1000);
+        assert_eq!(spec.max_attempts, 4);
+        assert!(!spec.collect_results);
+    }
+
+    #[test]
+    fn fills_defaults() {
+        let spec = parse(r#"{"operation":"noop","items":[1,2]}"#).expect("valid");
+        assert_eq!(spec.job_id.len(), 36, "a UUID is generated");
+        assert_eq!(spec.max_concurrent_fragments, 16);
+        assert_eq!(spec.lifespan_ms, 60_000);
+        assert_eq!(spec.max_attempts, 3);
+        assert_eq!(spec.tolerated_failure_percent, 0.0);
+        assert!(spec.collect_results);
+        assert_eq!(spec.fragment_size, None);
+    }
+
+    #[test]
+    fn names_the_field_of_each_problem() {
+        let cases = [
+            (r#"{"operation":"noop","items":[],"colour":1}"#, "colour"),
+            (r#"{"operation":"noop","items":[],"fragment_size":"x"}"#, "fragment_size"),
+            (r#"{"items":[]}"#, "operation"),
+            (r#"{"operation":"noop","items":[],"range":{"start":0,"end":1}}"#, "both"),
+            (r#"{"operation":"noop"}"#, "neither"),
+            (r#"{"operation":"noop","range":{"start":5,"end":1}}"#, "range: end"),
+            (r#"{"operation":"noop","items":[],"fragment_size":0}"#, "fragment_size: must be at least 1"),
+            (r#"{"operation":"noop","items":[],"max_concurrent_fragments":-3}"#, "max_concurrent_fragments"),
+            (r#"{"operation":"noop","items":[],"lifespan_ms":99}"#, "lifespan_ms"),
+            (r#"{"operation":"noop","items":[],"max_attempts":0}"#, "max_attempts"),
+            (r#"{"operation":"noop","items":[],"tolerated_failure_percent":101}"#, "tolerated_failure_percent"),
+            (r#"{"operation":"noop","items":[],"job_id":"a b"}"#, "job_id"),
+            (r#"{"operation":"noop","items":{}}"#, "items"),
+            (r#"{"operation":"noop","range":{"start":0}}"#, "range"),
+            (r#"{"operation":"noop","items":[],"collect_results":"yes"}"#, "collect_results"),
+        ];
+        for (body, expected) in cases {
+            let error = error_of(body);
+            assert!(error.contains(expected), "{body}: {error:?} should mention {expected:?}");
+        }
+        let long_id = format!(r#"{{"operation":"noop","items":[],"job_id":"{}"}}"#, "a".repeat(129));
+        assert!(error_of(&long_id).contains("at most 128"));
+    }
+
+    #[test]
+    fn rejects_bad_messages_under_a_usable_id() {
+        let bad_utf8 = parse_job_spec(b"{\"a\":\"\xff\"}", None, Some("msg-7"), ParseLimits::default())
+            .expect_err("not UTF-8");
+        assert_eq!(bad_utf8.job_id, "msg-7");
+        assert!(bad_utf8.error.contains("UTF-8"));
+        assert!(error_of("not json").contains("not valid JSON"));
+        assert!(error_of("[1,2]").contains("JSON object, got an array"));
+        let known = parse(r#"{"job_id":"mine","operation":"noop"}"#).expect_err("no input");
+        assert_eq!(known.job_id, "mine");
+        let typed = parse_job_spec(b"{}", Some("text/plain"), None, ParseLimits::default())
+            .expect_err("content type");
+        assert!(typed.error.contains("content_type"));
+        let big = parse_job_spec(b"{}", None, None, ParseLimits { max_message_bytes: 1 })
+            .expect_err("too big");
+        assert!(big.error.contains("limit"));
+    }
+
+    #[test]
+    fn item_text_keeps_key_order() {
+        let item: Value = serde_json::from_str(r#"{"b": 2, "a": 1}"#).expect("json");
+        assert_eq!(item_text(&item), r#"{"b":2,"a":1}"#);
+        assert_eq!(item_text(&Value::from(42)), "42");
+        assert_eq!(item_text(&Value::from("hi")), "hi");
+    }
+}

@@ -1,0 +1,279 @@
+//! Names of every exchange and queue under a namespace, and their idempotent declaration.
+//!
+//! Queue arguments are part of a queue's identity: RabbitMQ refuses a re-declaration with
+//! different arguments, so changing anything here is an upgrade step (see docs/operations).
+
+use deadpool_lapin::lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use deadpool_lapin::lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use deadpool_lapin::lapin::{Channel, ExchangeKind};
+
+/// Routing keys on `{ns}.jobs`.
+pub const KEY_SUBMIT: &str = "submit";
+pub const KEY_CANCEL: &str = "cancel";
+/// Routing keys on `{ns}.events`.
+pub const KEY_REDUCER: &str = "reducer";
+pub const KEY_SETTLED: &str = "settled";
+pub const KEY_HEARTBEAT: &str = "heartbeat";
+/// Routing key under which poison fragments are dead-lettered from the work queues into
+/// `{ns}.events` (and so to the reducer).
+pub const KEY_POISON: &str = "poison";
+/// Routing key on `{ns}.metrics`.
+pub const KEY_METRICS: &str = "batch";
+
+/// Deliveries of one fragment (or job message) after which the broker gives up on it: a
+/// message that kills its consumer this often is poison, not bad luck.
+pub const DELIVERY_LIMIT: i64 = 5;
+/// How long a heartbeat or RPC request stays meaningful.
+pub const HEARTBEAT_TTL_MS: i64 = 15_000;
+pub const RPC_TTL_MS: i64 = 30_000;
+
+/// The built-in operations, whose work queues `batchctl queues` always shows.
+pub const BUILTIN_OPERATIONS: [&str; 4] = ["noop", "sleep", "sha256", "exec"];
+
+/// All names of one deployment, derived from its namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    ns: String,
+}
+
+impl Names {
+    pub fn new(ns: impl Into<String>) -> Self {
+        Self { ns: ns.into() }
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.ns
+    }
+
+    fn name(&self, suffix: &str) -> String {
+        format!("{}.{suffix}", self.ns)
+    }
+
+    /// Exchange users publish JobSpecs and CancelRequests to; also the splitter's queue.
+    pub fn jobs(&self) -> String {
+        self.name("jobs")
+    }
+    pub fn status(&self) -> String {
+        self.name("status")
+    }
+    pub fn metrics(&self) -> String {
+        self.name("metrics")
+    }
+    /// Exchange fragments are published to, routed by operation.
+    pub fn work(&self) -> String {
+        self.name("work")
+    }
+    pub fn work_queue(&self, operation: &str) -> String {
+        self.name(&format!("work.{operation}"))
+    }
+    /// Exchange for internal events (reports, settlements, heartbeats).
+    pub fn events(&self) -> String {
+        self.name("events")
+    }
+    pub fn reducer_queue(&self) -> String {
+        self.name("reducer")
+    }
+    pub fn splitter_queue(&self) -> String {
+        self.name("splitter")
+    }
+    pub fn heartbeats_queue(&self) -> String {
+        self.name("heartbeats")
+    }
+    /// Exchange and queue that keep rejected messages for inspection.
+    pub fn dead(&self) -> String {
+        self.name("dead")
+    }
+    pub fn rpc_queue(&self) -> String {
+        self.name("rpc")
+    }
+    /// Fanout exchange that reaches every live worker.
+    pub fn control(&self) -> String {
+        self.name("control")
+    }
+
+    /// Every durable queue of the deployment except the per-operation work queues.
+    pub fn fixed_queues(&self) -> Vec<String> {
+        vec![
+            self.jobs(),
+            self.reducer_queue(),
+            self.splitter_queue(),
+            self.heartbeats_queue(),
+            self.rpc_queue(),
+            self.dead(),
+        ]
+    }
+
+    pub fn exchanges(&self) -> Vec<String> {
+        vec![
+            self.jobs(),
+            self.status(),
+            self.metrics(),
+            self.work(),
+            self.events(),
+            self.dead(),
+            self.control(),
+        ]
+    }
+}
+
+fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (key, value) in entries {
+        table.insert(ShortString::from(*key), value.clone());
+    }
+    table
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+fn quorum_args(names: &Names, extra: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut entries = vec![
+        ("x-queue-type", text("quorum")),
+        ("x-delivery-limit", AMQPValue::LongLongInt(DELIVERY_LIMIT)),
+        ("x-dead-letter-exchange", text(&names.dead())),
+        // Dead-letter with confirms inside the broker, so a poison message is never dropped.
+        ("x-dead-letter-strategy", text("at-least-once")),
+        ("x-overflow", text("reject-publish")),
+    ];
+    entries.extend_from_slice(extra);
+    table(&entries)
+}
+
+async fn declare_exchange(
+    channel: &Channel,
+    name: String,
+    kind: ExchangeKind,
+) -> Result<(), deadpool_lapin::lapin::Error> {
+    channel
+        .exchange_declare(
+            name.into(),
+            kind,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}
+
+async fn declare_queue(
+    channel: &Channel,
+    name: String,
+    args: FieldTable,
+) -> Result<(), deadpool_lapin::lapin::Error> {
+    channel
+        .queue_declare(name.into(), QueueDeclareOptions::durable(), args)
+        .await
+        .map(|_| ())
+}
+
+async fn bind(
+    channel: &Channel,
+    queue: String,
+    exchange: String,
+    key: &str,
+) -> Result<(), deadpool_lapin::lapin::Error> {
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// Declares every exchange and fixed queue of the namespace. Idempotent; every binary and
+/// `batchctl` call it at start, so a user may publish before any batchq process has run.
+pub async fn declare(channel: &Channel, names: &Names) -> Result<(), deadpool_lapin::lapin::Error> {
+    declare_exchange(channel, names.jobs(), ExchangeKind::Direct).await?;
+    declare_exchange(channel, names.status(), ExchangeKind::Topic).await?;
+    declare_exchange(channel, names.metrics(), ExchangeKind::Topic).await?;
+    declare_exchange(channel, names.work(), ExchangeKind::Direct).await?;
+    declare_exchange(channel, names.events(), ExchangeKind::Direct).await?;
+    declare_exchange(channel, names.dead(), ExchangeKind::Fanout).await?;
+    declare_exchange(channel, names.control(), ExchangeKind::Fanout).await?;
+
+    // Jobs that crash the splitter again and again end on `{ns}.dead`.
+    declare_queue(channel, names.jobs(), quorum_args(names, &[])).await?;
+    bind(channel, names.jobs(), names.jobs(), KEY_SUBMIT).await?;
+    bind(channel, names.jobs(), names.jobs(), KEY_CANCEL).await?;
+
+    declare_queue(channel, names.reducer_queue(), quorum_args(names, &[])).await?;
+    bind(channel, names.reducer_queue(), names.events(), KEY_REDUCER).await?;
+    bind(channel, names.reducer_queue(), names.events(), KEY_POISON).await?;
+
+    declare_queue(channel, names.splitter_queue(), quorum_args(names, &[])).await?;
+    bind(channel, names.splitter_queue(), names.events(), KEY_SETTLED).await?;
+
+    declare_queue(
+        channel,
+        names.heartbeats_queue(),
+        table(&[("x-message-ttl", AMQPValue::LongLongInt(HEARTBEAT_TTL_MS))]),
+    )
+    .await?;
+    bind(channel, names.heartbeats_queue(), names.events(), KEY_HEARTBEAT).await?;
+
+    declare_queue(
+        channel,
+        names.rpc_queue(),
+        table(&[("x-message-ttl", AMQPValue::LongLongInt(RPC_TTL_MS))]),
+    )
+    .await?;
+
+    declare_queue(
+        channel,
+        names.dead(),
+        table(&[("x-queue-type", text("quorum"))]),
+    )
+    .await?;
+    bind(channel, names.dead(), names.dead(), "").await?;
+    Ok(())
+}
+
+/// Declares the work queue of one operation. A fragment that kills its worker
+/// [`DELIVERY_LIMIT`] times is dead-lettered to the reducer, which records it as failed.
+pub async fn declare_work_queue(
+    channel: &Channel,
+    names: &Names,
+    operation: &str,
+) -> Result<(), deadpool_lapin::lapin::Error> {
+    let queue = names.work_queue(operation);
+    let args = quorum_args(
+        names,
+        &[
+            ("x-dead-letter-exchange", text(&names.events())),
+            ("x-dead-letter-routing-key", text(KEY_POISON)),
+        ],
+    );
+    declare_queue(channel, queue.clone(), args).await?;
+    bind(channel, queue, names.work(), operation).await
+}
+
+/// Deletes every exchange and queue of the namespace (fixed ones and the work queues of
+/// `operations`). For tests and for tearing a deployment down.
+pub async fn delete(
+    channel: &Channel,
+    names: &Names,
+    operations: &[&str],
+) -> Result<(), deadpool_lapin::lapin::Error> {
+    let work_queues = operations.iter().map(|op| names.work_queue(op));
+    for queue in names.fixed_queues().into_iter().chain(work_queues) {
+        channel
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await?;
+    }
+    for exchange in names.exchanges() {
+        channel
+            .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+            .await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,116 @@
+//! Answers to `batchctl` over the broker: requests on `{ns}.rpc`, replies through RabbitMQ's
+//! direct reply-to, so `batchctl` works from any host that reaches the broker.
+
+use std::path::PathBuf;
+
+use common::broker::{BrokerError, Session, transient_json_properties};
+use common::consume::{ack_batch, consume, next_batch};
+use common::lapin::options::BasicPublishOptions;
+use common::timefmt::{format_ms, now_ms};
+use common::topology::Names;
+use common::wire::{Request, Response, ResultsPage, WorkerInfo};
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{ReducerQueries, SqliteQueries};
+use crate::{ReducerError, WorkerTable};
+
+/// Most results in one reply.
+pub const MAX_RESULTS_PAGE: u32 = 5000;
+
+pub async fn serve(
+    session: &Session,
+    names: &Names,
+    store_path: PathBuf,
+    workers: WorkerTable,
+    stop: &CancellationToken,
+) -> Result<(), ReducerError> {
+    let channel = session.consumer_channel(16).await?;
+    // Replies go without confirms: a lost reply is retried by batchctl.
+    let replies = session.plain_channel().await?;
+    let mut consumer = consume(&channel, &names.rpc_queue(), "reducer-rpc").await?;
+    let mut queries = SqliteQueries::open(&store_path)?;
+    while let Some(batch) = next_batch(&mut consumer, 16, stop).await? {
+        for delivery in &batch {
+            let Some(reply_to) = delivery.properties.reply_to().clone() else {
+                tracing::warn!("ignoring an RPC request without reply_to");
+                continue;
+            };
+            let response = match serde_json::from_slice::<Request>(&delivery.data) {
+                Ok(request) => answer(&mut queries, &workers, request),
+                Err(e) => Response::Error {
+                    message: format!("malformed request: {e}"),
+                },
+            };
+            let body = serde_json::to_vec(&response).map_err(BrokerError::from)?;
+            let mut properties = transient_json_properties();
+            if let Some(id) = delivery.properties.correlation_id().clone() {
+                properties = properties.with_correlation_id(id);
+            }
+            replies
+                .basic_publish(
+                    "".into(),
+                    reply_to,
+                    BasicPublishOptions::default(),
+                    &body,
+                    properties,
+                )
+                .await
+                .map_err(BrokerError::from)?;
+        }
+        ack_batch(&batch).await?;
+    }
+    Ok(())
+}
+
+fn answer(queries: &mut SqliteQueries, workers: &WorkerTable, request: Request) -> Response {
+    let result = match request {
+        Request::Status { job_id } => queries.status(&job_id).map(|status| match status {
+            Some(status) => Response::Status(status),
+            None => Response::NotFound { job_id },
+        }),
+        Request::Results { job_id, from, limit } => {
+            let limit = limit.clamp(1, MAX_RESULTS_PAGE);
+            match queries.status(&job_id) {
+                Ok(None) => Ok(Response::NotFound { job_id }),
+                Err(e) => Err(e),
+                Ok(Some(_)) => queries.results(&job_id, from, limit).map(|lines| {
+                    let next = (lines.len() as u32 == limit)
+                        .then(|| lines.last().map(|l| l.index() + 1))
+                        .flatten();
+                    Response::Results(ResultsPage { lines, next })
+                }),
+            }
+        }
+        Request::Jobs { limit } => queries
+            .recent_jobs(limit.clamp(1, 10_000))
+            .map(|jobs| Response::Jobs { jobs }),
+        Request::Workers => Ok(Response::Workers {
+            workers: live_workers(workers),
+        }),
+    };
+    result.unwrap_or_else(|e| Response::Error {
+        message: e.to_string(),
+    })
+}
+
+/// Workers heard from within three of their heartbeat intervals, dropping the rest.
+fn live_workers(workers: &WorkerTable) -> Vec<WorkerInfo> {
+    let now = now_ms();
+    let mut table = workers.lock().unwrap_or_else(|p| p.into_inner());
+    table.retain(|_, (beat, seen)| now - *seen <= 3 * beat.interval_ms as i64);
+    let mut live: Vec<WorkerInfo> = table
+        .values()
+        .map(|(beat, _)| WorkerInfo {
+            worker: beat.worker.clone(),
+            host: beat.host.clone(),
+            pid: beat.pid,
+            operations: beat.operations.clone(),
+            prefetch: beat.prefetch,
+            fragments_in_flight: beat.fragments_in_flight,
+            started_at: format_ms(beat.started_at_ms),
+            last_heartbeat: format_ms(beat.at_ms),
+        })
+        .collect();
+    live.sort_by(|a, b| a.worker.cmp(&b.worker));
+    live
+}

@@ -1,0 +1,398 @@
+//! The reducer's state: each job's exact status, the outcome of each fragment (recorded once,
+//! keyed by job and fragment number), and each operation's result.
+//!
+//! [`ReducerStore`] is the narrow interface the folding logic uses; [`SqliteStore`] is the
+//! embedded implementation. A PostgreSQL store for standby reducers can sit behind it.
+
+use std::path::Path;
+
+use common::contract::{JobState, JobStatus, ResultLine};
+use common::timefmt::format_ms;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("reducer store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("reducer store holds a malformed record: {0}")]
+    Corrupt(String),
+    #[error("reducer store: cannot create {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// A job as the reducer keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRecord {
+    pub job_id: String,
+    /// `None` until the splitter's accept (or reject) arrives: reports may overtake it after a
+    /// redelivery, and are kept meanwhile.
+    pub state: Option<JobState>,
+    pub operation: Option<String>,
+    pub ops_total: u64,
+    pub ops_succeeded: u64,
+    pub ops_failed: u64,
+    pub fragments_done: u64,
+    pub fragments_in_flight: u64,
+    pub progress_seq: u64,
+    pub submitted_at_ms: Option<i64>,
+    pub started_at_ms: Option<i64>,
+    pub finished_at_ms: Option<i64>,
+    pub error: Option<String>,
+    pub collect_results: bool,
+    pub tolerated_failure_percent: f64,
+}
+
+impl JobRecord {
+    pub fn placeholder(job_id: &str) -> Self {
+        Self {
+            job_id: job_id.to_owned(),
+            state: None,
+            operation: None,
+            ops_total: 0,
+            ops_succeeded: 0,
+            ops_failed: 0,
+            fragments_done: 0,
+            fragments_in_flight: 0,
+            progress_seq: 0,
+            submitted_at_ms: None,
+            started_at_ms: None,
+            finished_at_ms: None,
+            error: None,
+            collect_results: true,
+            tolerated_failure_percent: 0.0,
+        }
+    }
+
+    /// The contract's JobStatus, once the job's state is known.
+    pub fn status(&self) -> Option<JobStatus> {
+        let state = self.state?;
+        Some(JobStatus {
+            job_id: self.job_id.clone(),
+            state,
+            operation: self.operation.clone(),
+            ops_total: self.ops_total,
+            ops_succeeded: self.ops_succeeded,
+            ops_failed: self.ops_failed,
+            fragments_done: self.fragments_done,
+            fragments_in_flight: if state.is_terminal() { 0 } else { self.fragments_in_flight },
+            submitted_at: self.submitted_at_ms.map(format_ms),
+            started_at: self.started_at_ms.map(format_ms),
+            finished_at: self.finished_at_ms.map(format_ms),
+            error: self.error.clone(),
+        })
+    }
+}
+
+/// One operation's outcome, to keep for `batchctl results`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub index: u64,
+    pub result: Result<Value, String>,
+}
+
+/// What the folding logic may do inside one transaction.
+pub trait ReducerTx {
+    fn job(&mut self, job_id: &str) -> Result<Option<JobRecord>, StoreError>;
+    fn put_job(&mut self, job: &JobRecord) -> Result<(), StoreError>;
+    /// Records a fragment's outcome the first time; returns the `done` recorded for it, and
+    /// whether this call was the first.
+    fn record_fragment(&mut self, job_id: &str, fragment: u64, done: u32)
+    -> Result<(u32, bool), StoreError>;
+    fn put_outcomes(&mut self, job_id: &str, outcomes: &[Outcome]) -> Result<(), StoreError>;
+}
+
+pub trait ReducerStore: Send + 'static {
+    fn transaction<R>(
+        &mut self,
+        f: impl FnOnce(&mut dyn ReducerTx) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError>;
+}
+
+/// Queries for `batchctl`, on their own connection so they never wait behind a commit.
+pub trait ReducerQueries: Send + 'static {
+    fn status(&mut self, job_id: &str) -> Result<Option<JobStatus>, StoreError>;
+    fn recent_jobs(&mut self, limit: u32) -> Result<Vec<JobStatus>, StoreError>;
+    /// Outcomes with index ≥ `from`, ordered, at most `limit`.
+    fn results(&mut self, job_id: &str, from: u64, limit: u32) -> Result<Vec<ResultLine>, StoreError>;
+    /// Jobs not yet terminal, for the once-a-second status.
+    fn active_jobs(&mut self) -> Result<Vec<JobStatus>, StoreError>;
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    state TEXT,
+    operation TEXT,
+    ops_total INTEGER NOT NULL,
+    ops_succeeded INTEGER NOT NULL,
+    ops_failed INTEGER NOT NULL,
+    fragments_done INTEGER NOT NULL,
+    fragments_in_flight INTEGER NOT NULL,
+    progress_seq INTEGER NOT NULL,
+    submitted_at_ms INTEGER,
+    started_at_ms INTEGER,
+    finished_at_ms INTEGER,
+    error TEXT,
+    collect_results INTEGER NOT NULL,
+    tolerated_failure_percent REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
+CREATE INDEX IF NOT EXISTS jobs_by_submitted ON jobs (submitted_at_ms);
+CREATE TABLE IF NOT EXISTS fragments (
+    job_id TEXT NOT NULL,
+    fragment INTEGER NOT NULL,
+    done INTEGER NOT NULL,
+    PRIMARY KEY (job_id, fragment)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS results (
+    job_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    ok INTEGER NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (job_id, idx)
+) WITHOUT ROWID;
+";
+
+const JOB_COLUMNS: &str = "job_id, state, operation, ops_total, ops_succeeded, ops_failed,
+    fragments_done, fragments_in_flight, progress_seq, submitted_at_ms, started_at_ms,
+    finished_at_ms, error, collect_results, tolerated_failure_percent";
+
+fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(JobRecord, Option<String>)> {
+    Ok((
+        JobRecord {
+            job_id: r.get(0)?,
+            state: None,
+            operation: r.get(2)?,
+            ops_total: r.get::<_, i64>(3)? as u64,
+            ops_succeeded: r.get::<_, i64>(4)? as u64,
+            ops_failed: r.get::<_, i64>(5)? as u64,
+            fragments_done: r.get::<_, i64>(6)? as u64,
+            fragments_in_flight: r.get::<_, i64>(7)? as u64,
+            progress_seq: r.get::<_, i64>(8)? as u64,
+            submitted_at_ms: r.get(9)?,
+            started_at_ms: r.get(10)?,
+            finished_at_ms: r.get(11)?,
+            error: r.get(12)?,
+            collect_results: r.get(13)?,
+            tolerated_failure_percent: r.get(14)?,
+        },
+        r.get(1)?,
+    ))
+}
+
+fn with_state((mut job, state): (JobRecord, Option<String>)) -> Result<JobRecord, StoreError> {
+    job.state = match state {
+        None => None,
+        Some(s) => Some(
+            JobState::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("job state {s:?}")))?,
+        ),
+    };
+    Ok(job)
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn open_connection(path: &Path, flags: OpenFlags) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+/// The embedded SQLite store (WAL, synchronous=FULL).
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        }
+        let conn = open_connection(path, OpenFlags::default())?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self { conn })
+    }
+}
+
+/// A read-only connection to the same database, for queries.
+pub struct SqliteQueries {
+    conn: Connection,
+}
+
+impl SqliteQueries {
+    /// Opens the database that [`SqliteStore::open`] created.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = open_connection(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        Ok(Self { conn })
+    }
+}
+
+struct SqliteTx<'a> {
+    tx: rusqlite::Transaction<'a>,
+}
+
+impl ReducerTx for SqliteTx<'_> {
+    fn job(&mut self, job_id: &str) -> Result<Option<JobRecord>, StoreError> {
+        let row = self
+            .tx
+            .prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = ?1"))?
+            .query_row([job_id], job_from_row)
+            .optional()?;
+        row.map(with_state).transpose()
+    }
+
+    fn put_job(&mut self, job: &JobRecord) -> Result<(), StoreError> {
+        self.tx
+            .prepare_cached(&format!(
+                "INSERT OR REPLACE INTO jobs ({JOB_COLUMNS})
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+            ))?
+            .execute(params![
+                job.job_id,
+                job.state.map(JobState::as_str),
+                job.operation,
+                to_i64(job.ops_total),
+                to_i64(job.ops_succeeded),
+                to_i64(job.ops_failed),
+                to_i64(job.fragments_done),
+                to_i64(job.fragments_in_flight),
+                to_i64(job.progress_seq),
+                job.submitted_at_ms,
+                job.started_at_ms,
+                job.finished_at_ms,
+                job.error,
+                job.collect_results,
+                job.tolerated_failure_percent,
+            ])?;
+        Ok(())
+    }
+
+    fn record_fragment(
+        &mut self,
+        job_id: &str,
+        fragment: u64,
+        done: u32,
+    ) -> Result<(u32, bool), StoreError> {
+        let inserted = self
+            .tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO fragments (job_id, fragment, done) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![job_id, to_i64(fragment), done])?;
+        if inserted == 1 {
+            return Ok((done, true));
+        }
+        let recorded: u32 = self
+            .tx
+            .prepare_cached("SELECT done FROM fragments WHERE job_id = ?1 AND fragment = ?2")?
+            .query_row(params![job_id, to_i64(fragment)], |r| r.get(0))?;
+        Ok((recorded, false))
+    }
+
+    fn put_outcomes(&mut self, job_id: &str, outcomes: &[Outcome]) -> Result<(), StoreError> {
+        let mut insert = self.tx.prepare_cached(
+            "INSERT OR IGNORE INTO results (job_id, idx, ok, value) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        for outcome in outcomes {
+            let (ok, value) = match &outcome.result {
+                Ok(value) => (true, value.to_string()),
+                Err(error) => (false, error.clone()),
+            };
+            insert.execute(params![job_id, to_i64(outcome.index), ok, value])?;
+        }
+        Ok(())
+    }
+}
+
+impl ReducerStore for SqliteStore {
+    fn transaction<R>(
+        &mut self,
+        f: impl FnOnce(&mut dyn ReducerTx) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut wrapped = SqliteTx { tx };
+        let result = f(&mut wrapped)?;
+        wrapped.tx.commit()?;
+        Ok(result)
+    }
+}
+
+impl SqliteQueries {
+    fn statuses(&mut self, sql: &str, args: impl rusqlite::Params) -> Result<Vec<JobStatus>, StoreError> {
+        let mut query = self.conn.prepare_cached(sql)?;
+        let rows = query.query_map(args, job_from_row)?;
+        let mut out = Vec::new();
+        for row in rows {
+            if let Some(status) = with_state(row?)?.status() {
+                out.push(status);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl ReducerQueries for SqliteQueries {
+    fn status(&mut self, job_id: &str) -> Result<Option<JobStatus>, StoreError> {
+        Ok(self
+            .statuses(
+                &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = ?1"),
+                [job_id],
+            )?
+            .pop())
+    }
+
+    fn recent_jobs(&mut self, limit: u32) -> Result<Vec<JobStatus>, StoreError> {
+        self.statuses(
+            &format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE state IS NOT NULL
+                 ORDER BY submitted_at_ms DESC, job_id LIMIT ?1"
+            ),
+            [limit],
+        )
+    }
+
+    fn results(&mut self, job_id: &str, from: u64, limit: u32) -> Result<Vec<ResultLine>, StoreError> {
+        let mut query = self.conn.prepare_cached(
+            "SELECT idx, ok, value FROM results WHERE job_id = ?1 AND idx >= ?2
+             ORDER BY idx LIMIT ?3",
+        )?;
+        let rows = query.query_map(params![job_id, to_i64(from), limit], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, bool>(1)?, r.get::<_, String>(2)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (index, ok, value) = row?;
+            out.push(if ok {
+                ResultLine::Ok {
+                    index,
+                    result: serde_json::from_str(&value)
+                        .map_err(|e| StoreError::Corrupt(format!("result {index}: {e}")))?,
+                }
+            } else {
+                ResultLine::Err { index, error: value }
+            });
+        }
+        Ok(out)
+    }
+
+    fn active_jobs(&mut self) -> Result<Vec<JobStatus>, StoreError> {
+        self.statuses(
+            &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ('accepted', 'running')"),
+            [],
+        )
+    }
+}

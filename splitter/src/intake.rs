@@ -1,0 +1,65 @@
+//! Turning deliveries from `{ns}.jobs` and `{ns}.splitter` into [`Command`]s.
+
+use common::jobspec::{ParseLimits, parse_job_spec};
+use common::lapin::BasicProperties;
+use common::lapin::message::Delivery;
+use common::lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use common::contract::CancelRequest;
+use common::topology::{KEY_CANCEL, KEY_SUBMIT};
+use common::wire::Settled;
+
+use crate::window::{Command, DeadCopy};
+
+/// Header that carries the reason a message was refused, on its copy in `{ns}.dead`.
+pub const REASON_HEADER: &str = "x-batchq-error";
+
+/// Decodes a delivery from `{ns}.jobs`.
+pub fn job_command(delivery: &Delivery, limits: ParseLimits, at_ms: i64) -> Command {
+    let routing_key = delivery.routing_key.as_str();
+    let content_type = delivery.properties.content_type().as_ref().map(|s| s.as_str());
+    let message_id = delivery.properties.message_id().as_ref().map(|s| s.as_str());
+    match routing_key {
+        KEY_SUBMIT => match parse_job_spec(&delivery.data, content_type, message_id, limits) {
+            Ok(spec) => Command::Submit { spec, at_ms },
+            Err(rejection) => {
+                let dead = dead_copy(delivery, &rejection.error);
+                Command::Reject {
+                    rejection,
+                    dead,
+                    at_ms,
+                }
+            }
+        },
+        KEY_CANCEL => match serde_json::from_slice::<CancelRequest>(&delivery.data) {
+            Ok(cancel) => Command::Cancel {
+                job_id: cancel.job_id,
+            },
+            Err(e) => Command::Dead(dead_copy(delivery, &format!("not a CancelRequest: {e}"))),
+        },
+        other => Command::Dead(dead_copy(
+            delivery,
+            &format!("routing key {other:?} is neither \"submit\" nor \"cancel\""),
+        )),
+    }
+}
+
+/// Decodes a settlement from `{ns}.splitter`; `None` for a message that is not one.
+pub fn settled(delivery: &Delivery) -> Result<Settled, Command> {
+    serde_json::from_slice::<Settled>(&delivery.data)
+        .map_err(|e| Command::Dead(dead_copy(delivery, &format!("not a settlement: {e}"))))
+}
+
+/// The original message, properties and all, with the reason added to its headers.
+fn dead_copy(delivery: &Delivery, reason: &str) -> DeadCopy {
+    let mut headers: FieldTable = delivery.properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        ShortString::from(REASON_HEADER),
+        AMQPValue::LongString(LongString::from(reason)),
+    );
+    let properties: BasicProperties = delivery.properties.clone().with_headers(headers);
+    DeadCopy {
+        routing_key: delivery.routing_key.as_str().to_owned(),
+        body: delivery.data.clone(),
+        properties,
+    }
+}

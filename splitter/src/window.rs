@@ -1,0 +1,362 @@
+//! The splitter's decisions, applied one batch of commands per transaction: accept or reject
+//! jobs, cut them into fragments, keep at most `max_concurrent_fragments` of each job out,
+//! re-dispatch what a fragment left unfinished, and drain cancelled jobs.
+//!
+//! Every message these decisions produce goes to the outbox in the same transaction, so a
+//! crash can only re-send a message (deduplicated downstream), never lose one.
+
+use std::collections::BTreeMap;
+
+use common::broker::{json_properties, transient_json_properties};
+use common::jobspec::{JobInput, JobSpec, Rejection};
+use common::lapin::BasicProperties;
+use common::topology::{KEY_REDUCER, Names};
+use common::wire::{Control, Fragment, Indices, Payload, ReducerInput, Settled};
+use serde_json::{Map, Value};
+
+use crate::store::{DispatchState, FragmentRow, JobRow, OutboxMessage, SplitterTx, StoreError};
+
+/// Most operations in one fragment when the JobSpec gives no `fragment_size`.
+pub const MAX_DEFAULT_FRAGMENT_SIZE: u64 = 1000;
+
+/// One thing the splitter was told, decoded from a delivery.
+#[derive(Debug)]
+pub enum Command {
+    Submit {
+        spec: JobSpec,
+        at_ms: i64,
+    },
+    Reject {
+        rejection: Rejection,
+        dead: DeadCopy,
+        at_ms: i64,
+    },
+    Cancel {
+        job_id: String,
+    },
+    Settle(Settled),
+    /// A message that is not for us in any usable way: keep it on `{ns}.dead`.
+    Dead(DeadCopy),
+}
+
+/// A copy of a refused message for `{ns}.dead`, with the reason in its headers.
+#[derive(Debug)]
+pub struct DeadCopy {
+    pub routing_key: String,
+    pub body: Vec<u8>,
+    pub properties: BasicProperties,
+}
+
+/// Chooses a fragment size when the job gave none: enough fragments to fill the job's window
+/// several times over (so work spreads over the fleet), at most [`MAX_DEFAULT_FRAGMENT_SIZE`].
+pub fn default_fragment_size(ops_total: u64, max_concurrent: u32) -> u32 {
+    let spread = u64::from(max_concurrent).saturating_mul(8).max(1);
+    ops_total.div_ceil(spread).clamp(1, MAX_DEFAULT_FRAGMENT_SIZE) as u32
+}
+
+struct Batch<'a> {
+    tx: &'a mut dyn SplitterTx,
+    names: &'a Names,
+    /// Jobs read or changed in this batch, with whether their count out changed.
+    jobs: BTreeMap<String, (JobRow, bool)>,
+}
+
+/// Applies `commands` in order inside the caller's transaction.
+pub fn apply(
+    tx: &mut dyn SplitterTx,
+    names: &Names,
+    commands: Vec<Command>,
+) -> Result<(), StoreError> {
+    let mut batch = Batch {
+        tx,
+        names,
+        jobs: BTreeMap::new(),
+    };
+    for command in commands {
+        match command {
+            Command::Submit { spec, at_ms } => batch.submit(spec, at_ms)?,
+            Command::Reject {
+                rejection,
+                dead,
+                at_ms,
+            } => batch.reject(rejection, dead, at_ms)?,
+            Command::Cancel { job_id } => batch.cancel(&job_id)?,
+            Command::Settle(settled) => batch.settle(settled)?,
+            Command::Dead(dead) => batch.dead(dead)?,
+        }
+    }
+    batch.finish()
+}
+
+impl Batch<'_> {
+    fn load(&mut self, job_id: &str) -> Result<Option<&mut (JobRow, bool)>, StoreError> {
+        if !self.jobs.contains_key(job_id) {
+            match self.tx.job(job_id)? {
+                Some(job) => {
+                    self.jobs.insert(job_id.to_owned(), (job, false));
+                }
+                None => return Ok(None),
+            }
+        }
+        Ok(self.jobs.get_mut(job_id))
+    }
+
+    fn to_reducer(&mut self, input: &ReducerInput) -> Result<(), StoreError> {
+        self.push(
+            self.names.events(),
+            KEY_REDUCER.to_owned(),
+            encode(input)?,
+            json_properties(),
+            true,
+        )
+    }
+
+    fn push(
+        &mut self,
+        exchange: String,
+        routing_key: String,
+        body: Vec<u8>,
+        properties: BasicProperties,
+        mandatory: bool,
+    ) -> Result<(), StoreError> {
+        self.tx.push_outbox(OutboxMessage {
+            seq: 0,
+            exchange,
+            routing_key,
+            body,
+            properties: serde_json::to_string(&properties)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            mandatory,
+        })
+    }
+
+    fn submit(&mut self, spec: JobSpec, at_ms: i64) -> Result<(), StoreError> {
+        if self.load(&spec.job_id)?.is_some() {
+            tracing::info!(job_id = %spec.job_id, "job id already known; ignoring the new JobSpec");
+            return Ok(());
+        }
+        let ops_total = spec.input.len();
+        let fragment_size = spec.fragment_size.unwrap_or_else(|| {
+            default_fragment_size(ops_total, spec.max_concurrent_fragments)
+        });
+        let (range_base, items) = match spec.input {
+            JobInput::Range { start, .. } => (Some(start), None),
+            JobInput::Items(items) => (None, Some(items)),
+        };
+        let job = JobRow {
+            job_id: spec.job_id.clone(),
+            state: DispatchState::Active,
+            operation: spec.operation.clone(),
+            params: serde_json::to_string(&spec.params)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            range_base,
+            ops_total,
+            fragment_size,
+            max_concurrent: spec.max_concurrent_fragments,
+            lifespan_ms: spec.lifespan_ms,
+            max_attempts: spec.max_attempts,
+            collect_results: spec.collect_results,
+            cursor: 0,
+            next_fragment: 0,
+            in_flight: 0,
+            progress_seq: 0,
+        };
+        self.tx.insert_job(&job)?;
+        if let Some(items) = items {
+            self.tx.insert_items(&job.job_id, &items)?;
+        }
+        self.to_reducer(&ReducerInput::Accepted {
+            job_id: job.job_id.clone(),
+            operation: job.operation.clone(),
+            ops_total,
+            submitted_at_ms: at_ms,
+            collect_results: job.collect_results,
+            tolerated_failure_percent: spec.tolerated_failure_percent,
+        })?;
+        tracing::info!(job_id = %job.job_id, ops_total, fragment_size, "job accepted");
+        self.jobs.insert(job.job_id.clone(), (job, true));
+        Ok(())
+    }
+
+    fn reject(&mut self, rejection: Rejection, dead: DeadCopy, at_ms: i64) -> Result<(), StoreError> {
+        tracing::warn!(job_id = %rejection.job_id, error = %rejection.error, "job rejected");
+        if self.load(&rejection.job_id)?.is_none() {
+            let job = JobRow {
+                job_id: rejection.job_id.clone(),
+                state: DispatchState::Rejected,
+                operation: String::new(),
+                params: "{}".to_owned(),
+                range_base: None,
+                ops_total: 0,
+                fragment_size: 1,
+                max_concurrent: 1,
+                lifespan_ms: 0,
+                max_attempts: 1,
+                collect_results: false,
+                cursor: 0,
+                next_fragment: 0,
+                in_flight: 0,
+                progress_seq: 0,
+            };
+            self.tx.insert_job(&job)?;
+            self.jobs.insert(job.job_id.clone(), (job, false));
+            self.to_reducer(&ReducerInput::Rejected {
+                job_id: rejection.job_id,
+                error: rejection.error,
+                submitted_at_ms: at_ms,
+            })?;
+        }
+        // A job id that is known already keeps its own status; the message is still kept.
+        self.dead(dead)
+    }
+
+    fn dead(&mut self, dead: DeadCopy) -> Result<(), StoreError> {
+        let exchange = self.names.dead();
+        self.push(exchange, dead.routing_key, dead.body, dead.properties, true)
+    }
+
+    fn cancel(&mut self, job_id: &str) -> Result<(), StoreError> {
+        let Some((job, _)) = self.load(job_id)? else {
+            tracing::warn!(%job_id, "cancel for an unknown job; ignoring");
+            return Ok(());
+        };
+        if job.state != DispatchState::Active {
+            tracing::info!(%job_id, state = ?job.state, "cancel for a job with nothing left to dispatch");
+            return Ok(());
+        }
+        job.state = DispatchState::Cancelling;
+        tracing::info!(%job_id, in_flight = job.in_flight, "job cancelled; draining");
+        let control = encode(&Control::Cancel {
+            job_id: job_id.to_owned(),
+        })?;
+        let exchange = self.names.control();
+        self.push(exchange, String::new(), control, transient_json_properties(), false)
+    }
+
+    fn settle(&mut self, settled: Settled) -> Result<(), StoreError> {
+        let Some(fragment) = self.tx.take_fragment(&settled.job_id, settled.fragment)? else {
+            // Settled before: a redelivered settlement changes nothing.
+            return Ok(());
+        };
+        let Some((job, changed)) = self.load(&settled.job_id)? else {
+            return Err(StoreError::Corrupt(format!(
+                "fragment {} of unknown job {}",
+                settled.fragment, settled.job_id
+            )));
+        };
+        job.in_flight = job.in_flight.saturating_sub(1);
+        *changed = true;
+        let done = settled.done as usize;
+        if done < fragment.indices.len() && job.state == DispatchState::Active {
+            // The fragment stopped early (lifespan, a worker shutting down): what it did not
+            // run continues as a new fragment of its own.
+            let remainder = fragment.indices.tail(done);
+            let mut job = job.clone();
+            self.release(&mut job, remainder, fragment.attempt)?;
+            self.jobs.insert(job.job_id.clone(), (job, true));
+        }
+        Ok(())
+    }
+
+    /// Records `indices` as a new fragment of `job` and queues its message.
+    fn release(&mut self, job: &mut JobRow, indices: Indices, attempt: u32) -> Result<(), StoreError> {
+        let row = FragmentRow {
+            job_id: job.job_id.clone(),
+            fragment: job.next_fragment,
+            indices,
+            attempt,
+        };
+        job.next_fragment += 1;
+        job.in_flight += 1;
+        let payload = match job.range_base {
+            Some(base) => Payload::Range { base },
+            None => Payload::Items(self.tx.items(&job.job_id, &row.indices)?),
+        };
+        let params: Map<String, Value> =
+            serde_json::from_str(&job.params).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let message = Fragment {
+            job_id: job.job_id.clone(),
+            fragment: row.fragment,
+            operation: job.operation.clone(),
+            params,
+            attempt,
+            indices: row.indices.clone(),
+            payload,
+            lifespan_ms: job.lifespan_ms,
+            collect_results: job.collect_results,
+        };
+        self.tx.insert_fragment(&row)?;
+        let exchange = self.names.work();
+        self.push(
+            exchange,
+            job.operation.clone(),
+            encode(&message)?,
+            json_properties(),
+            true,
+        )
+    }
+
+    /// Fills each touched job's window, notices jobs with nothing left, and tells the reducer
+    /// how many fragments are out.
+    fn finish(mut self) -> Result<(), StoreError> {
+        let jobs = std::mem::take(&mut self.jobs);
+        for (_, (mut job, mut changed)) in jobs {
+            match job.state {
+                DispatchState::Active => {
+                    while job.in_flight < u64::from(job.max_concurrent) && job.cursor < job.ops_total {
+                        let end = job
+                            .cursor
+                            .saturating_add(u64::from(job.fragment_size))
+                            .min(job.ops_total);
+                        let indices = Indices::Span(job.cursor, end);
+                        job.cursor = end;
+                        self.release(&mut job, indices, 1)?;
+                        changed = true;
+                    }
+                    if job.cursor >= job.ops_total && job.in_flight == 0 {
+                        job.state = DispatchState::Finished;
+                        self.tx.drop_items(&job.job_id)?;
+                    }
+                }
+                DispatchState::Cancelling if job.in_flight == 0 => {
+                    job.state = DispatchState::Finished;
+                    self.tx.drop_items(&job.job_id)?;
+                    self.to_reducer(&ReducerInput::Cancelled {
+                        job_id: job.job_id.clone(),
+                        at_ms: common::timefmt::now_ms(),
+                    })?;
+                    changed = true;
+                }
+                _ => {}
+            }
+            if changed && job.state != DispatchState::Rejected {
+                job.progress_seq += 1;
+                self.to_reducer(&ReducerInput::Progress {
+                    job_id: job.job_id.clone(),
+                    in_flight: job.in_flight,
+                    seq: job.progress_seq,
+                    at_ms: common::timefmt::now_ms(),
+                })?;
+            }
+            self.tx.update_job(&job)?;
+        }
+        Ok(())
+    }
+}
+
+fn encode<T: serde::Serialize>(message: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(message).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_size_spreads_and_caps() {
+        assert_eq!(default_fragment_size(0, 16), 1);
+        assert_eq!(default_fragment_size(100, 16), 1);
+        assert_eq!(default_fragment_size(1280, 16), 10);
+        assert_eq!(default_fragment_size(1_000_000, 16), 1000);
+    }
+}

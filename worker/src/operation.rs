@@ -1,0 +1,92 @@
+//! The `Operation` trait: what a worker runs for each item, and the registry of operations
+//! one worker offers. A user adds operations by implementing the trait in a small binary of
+//! their own that registers them and calls [`crate::run`] (see `examples/`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::{Map, Value};
+
+/// One operation's input.
+#[derive(Debug, Clone, Copy)]
+pub struct OpInput<'a> {
+    pub job_id: &'a str,
+    /// The item's index in its job.
+    pub index: u64,
+    pub item: &'a Value,
+    /// The job's `params`, unchanged.
+    pub params: &'a Map<String, Value>,
+    /// 1 for the first attempt at this operation.
+    pub attempt: u32,
+}
+
+/// Why an operation failed; the message reaches `batchctl results` as the operation's error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct OpError(pub String);
+
+impl OpError {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+}
+
+/// An operation that workers offer under [`Operation::name`].
+#[async_trait]
+pub trait Operation: Send + Sync + 'static {
+    /// The name JobSpecs use in `operation`.
+    fn name(&self) -> &str;
+
+    /// Runs the operation on one item. The result is kept when the job collects results.
+    async fn run(&self, input: OpInput<'_>) -> Result<Value, OpError>;
+}
+
+/// The operations one worker offers, by name.
+#[derive(Clone, Default)]
+pub struct Registry {
+    operations: BTreeMap<String, Arc<dyn Operation>>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The built-in operations `noop`, `sleep`, `sha256` and `exec`.
+    pub fn with_builtins() -> Self {
+        let mut registry = Self::new();
+        crate::builtin::register(&mut registry);
+        registry
+    }
+
+    /// Adds (or replaces) an operation under its name.
+    pub fn register(&mut self, operation: impl Operation) -> &mut Self {
+        self.operations
+            .insert(operation.name().to_owned(), Arc::new(operation));
+        self
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<dyn Operation>> {
+        self.operations.get(name).cloned()
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.operations.keys().cloned().collect()
+    }
+
+    /// Keeps only `names`, failing on a name this registry does not have.
+    pub fn restrict(&self, names: &[String]) -> Result<Self, String> {
+        let mut restricted = Self::new();
+        for name in names {
+            let op = self.get(name).ok_or_else(|| {
+                format!(
+                    "operation {name:?} is not available; this worker has: {}",
+                    self.names().join(", ")
+                )
+            })?;
+            restricted.operations.insert(name.clone(), op);
+        }
+        Ok(restricted)
+    }
+}

@@ -1,0 +1,188 @@
+//! Running one fragment: its operations in order, stopping at an operation boundary when the
+//! fragment reaches its lifespan, its job is cancelled, or the worker shuts down.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::wire::{Cut, Failure, Fragment, FragmentReport};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::operation::{OpInput, Operation};
+
+/// How long a worker remembers a cancelled job (its queued fragments are dropped unrun).
+const CANCEL_MEMORY: Duration = Duration::from_secs(24 * 3600);
+
+/// Jobs this worker heard were cancelled.
+#[derive(Clone, Default)]
+pub struct CancelledJobs {
+    jobs: Arc<Mutex<HashMap<String, Instant>>>,
+}
+
+impl CancelledJobs {
+    pub fn insert(&self, job_id: String) {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        jobs.retain(|_, at| now.duration_since(*at) < CANCEL_MEMORY);
+        jobs.insert(job_id, now);
+    }
+
+    pub fn contains(&self, job_id: &str) -> bool {
+        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        jobs.contains_key(job_id)
+    }
+}
+
+/// Why a fragment should stop before its next operation, if it should.
+fn should_stop(
+    fragment: &Fragment,
+    cancelled: &CancelledJobs,
+    shutdown: &CancellationToken,
+    deadline: Instant,
+    done: usize,
+) -> Option<Cut> {
+    if cancelled.contains(&fragment.job_id) {
+        return Some(Cut::Cancelled);
+    }
+    if shutdown.is_cancelled() {
+        return Some(Cut::Shutdown);
+    }
+    // At least one operation runs per fragment, so even an operation longer than the
+    // lifespan makes progress.
+    if done > 0 && Instant::now() >= deadline {
+        return Some(Cut::Lifespan);
+    }
+    None
+}
+
+/// Runs `fragment` with `operation` and reports what ran.
+pub async fn run_fragment(
+    fragment: &Fragment,
+    operation: &dyn Operation,
+    worker: &str,
+    cancelled: &CancelledJobs,
+    shutdown: &CancellationToken,
+) -> FragmentReport {
+    let started = Instant::now();
+    let started_at_ms = common::timefmt::now_ms();
+    let deadline = started + Duration::from_millis(fragment.lifespan_ms);
+    let total = fragment.indices.len();
+    let mut failures = Vec::new();
+    let mut results = Vec::with_capacity(if fragment.collect_results { total } else { 0 });
+    let mut done = 0usize;
+    let mut cut = None;
+    while done < total {
+        if let Some(reason) = should_stop(fragment, cancelled, shutdown, deadline, done) {
+            cut = Some(reason);
+            break;
+        }
+        let outcome = match (fragment.indices.get(done), fragment.item(done)) {
+            (Some(index), Some(item)) => {
+                let input = OpInput {
+                    job_id: &fragment.job_id,
+                    index,
+                    item: &item,
+                    params: &fragment.params,
+                    attempt: fragment.attempt,
+                };
+                operation.run(input).await.map_err(|e| e.0)
+            }
+            _ => Err(format!("fragment has no item at offset {done}")),
+        };
+        match outcome {
+            Ok(result) => {
+                if fragment.collect_results {
+                    results.push(result);
+                }
+            }
+            Err(error) => {
+                failures.push(Failure {
+                    offset: done as u32,
+                    error,
+                });
+                if fragment.collect_results {
+                    results.push(Value::Null);
+                }
+            }
+        }
+        done += 1;
+        // CPU-bound operations never await; give the runtime a chance between them.
+        tokio::task::consume_budget().await;
+    }
+    FragmentReport {
+        job_id: fragment.job_id.clone(),
+        fragment: fragment.fragment,
+        operation: fragment.operation.clone(),
+        attempt: fragment.attempt,
+        worker: worker.to_owned(),
+        indices: fragment.indices.clone(),
+        done: done as u32,
+        failures,
+        results,
+        cut,
+        started_at_ms,
+        elapsed_us: started.elapsed().as_micros() as u64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::builtin::{Noop, Sleep};
+    use common::wire::{Indices, Payload};
+    use serde_json::{Map, json};
+
+    fn fragment(operation: &str, n: u64, lifespan_ms: u64, params: Value) -> Fragment {
+        Fragment {
+            job_id: "job".into(),
+            fragment: 7,
+            operation: operation.into(),
+            params: params.as_object().cloned().unwrap_or_else(Map::new),
+            attempt: 1,
+            indices: Indices::Span(10, 10 + n),
+            payload: Payload::Range { base: 0 },
+            lifespan_ms,
+            collect_results: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn runs_every_operation() {
+        let f = fragment("noop", 5, 60_000, json!({}));
+        let report =
+            run_fragment(&f, &Noop, "w", &CancelledJobs::default(), &CancellationToken::new()).await;
+        assert_eq!(report.done, 5);
+        assert_eq!(report.results, vec![Value::Null; 5]);
+        assert_eq!(report.cut, None);
+    }
+
+    #[tokio::test]
+    async fn stops_at_lifespan_after_progress() {
+        let f = fragment("sleep", 10, 100, json!({"ms": 40}));
+        let report =
+            run_fragment(&f, &Sleep, "w", &CancelledJobs::default(), &CancellationToken::new()).await;
+        assert_eq!(report.cut, Some(Cut::Lifespan));
+        assert!((2..=4).contains(&report.done), "done {}", report.done);
+    }
+
+    #[tokio::test]
+    async fn cancelled_job_runs_nothing() {
+        let f = fragment("noop", 3, 60_000, json!({}));
+        let cancelled = CancelledJobs::default();
+        cancelled.insert("job".into());
+        let report = run_fragment(&f, &Noop, "w", &cancelled, &CancellationToken::new()).await;
+        assert_eq!((report.done, report.cut), (0, Some(Cut::Cancelled)));
+    }
+
+    #[tokio::test]
+    async fn failures_carry_offsets() {
+        let f = fragment("sleep", 2, 60_000, json!({"ms": "soon"}));
+        let report =
+            run_fragment(&f, &Sleep, "w", &CancelledJobs::default(), &CancellationToken::new()).await;
+        assert_eq!(report.done, 2);
+        assert_eq!(report.failures.len(), 2);
+        assert_eq!(report.failures[1].offset, 1);
+        assert!(report.failures[0].error.contains("params.ms"));
+    }
+}
