@@ -1,1 +1,356 @@
-fn main(){}
+//! batchctl: submit jobs to batchq and watch them, from any host that reaches the broker.
+
+mod demo;
+mod progress;
+mod table;
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use clap::{Parser, Subcommand};
+use common::broker::{Broker, json_properties};
+use common::config::BrokerArgs;
+use common::contract::{CancelRequest, JobState, JobStatus};
+use common::jobspec::{ParseLimits, parse_job_spec};
+use common::lapin::options::QueueDeclareOptions;
+use common::lapin::types::{FieldTable, ShortString};
+use common::rpc::RpcClient;
+use common::topology::{BUILTIN_OPERATIONS, KEY_CANCEL, KEY_SUBMIT};
+use common::wire::{Request, Response};
+use serde_json::Value;
+
+#[derive(Parser)]
+#[command(version, about = "Submit and watch batchq jobs")]
+struct Cli {
+    #[command(flatten)]
+    broker: BrokerArgs,
+
+    /// Seconds to wait for the reducer to answer a query.
+    #[arg(long, global = true, default_value_t = 5)]
+    timeout: u64,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Publish a JobSpec (a file, or - for stdin) and print its job id.
+    Submit {
+        file: String,
+        /// Show live progress until the job ends; exit 0 only if it succeeded.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// The job's current status.
+    Status {
+        job: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Live progress until the job ends.
+    Watch { job: String },
+    /// The job's results as JSON Lines, ordered by index.
+    Results { job: String },
+    /// Cancel a job.
+    Cancel { job: String },
+    /// Recent jobs with state and progress.
+    Jobs {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Each batchq queue: ready, unacknowledged, consumers.
+    Queues {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Live workers.
+    Workers {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a real job end to end on this machine: splitter, reducer and workers in this
+    /// process, a sha256 job over a range, with live progress.
+    Demo(demo::DemoArgs),
+}
+
+/// Exit codes: 0 done (and for waits, the job succeeded), 1 the job ended otherwise, 2 error.
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("batchctl: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if matches!(cli.command, Command::Demo(_)) {
+        common::init_logging();
+    }
+    let broker = Broker::new(&cli.broker, "batchctl")?;
+    let timeout = Duration::from_secs(cli.timeout.max(1));
+    match cli.command {
+        Command::Submit { file, wait } => {
+            let job_id = submit(&broker, &file).await?;
+            println!("{job_id}");
+            if wait {
+                return Ok(exit_for(
+                    progress::watch(&broker, &job_id, timeout, true).await?,
+                ));
+            }
+        }
+        Command::Status { job, json } => {
+            let status = status(&broker, &job, timeout).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", table::status_text(&status));
+            }
+        }
+        Command::Watch { job } => {
+            return Ok(exit_for(
+                progress::watch(&broker, &job, timeout, false).await?,
+            ));
+        }
+        Command::Results { job } => results(&broker, &job, timeout).await?,
+        Command::Cancel { job } => {
+            let current = status(&broker, &job, timeout).await?;
+            if current.state.is_terminal() {
+                bail!("job {job} has already ended ({})", current.state);
+            }
+            declared_publisher(&broker)
+                .await?
+                .send_json(
+                    &broker.names().jobs(),
+                    KEY_CANCEL,
+                    &CancelRequest {
+                        job_id: job.clone(),
+                    },
+                )
+                .await?;
+            println!("cancel requested for {job}");
+        }
+        Command::Jobs { json, limit } => {
+            let jobs = match rpc(&broker, timeout, &Request::Jobs { limit }).await? {
+                Response::Jobs { jobs } => jobs,
+                other => return Err(unexpected(other)),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&jobs)?);
+            } else {
+                print!("{}", table::jobs(&jobs));
+            }
+        }
+        Command::Queues { json } => queues(&broker, timeout, json).await?,
+        Command::Workers { json } => {
+            let workers = match rpc(&broker, timeout, &Request::Workers).await? {
+                Response::Workers { workers } => workers,
+                other => return Err(unexpected(other)),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&workers)?);
+            } else {
+                print!("{}", table::workers(&workers));
+            }
+        }
+        Command::Demo(args) => return demo::run(cli.broker, args).await,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn exit_for(state: JobState) -> ExitCode {
+    if state == JobState::Succeeded {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn unexpected(response: Response) -> anyhow::Error {
+    match response {
+        Response::NotFound { job_id } => anyhow!("unknown job {job_id}"),
+        Response::Error { message } => anyhow!("the reducer failed to answer: {message}"),
+        other => anyhow!("unexpected reply from the reducer: {other:?}"),
+    }
+}
+
+async fn declared_publisher(broker: &Broker) -> anyhow::Result<common::broker::Publisher> {
+    broker.declare_topology().await?;
+    Ok(broker.publisher().await?)
+}
+
+pub(crate) async fn rpc(
+    broker: &Broker,
+    timeout: Duration,
+    request: &Request,
+) -> anyhow::Result<Response> {
+    let mut client = RpcClient::connect(broker, timeout).await?;
+    Ok(client.call(request).await?)
+}
+
+pub(crate) async fn status(
+    broker: &Broker,
+    job: &str,
+    timeout: Duration,
+) -> anyhow::Result<JobStatus> {
+    match rpc(
+        broker,
+        timeout,
+        &Request::Status {
+            job_id: job.to_owned(),
+        },
+    )
+    .await?
+    {
+        Response::Status(status) => Ok(status),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn read_spec(file: &str) -> anyhow::Result<Vec<u8>> {
+    if file == "-" {
+        let mut body = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut body)
+            .context("reading the JobSpec from stdin")?;
+        Ok(body)
+    } else {
+        std::fs::read(PathBuf::from(file)).with_context(|| format!("reading {file}"))
+    }
+}
+
+/// Publishes a JobSpec (confirmed) and returns its job id, giving it one if it has none.
+pub(crate) async fn submit(broker: &Broker, file: &str) -> anyhow::Result<String> {
+    let body = read_spec(file)?;
+    let mut value: Value =
+        serde_json::from_slice(&body).map_err(|e| anyhow!("{file} is not a JSON JobSpec: {e}"))?;
+    let Some(object) = value.as_object_mut() else {
+        bail!("{file}: a JobSpec is a JSON object");
+    };
+    if !object.contains_key("job_id") {
+        object.insert(
+            "job_id".into(),
+            Value::String(uuid::Uuid::new_v4().to_string()),
+        );
+    }
+    let body = serde_json::to_vec(&value)?;
+    // Check here what the splitter would reject, so the mistake is shown where it was made.
+    let spec = parse_job_spec(&body, None, None, ParseLimits::default())
+        .map_err(|rejection| anyhow!("invalid JobSpec: {}", rejection.error))?;
+    submit_body(broker, &spec.job_id, &body).await?;
+    Ok(spec.job_id)
+}
+
+pub(crate) async fn submit_body(broker: &Broker, job_id: &str, body: &[u8]) -> anyhow::Result<()> {
+    let publisher = declared_publisher(broker).await?;
+    publisher
+        .send(
+            &broker.names().jobs(),
+            KEY_SUBMIT,
+            body,
+            json_properties().with_message_id(ShortString::from(job_id)),
+        )
+        .await?;
+    Ok(())
+}
+
+async fn results(broker: &Broker, job: &str, timeout: Duration) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut client = RpcClient::connect(broker, timeout).await?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut from = 0;
+    loop {
+        let request = Request::Results {
+            job_id: job.to_owned(),
+            from,
+            limit: 5000,
+        };
+        let page = match client.call(&request).await? {
+            Response::Results(page) => page,
+            other => return Err(unexpected(other)),
+        };
+        for line in &page.lines {
+            serde_json::to_writer(&mut out, line)?;
+            out.write_all(b"\n")?;
+        }
+        match page.next {
+            Some(next) => from = next,
+            None => break,
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Queue figures from passive declares (no management plugin needed).
+async fn queues(broker: &Broker, timeout: Duration, json: bool) -> anyhow::Result<()> {
+    let names = broker.names();
+    let mut operations: Vec<String> = BUILTIN_OPERATIONS.iter().map(|s| s.to_string()).collect();
+    // Unacknowledged work comes from worker heartbeats: what each live worker holds.
+    let mut held: std::collections::BTreeMap<String, u64> = Default::default();
+    // Work queues of custom operations: those live workers offer, and those of recent jobs.
+    if let Ok(Response::Workers { workers }) = rpc(broker, timeout, &Request::Workers).await {
+        for worker in workers {
+            for (operation, n) in worker.held_by_operation {
+                *held.entry(operation).or_default() += n;
+            }
+            operations.extend(worker.operations);
+        }
+    }
+    if let Ok(Response::Jobs { jobs }) = rpc(broker, timeout, &Request::Jobs { limit: 1000 }).await
+    {
+        operations.extend(jobs.into_iter().filter_map(|j| j.operation));
+    }
+    operations.sort();
+    operations.dedup();
+    let mut queue_names: Vec<(String, Option<u64>)> = names
+        .fixed_queues()
+        .into_iter()
+        .map(|q| (q, None))
+        .collect();
+    queue_names.extend(operations.iter().map(|op| {
+        (
+            names.work_queue(op),
+            Some(held.get(op).copied().unwrap_or(0)),
+        )
+    }));
+    let mut rows = Vec::new();
+    let mut channel = broker.channel().await?;
+    for (queue, unacknowledged) in queue_names {
+        let declared = channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        match declared {
+            Ok(q) => rows.push(table::QueueRow {
+                queue,
+                ready: u64::from(q.message_count()),
+                unacknowledged,
+                consumers: u64::from(q.consumer_count()),
+            }),
+            // A queue that does not exist closes the channel; open another for the next.
+            Err(_) => channel = broker.channel().await?,
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", table::queues(&rows));
+    }
+    Ok(())
+}

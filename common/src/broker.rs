@@ -106,7 +106,9 @@ impl Broker {
             let name = client_name.to_owned();
             let pool = config
                 .create_pool(
-                    move || ConnectionProperties::default().with_connection_name(name.clone().into()),
+                    move || {
+                        ConnectionProperties::default().with_connection_name(name.clone().into())
+                    },
                     Runtime::Tokio1,
                 )
                 .map_err(|e| BrokerError::Config(format!("{}: {e}", redact_url(&url))))?;

@@ -2,9 +2,9 @@
 
 use deadpool_lapin::lapin::message::Delivery;
 use deadpool_lapin::lapin::options::BasicAckOptions;
-use deadpool_lapin::lapin::{Channel, Consumer};
 use deadpool_lapin::lapin::options::BasicConsumeOptions;
 use deadpool_lapin::lapin::types::FieldTable;
+use deadpool_lapin::lapin::{Channel, Consumer};
 use futures::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
@@ -57,9 +57,7 @@ fn delivery_or_end(
 /// Acknowledges every delivery of `batch` (all on one channel) with one multiple-ack.
 pub async fn ack_batch(batch: &[Delivery]) -> Result<(), BrokerError> {
     if let Some(last) = batch.iter().max_by_key(|d| d.delivery_tag) {
-        last.acker
-            .ack(BasicAckOptions { multiple: true })
-            .await?;
+        last.acker.ack(BasicAckOptions { multiple: true }).await?;
     }
     Ok(())
 }

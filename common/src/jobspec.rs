@@ -262,7 +262,12 @@ fn validate(job_id: String, raw: RawJobSpec) -> Result<JobSpec, String> {
         1,
         MAX_CONCURRENT_FRAGMENTS,
     )?;
-    let lifespan_ms = bounded("lifespan_ms", raw.lifespan_ms, MIN_LIFESPAN_MS, MAX_LIFESPAN_MS)?;
+    let lifespan_ms = bounded(
+        "lifespan_ms",
+        raw.lifespan_ms,
+        MIN_LIFESPAN_MS,
+        MAX_LIFESPAN_MS,
+    )?;
     let max_attempts = bounded("max_attempts", raw.max_attempts, 1, MAX_ATTEMPTS)?;
     let tolerated_failure_percent = raw.tolerated_failure_percent.unwrap_or(0.0);
     if !(0.0..=100.0).contains(&tolerated_failure_percent) {
@@ -364,33 +369,74 @@ mod tests {
     fn names_the_field_of_each_problem() {
         let cases = [
             (r#"{"operation":"noop","items":[],"colour":1}"#, "colour"),
-            (r#"{"operation":"noop","items":[],"fragment_size":"x"}"#, "fragment_size"),
+            (
+                r#"{"operation":"noop","items":[],"fragment_size":"x"}"#,
+                "fragment_size",
+            ),
             (r#"{"items":[]}"#, "operation"),
-            (r#"{"operation":"noop","items":[],"range":{"start":0,"end":1}}"#, "both"),
+            (
+                r#"{"operation":"noop","items":[],"range":{"start":0,"end":1}}"#,
+                "both",
+            ),
             (r#"{"operation":"noop"}"#, "neither"),
-            (r#"{"operation":"noop","range":{"start":5,"end":1}}"#, "range: end"),
-            (r#"{"operation":"noop","items":[],"fragment_size":0}"#, "fragment_size: must be at least 1"),
-            (r#"{"operation":"noop","items":[],"max_concurrent_fragments":-3}"#, "max_concurrent_fragments"),
-            (r#"{"operation":"noop","items":[],"lifespan_ms":99}"#, "lifespan_ms"),
-            (r#"{"operation":"noop","items":[],"max_attempts":0}"#, "max_attempts"),
-            (r#"{"operation":"noop","items":[],"tolerated_failure_percent":101}"#, "tolerated_failure_percent"),
-            (r#"{"operation":"noop","items":[],"job_id":"a b"}"#, "job_id"),
+            (
+                r#"{"operation":"noop","range":{"start":5,"end":1}}"#,
+                "range: end",
+            ),
+            (
+                r#"{"operation":"noop","items":[],"fragment_size":0}"#,
+                "fragment_size: must be at least 1",
+            ),
+            (
+                r#"{"operation":"noop","items":[],"max_concurrent_fragments":-3}"#,
+                "max_concurrent_fragments",
+            ),
+            (
+                r#"{"operation":"noop","items":[],"lifespan_ms":99}"#,
+                "lifespan_ms",
+            ),
+            (
+                r#"{"operation":"noop","items":[],"max_attempts":0}"#,
+                "max_attempts",
+            ),
+            (
+                r#"{"operation":"noop","items":[],"tolerated_failure_percent":101}"#,
+                "tolerated_failure_percent",
+            ),
+            (
+                r#"{"operation":"noop","items":[],"job_id":"a b"}"#,
+                "job_id",
+            ),
             (r#"{"operation":"noop","items":{}}"#, "items"),
             (r#"{"operation":"noop","range":{"start":0}}"#, "range"),
-            (r#"{"operation":"noop","items":[],"collect_results":"yes"}"#, "collect_results"),
+            (
+                r#"{"operation":"noop","items":[],"collect_results":"yes"}"#,
+                "collect_results",
+            ),
         ];
         for (body, expected) in cases {
             let error = error_of(body);
-            assert!(error.contains(expected), "{body}: {error:?} should mention {expected:?}");
+            assert!(
+                error.contains(expected),
+                "{body}: {error:?} should mention {expected:?}"
+            );
         }
-        let long_id = format!(r#"{{"operation":"noop","items":[],"job_id":"{}"}}"#, "a".repeat(129));
+        let long_id = format!(
+            r#"{{"operation":"noop","items":[],"job_id":"{}"}}"#,
+            "a".repeat(129)
+        );
         assert!(error_of(&long_id).contains("at most 128"));
     }
 
     #[test]
     fn rejects_bad_messages_under_a_usable_id() {
-        let bad_utf8 = parse_job_spec(b"{\"a\":\"\xff\"}", None, Some("msg-7"), ParseLimits::default())
-            .expect_err("not UTF-8");
+        let bad_utf8 = parse_job_spec(
+            b"{\"a\":\"\xff\"}",
+            None,
+            Some("msg-7"),
+            ParseLimits::default(),
+        )
+        .expect_err("not UTF-8");
         assert_eq!(bad_utf8.job_id, "msg-7");
         assert!(bad_utf8.error.contains("UTF-8"));
         assert!(error_of("not json").contains("not valid JSON"));
@@ -400,8 +446,15 @@ mod tests {
         let typed = parse_job_spec(b"{}", Some("text/plain"), None, ParseLimits::default())
             .expect_err("content type");
         assert!(typed.error.contains("content_type"));
-        let big = parse_job_spec(b"{}", None, None, ParseLimits { max_message_bytes: 1 })
-            .expect_err("too big");
+        let big = parse_job_spec(
+            b"{}",
+            None,
+            None,
+            ParseLimits {
+                max_message_bytes: 1,
+            },
+        )
+        .expect_err("too big");
         assert!(big.error.contains("limit"));
     }
 

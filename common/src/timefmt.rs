@@ -27,6 +27,6 @@ mod tests {
 
     #[test]
     fn formats_with_millis_and_z() {
-        assert_eq!(format_ms(1_795_798_800_123), "2026-11-26T17:00:00.123Z");
+        assert_eq!(format_ms(1_795_712_400_123), "2026-11-26T17:00:00.123Z");
     }
 }

@@ -219,7 +219,13 @@ pub async fn declare(channel: &Channel, names: &Names) -> Result<(), deadpool_la
         table(&[("x-message-ttl", AMQPValue::LongLongInt(HEARTBEAT_TTL_MS))]),
     )
     .await?;
-    bind(channel, names.heartbeats_queue(), names.events(), KEY_HEARTBEAT).await?;
+    bind(
+        channel,
+        names.heartbeats_queue(),
+        names.events(),
+        KEY_HEARTBEAT,
+    )
+    .await?;
 
     declare_queue(
         channel,

@@ -46,9 +46,7 @@ impl Indices {
     /// The indices from `offset` on: what is left when a fragment stops early.
     pub fn tail(&self, offset: usize) -> Indices {
         match self {
-            Indices::Span(start, end) => {
-                Indices::Span((start + offset as u64).min(*end), *end)
-            }
+            Indices::Span(start, end) => Indices::Span((start + offset as u64).min(*end), *end),
             Indices::List(list) => Indices::List(list.get(offset..).unwrap_or_default().to_vec()),
         }
     }
@@ -62,7 +60,9 @@ impl Indices {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Payload {
-    Range { base: i64 },
+    Range {
+        base: i64,
+    },
     /// One item per index, in the same order as the fragment's indices.
     Items(Vec<Value>),
 }
@@ -191,7 +191,10 @@ pub struct Heartbeat {
     pub pid: u32,
     pub operations: Vec<String>,
     pub prefetch: u16,
+    /// Fragments delivered to this worker and not yet acknowledged.
     pub fragments_in_flight: u64,
+    /// The same, by operation: the unacknowledged messages of each work queue held here.
+    pub held_by_operation: std::collections::BTreeMap<String, u64>,
     pub started_at_ms: i64,
     pub at_ms: i64,
     /// Milliseconds until the next heartbeat; a worker silent for three of these is gone.
@@ -207,6 +210,7 @@ pub struct WorkerInfo {
     pub operations: Vec<String>,
     pub prefetch: u16,
     pub fragments_in_flight: u64,
+    pub held_by_operation: std::collections::BTreeMap<String, u64>,
     pub started_at: String,
     pub last_heartbeat: String,
 }

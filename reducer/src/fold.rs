@@ -202,7 +202,8 @@ impl Fold<'_> {
         if state.is_terminal() || job.ops_succeeded + job.ops_failed < job.ops_total {
             return Ok(());
         }
-        let exceeded = failure_share_exceeded(job.ops_failed, job.ops_total, job.tolerated_failure_percent);
+        let exceeded =
+            failure_share_exceeded(job.ops_failed, job.ops_total, job.tolerated_failure_percent);
         if exceeded {
             job.error = Some(format!(
                 "{} of {} operations failed, more than the {}% tolerated",

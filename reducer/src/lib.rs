@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Args;
-use common::broker::{Broker, BrokerError, Publisher, PendingConfirm, json_properties};
+use common::broker::{Broker, BrokerError, PendingConfirm, Publisher, json_properties};
 use common::config::BrokerArgs;
 use common::consume::{ack_batch, consume, next_batch};
 use common::contract::JobStatus;
@@ -35,7 +35,11 @@ pub struct ReducerConfig {
     pub data_dir: PathBuf,
 
     /// Address of the Prometheus endpoint (`GET /metrics`); `off` to serve none.
-    #[arg(long = "metrics-addr", env = "BATCHQ_METRICS_ADDR", default_value = "0.0.0.0:9464")]
+    #[arg(
+        long = "metrics-addr",
+        env = "BATCHQ_METRICS_ADDR",
+        default_value = "0.0.0.0:9464"
+    )]
     pub metrics_addr: String,
 }
 
@@ -103,7 +107,10 @@ pub async fn run(config: ReducerConfig, shutdown: CancellationToken) -> Result<(
     }
     let broker = Broker::new(&config.broker, "batchq-reducer")?;
     tracing::info!(store = %path.display(), namespace = %config.broker.namespace, "reducer starting");
-    supervise("reducer", &shutdown, || session(&broker, &shared, &shutdown)).await?;
+    supervise("reducer", &shutdown, || {
+        session(&broker, &shared, &shutdown)
+    })
+    .await?;
     tracing::info!("reducer stopped");
     Ok(())
 }
@@ -209,7 +216,13 @@ async fn fold_events(
                 Err(reason) => {
                     tracing::warn!(%reason, "keeping an undecodable message on the dead-letter queue");
                     publisher
-                        .start_with(&names.dead(), delivery.routing_key.as_str(), &delivery.data, delivery.properties.clone(), true)
+                        .start_with(
+                            &names.dead(),
+                            delivery.routing_key.as_str(),
+                            &delivery.data,
+                            delivery.properties.clone(),
+                            true,
+                        )
                         .await?
                         .wait()
                         .await?;
@@ -219,14 +232,18 @@ async fn fold_events(
         let now = common::timefmt::now_ms();
         let worker_shared = Arc::clone(shared);
         let effects = tokio::task::spawn_blocking(move || {
-            let mut store = worker_shared.store.lock().unwrap_or_else(|p| p.into_inner());
+            let mut store = worker_shared
+                .store
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             store.transaction(|tx| fold::apply(tx, inputs, now))
         })
         .await??;
         for (operation, succeeded, failed) in &effects.recorded {
             metrics::counter!("batchq_operations_total", "operation" => operation.clone(), "outcome" => "succeeded").increment(*succeeded);
             metrics::counter!("batchq_operations_total", "operation" => operation.clone(), "outcome" => "failed").increment(*failed);
-            metrics::counter!("batchq_fragments_total", "operation" => operation.clone()).increment(1);
+            metrics::counter!("batchq_fragments_total", "operation" => operation.clone())
+                .increment(1);
         }
         let mut pending = publish_statuses(publisher, names, &effects.status_changes).await?;
         for settled in &effects.settled {
@@ -252,7 +269,12 @@ async fn publish_statuses(
         let body = serde_json::to_vec(status).map_err(BrokerError::from)?;
         pending.push(
             publisher
-                .start(&names.status(), &status.routing_key(), &body, json_properties())
+                .start(
+                    &names.status(),
+                    &status.routing_key(),
+                    &body,
+                    json_properties(),
+                )
                 .await?,
         );
     }

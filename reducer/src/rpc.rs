@@ -68,7 +68,11 @@ fn answer(queries: &mut SqliteQueries, workers: &WorkerTable, request: Request) 
             Some(status) => Response::Status(status),
             None => Response::NotFound { job_id },
         }),
-        Request::Results { job_id, from, limit } => {
+        Request::Results {
+            job_id,
+            from,
+            limit,
+        } => {
             let limit = limit.clamp(1, MAX_RESULTS_PAGE);
             match queries.status(&job_id) {
                 Ok(None) => Ok(Response::NotFound { job_id }),
@@ -107,6 +111,7 @@ fn live_workers(workers: &WorkerTable) -> Vec<WorkerInfo> {
             operations: beat.operations.clone(),
             prefetch: beat.prefetch,
             fragments_in_flight: beat.fragments_in_flight,
+            held_by_operation: beat.held_by_operation.clone(),
             started_at: format_ms(beat.started_at_ms),
             last_heartbeat: format_ms(beat.at_ms),
         })

@@ -78,7 +78,11 @@ impl JobRecord {
             ops_succeeded: self.ops_succeeded,
             ops_failed: self.ops_failed,
             fragments_done: self.fragments_done,
-            fragments_in_flight: if state.is_terminal() { 0 } else { self.fragments_in_flight },
+            fragments_in_flight: if state.is_terminal() {
+                0
+            } else {
+                self.fragments_in_flight
+            },
             submitted_at: self.submitted_at_ms.map(format_ms),
             started_at: self.started_at_ms.map(format_ms),
             finished_at: self.finished_at_ms.map(format_ms),
@@ -100,8 +104,12 @@ pub trait ReducerTx {
     fn put_job(&mut self, job: &JobRecord) -> Result<(), StoreError>;
     /// Records a fragment's outcome the first time; returns the `done` recorded for it, and
     /// whether this call was the first.
-    fn record_fragment(&mut self, job_id: &str, fragment: u64, done: u32)
-    -> Result<(u32, bool), StoreError>;
+    fn record_fragment(
+        &mut self,
+        job_id: &str,
+        fragment: u64,
+        done: u32,
+    ) -> Result<(u32, bool), StoreError>;
     fn put_outcomes(&mut self, job_id: &str, outcomes: &[Outcome]) -> Result<(), StoreError>;
 }
 
@@ -117,7 +125,12 @@ pub trait ReducerQueries: Send + 'static {
     fn status(&mut self, job_id: &str) -> Result<Option<JobStatus>, StoreError>;
     fn recent_jobs(&mut self, limit: u32) -> Result<Vec<JobStatus>, StoreError>;
     /// Outcomes with index ≥ `from`, ordered, at most `limit`.
-    fn results(&mut self, job_id: &str, from: u64, limit: u32) -> Result<Vec<ResultLine>, StoreError>;
+    fn results(
+        &mut self,
+        job_id: &str,
+        from: u64,
+        limit: u32,
+    ) -> Result<Vec<ResultLine>, StoreError>;
     /// Jobs not yet terminal, for the once-a-second status.
     fn active_jobs(&mut self) -> Result<Vec<JobStatus>, StoreError>;
 }
@@ -332,7 +345,11 @@ impl ReducerStore for SqliteStore {
 }
 
 impl SqliteQueries {
-    fn statuses(&mut self, sql: &str, args: impl rusqlite::Params) -> Result<Vec<JobStatus>, StoreError> {
+    fn statuses(
+        &mut self,
+        sql: &str,
+        args: impl rusqlite::Params,
+    ) -> Result<Vec<JobStatus>, StoreError> {
         let mut query = self.conn.prepare_cached(sql)?;
         let rows = query.query_map(args, job_from_row)?;
         let mut out = Vec::new();
@@ -365,13 +382,22 @@ impl ReducerQueries for SqliteQueries {
         )
     }
 
-    fn results(&mut self, job_id: &str, from: u64, limit: u32) -> Result<Vec<ResultLine>, StoreError> {
+    fn results(
+        &mut self,
+        job_id: &str,
+        from: u64,
+        limit: u32,
+    ) -> Result<Vec<ResultLine>, StoreError> {
         let mut query = self.conn.prepare_cached(
             "SELECT idx, ok, value FROM results WHERE job_id = ?1 AND idx >= ?2
              ORDER BY idx LIMIT ?3",
         )?;
         let rows = query.query_map(params![job_id, to_i64(from), limit], |r| {
-            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, bool>(1)?, r.get::<_, String>(2)?))
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get::<_, bool>(1)?,
+                r.get::<_, String>(2)?,
+            ))
         })?;
         let mut out = Vec::new();
         for row in rows {
@@ -383,7 +409,10 @@ impl ReducerQueries for SqliteQueries {
                         .map_err(|e| StoreError::Corrupt(format!("result {index}: {e}")))?,
                 }
             } else {
-                ResultLine::Err { index, error: value }
+                ResultLine::Err {
+                    index,
+                    error: value,
+                }
             });
         }
         Ok(out)

@@ -1,10 +1,10 @@
 //! Turning deliveries from `{ns}.jobs` and `{ns}.splitter` into [`Command`]s.
 
+use common::contract::CancelRequest;
 use common::jobspec::{ParseLimits, parse_job_spec};
 use common::lapin::BasicProperties;
 use common::lapin::message::Delivery;
 use common::lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use common::contract::CancelRequest;
 use common::topology::{KEY_CANCEL, KEY_SUBMIT};
 use common::wire::Settled;
 
@@ -16,8 +16,16 @@ pub const REASON_HEADER: &str = "x-batchq-error";
 /// Decodes a delivery from `{ns}.jobs`.
 pub fn job_command(delivery: &Delivery, limits: ParseLimits, at_ms: i64) -> Command {
     let routing_key = delivery.routing_key.as_str();
-    let content_type = delivery.properties.content_type().as_ref().map(|s| s.as_str());
-    let message_id = delivery.properties.message_id().as_ref().map(|s| s.as_str());
+    let content_type = delivery
+        .properties
+        .content_type()
+        .as_ref()
+        .map(|s| s.as_str());
+    let message_id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.as_str());
     match routing_key {
         KEY_SUBMIT => match parse_job_spec(&delivery.data, content_type, message_id, limits) {
             Ok(spec) => Command::Submit { spec, at_ms },
@@ -43,10 +51,12 @@ pub fn job_command(delivery: &Delivery, limits: ParseLimits, at_ms: i64) -> Comm
     }
 }
 
-/// Decodes a settlement from `{ns}.splitter`; `None` for a message that is not one.
-pub fn settled(delivery: &Delivery) -> Result<Settled, Command> {
-    serde_json::from_slice::<Settled>(&delivery.data)
-        .map_err(|e| Command::Dead(dead_copy(delivery, &format!("not a settlement: {e}"))))
+/// Decodes a settlement from `{ns}.splitter`; a message that is not one becomes a dead copy.
+pub fn settled(delivery: &Delivery) -> Command {
+    match serde_json::from_slice::<Settled>(&delivery.data) {
+        Ok(settled) => Command::Settle(settled),
+        Err(e) => Command::Dead(dead_copy(delivery, &format!("not a settlement: {e}"))),
+    }
 }
 
 /// The original message, properties and all, with the reason added to its headers.

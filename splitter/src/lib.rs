@@ -130,7 +130,9 @@ async fn commit(
 ) -> Result<(), SplitterError> {
     let store = Arc::clone(store);
     tokio::task::spawn_blocking(move || {
-        let mut store = store.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut store = store
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         store.transaction(|tx| apply(tx, &names, commands))
     })
     .await??;
@@ -172,7 +174,7 @@ async fn intake_settled(
     while let Some(batch) = next_batch(&mut consumer, BATCH, stop).await? {
         let commands = batch
             .iter()
-            .map(|d| intake::settled(d).map_or_else(|dead| dead, Command::Settle))
+            .map(intake::settled)
             .collect();
         commit(store, names.clone(), commands, outbox_ready).await?;
         ack_batch(&batch).await?;
@@ -195,7 +197,9 @@ async fn pump_outbox(
         let round = {
             let store = Arc::clone(store);
             tokio::task::spawn_blocking(move || {
-                let mut store = store.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let mut store = store
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
                 store.outbox(OUTBOX_ROUND)
             })
             .await??
@@ -208,7 +212,9 @@ async fn pump_outbox(
         };
         let mut pending = Vec::with_capacity(round.len());
         for message in round {
-            if message.exchange == names.work() && !declared_work_queues.contains(&message.routing_key) {
+            if message.exchange == names.work()
+                && !declared_work_queues.contains(&message.routing_key)
+            {
                 // A fragment for an operation nobody offers yet waits, visibly, in its queue.
                 declare_work_queue(publisher.channel(), &names, &message.routing_key)
                     .await
@@ -232,10 +238,11 @@ async fn pump_outbox(
         common::broker::wait_all(pending).await?;
         let store = Arc::clone(store);
         tokio::task::spawn_blocking(move || {
-            let mut store = store.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut store = store
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             store.outbox_confirmed(last_seq)
         })
         .await??;
     }
 }
-

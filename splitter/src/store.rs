@@ -115,8 +115,11 @@ pub trait SplitterTx {
     fn drop_items(&mut self, job_id: &str) -> Result<(), StoreError>;
     fn insert_fragment(&mut self, fragment: &FragmentRow) -> Result<(), StoreError>;
     /// Removes and returns a fragment that is out; `None` if it was settled already.
-    fn take_fragment(&mut self, job_id: &str, fragment: u64)
-    -> Result<Option<FragmentRow>, StoreError>;
+    fn take_fragment(
+        &mut self,
+        job_id: &str,
+        fragment: u64,
+    ) -> Result<Option<FragmentRow>, StoreError>;
     fn push_outbox(&mut self, message: OutboxMessage) -> Result<(), StoreError>;
 }
 

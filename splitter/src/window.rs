@@ -51,7 +51,9 @@ pub struct DeadCopy {
 /// several times over (so work spreads over the fleet), at most [`MAX_DEFAULT_FRAGMENT_SIZE`].
 pub fn default_fragment_size(ops_total: u64, max_concurrent: u32) -> u32 {
     let spread = u64::from(max_concurrent).saturating_mul(8).max(1);
-    ops_total.div_ceil(spread).clamp(1, MAX_DEFAULT_FRAGMENT_SIZE) as u32
+    ops_total
+        .div_ceil(spread)
+        .clamp(1, MAX_DEFAULT_FRAGMENT_SIZE) as u32
 }
 
 struct Batch<'a> {
@@ -101,7 +103,7 @@ impl Batch<'_> {
         Ok(self.jobs.get_mut(job_id))
     }
 
-    fn to_reducer(&mut self, input: &ReducerInput) -> Result<(), StoreError> {
+    fn tell_reducer(&mut self, input: &ReducerInput) -> Result<(), StoreError> {
         self.push(
             self.names.events(),
             KEY_REDUCER.to_owned(),
@@ -136,9 +138,9 @@ impl Batch<'_> {
             return Ok(());
         }
         let ops_total = spec.input.len();
-        let fragment_size = spec.fragment_size.unwrap_or_else(|| {
-            default_fragment_size(ops_total, spec.max_concurrent_fragments)
-        });
+        let fragment_size = spec
+            .fragment_size
+            .unwrap_or_else(|| default_fragment_size(ops_total, spec.max_concurrent_fragments));
         let (range_base, items) = match spec.input {
             JobInput::Range { start, .. } => (Some(start), None),
             JobInput::Items(items) => (None, Some(items)),
@@ -165,7 +167,7 @@ impl Batch<'_> {
         if let Some(items) = items {
             self.tx.insert_items(&job.job_id, &items)?;
         }
-        self.to_reducer(&ReducerInput::Accepted {
+        self.tell_reducer(&ReducerInput::Accepted {
             job_id: job.job_id.clone(),
             operation: job.operation.clone(),
             ops_total,
@@ -178,7 +180,12 @@ impl Batch<'_> {
         Ok(())
     }
 
-    fn reject(&mut self, rejection: Rejection, dead: DeadCopy, at_ms: i64) -> Result<(), StoreError> {
+    fn reject(
+        &mut self,
+        rejection: Rejection,
+        dead: DeadCopy,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
         tracing::warn!(job_id = %rejection.job_id, error = %rejection.error, "job rejected");
         if self.load(&rejection.job_id)?.is_none() {
             let job = JobRow {
@@ -200,7 +207,7 @@ impl Batch<'_> {
             };
             self.tx.insert_job(&job)?;
             self.jobs.insert(job.job_id.clone(), (job, false));
-            self.to_reducer(&ReducerInput::Rejected {
+            self.tell_reducer(&ReducerInput::Rejected {
                 job_id: rejection.job_id,
                 error: rejection.error,
                 submitted_at_ms: at_ms,
@@ -230,7 +237,13 @@ impl Batch<'_> {
             job_id: job_id.to_owned(),
         })?;
         let exchange = self.names.control();
-        self.push(exchange, String::new(), control, transient_json_properties(), false)
+        self.push(
+            exchange,
+            String::new(),
+            control,
+            transient_json_properties(),
+            false,
+        )
     }
 
     fn settle(&mut self, settled: Settled) -> Result<(), StoreError> {
@@ -259,7 +272,12 @@ impl Batch<'_> {
     }
 
     /// Records `indices` as a new fragment of `job` and queues its message.
-    fn release(&mut self, job: &mut JobRow, indices: Indices, attempt: u32) -> Result<(), StoreError> {
+    fn release(
+        &mut self,
+        job: &mut JobRow,
+        indices: Indices,
+        attempt: u32,
+    ) -> Result<(), StoreError> {
         let row = FragmentRow {
             job_id: job.job_id.clone(),
             fragment: job.next_fragment,
@@ -303,7 +321,9 @@ impl Batch<'_> {
         for (_, (mut job, mut changed)) in jobs {
             match job.state {
                 DispatchState::Active => {
-                    while job.in_flight < u64::from(job.max_concurrent) && job.cursor < job.ops_total {
+                    while job.in_flight < u64::from(job.max_concurrent)
+                        && job.cursor < job.ops_total
+                    {
                         let end = job
                             .cursor
                             .saturating_add(u64::from(job.fragment_size))
@@ -321,7 +341,7 @@ impl Batch<'_> {
                 DispatchState::Cancelling if job.in_flight == 0 => {
                     job.state = DispatchState::Finished;
                     self.tx.drop_items(&job.job_id)?;
-                    self.to_reducer(&ReducerInput::Cancelled {
+                    self.tell_reducer(&ReducerInput::Cancelled {
                         job_id: job.job_id.clone(),
                         at_ms: common::timefmt::now_ms(),
                     })?;
@@ -331,7 +351,7 @@ impl Batch<'_> {
             }
             if changed && job.state != DispatchState::Rejected {
                 job.progress_seq += 1;
-                self.to_reducer(&ReducerInput::Progress {
+                self.tell_reducer(&ReducerInput::Progress {
                     job_id: job.job_id.clone(),
                     in_flight: job.in_flight,
                     seq: job.progress_seq,

@@ -25,11 +25,17 @@ pub fn register(registry: &mut Registry) {
 }
 
 /// A non-negative integer parameter, or its default when absent.
-fn int_param(params: &Map<String, Value>, name: &str, default: Option<u64>) -> Result<u64, OpError> {
+fn int_param(
+    params: &Map<String, Value>,
+    name: &str,
+    default: Option<u64>,
+) -> Result<u64, OpError> {
     match params.get(name) {
         None => default.ok_or_else(|| OpError::new(format!("params.{name}: missing"))),
         Some(v) => v.as_u64().ok_or_else(|| {
-            OpError::new(format!("params.{name}: must be a non-negative integer, got {v}"))
+            OpError::new(format!(
+                "params.{name}: must be a non-negative integer, got {v}"
+            ))
         }),
     }
 }
@@ -105,7 +111,9 @@ pub struct Exec;
 
 fn exec_argv(params: &Map<String, Value>, text: &str) -> Result<Vec<String>, OpError> {
     let Some(command) = params.get("command") else {
-        return Err(OpError::new("params.command: missing; give [program, args...]"));
+        return Err(OpError::new(
+            "params.command: missing; give [program, args...]",
+        ));
     };
     let Some(parts) = command.as_array().filter(|a| !a.is_empty()) else {
         return Err(OpError::new(
@@ -295,7 +303,9 @@ mod tests {
 
     #[tokio::test]
     async fn exec_substitutes_and_reports_stderr() {
-        let p = params(json!({"command": ["sh", "-c", "echo got-{}; echo oops >&2; exit $1", "sh", "{}"], "timeout_ms": 5000}));
+        let p = params(
+            json!({"command": ["sh", "-c", "echo got-{}; echo oops >&2; exit $1", "sh", "{}"], "timeout_ms": 5000}),
+        );
         let ok = Exec.run(input(&json!("0"), &p)).await.expect("exit 0");
         assert_eq!(ok, json!("got-0"));
         let failed = Exec.run(input(&json!(3), &p)).await.expect_err("exit 3");

@@ -7,7 +7,6 @@ pub mod operation;
 pub mod runner;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use clap::Args;
@@ -16,8 +15,7 @@ use common::config::BrokerArgs;
 use common::consume::consume;
 use common::lapin::message::Delivery;
 use common::lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use common::lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use common::supervise::{Retryable, supervise};
@@ -46,7 +44,11 @@ pub struct WorkerConfig {
     pub operations: Option<Vec<String>>,
 
     /// Milliseconds between heartbeats.
-    #[arg(long = "heartbeat-ms", env = "BATCHQ_HEARTBEAT_MS", default_value_t = 2000)]
+    #[arg(
+        long = "heartbeat-ms",
+        env = "BATCHQ_HEARTBEAT_MS",
+        default_value_t = 2000
+    )]
     pub heartbeat_ms: u64,
 }
 
@@ -87,7 +89,24 @@ struct WorkerState {
     prefetch: u16,
     heartbeat: Duration,
     cancelled: CancelledJobs,
-    in_flight: AtomicU64,
+    /// Fragments delivered and not yet acknowledged, by operation.
+    held: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+impl WorkerState {
+    fn hold(&self, operation: &str, taken: bool) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let count = held.entry(operation.to_owned()).or_insert(0);
+        if taken {
+            *count += 1;
+        } else {
+            *count = count.saturating_sub(1);
+        }
+    }
+
+    fn held(&self) -> std::collections::BTreeMap<String, u64> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// Runs a worker offering the operations of `registry` (restricted by `--operations`) until
@@ -103,18 +122,24 @@ pub async fn run(
         None => registry,
     };
     if registry.names().is_empty() {
-        return Err(WorkerError::Config("this worker offers no operation".into()));
+        return Err(WorkerError::Config(
+            "this worker offers no operation".into(),
+        ));
     }
     let host = hostname();
     let state = Arc::new(WorkerState {
-        id: format!("{host}-{}-{}", std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..8]),
+        id: format!(
+            "{host}-{}-{}",
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ),
         host,
         started_at_ms: common::timefmt::now_ms(),
         registry,
         prefetch: config.prefetch,
         heartbeat: Duration::from_millis(config.heartbeat_ms.max(100)),
         cancelled: CancelledJobs::default(),
-        in_flight: AtomicU64::new(0),
+        held: std::sync::Mutex::default(),
     });
     let broker = Broker::new(&config.broker, "batchq-worker")?;
     tracing::info!(worker = %state.id, operations = ?state.registry.names(), prefetch = state.prefetch, "worker starting");
@@ -127,7 +152,11 @@ fn hostname() -> String {
     std::env::var("HOSTNAME")
         .ok()
         .filter(|h| !h.is_empty())
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "unknown-host".to_owned())
 }
@@ -160,7 +189,12 @@ async fn session(
     let tracker = TaskTracker::new();
     let running = Arc::new(Semaphore::new(usize::from(state.prefetch)));
     let session_stop = shutdown.child_token();
-    let heartbeat = tokio::spawn(heartbeats(publisher.clone(), names.clone(), Arc::clone(state), session_stop.clone()));
+    let heartbeat = tokio::spawn(heartbeats(
+        publisher.clone(),
+        names.clone(),
+        Arc::clone(state),
+        session_stop.clone(),
+    ));
 
     let result = loop {
         tokio::select! {
@@ -181,12 +215,16 @@ async fn session(
         // (reported with nothing run) rather than requeued, which would count against their
         // delivery limit.
         for tag in &tags {
-            let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+            let _ = channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await;
         }
         while let Ok(Some(Ok(delivery))) =
             tokio::time::timeout(Duration::from_millis(200), deliveries.next()).await
         {
-            spawn_fragment(&tracker, delivery, &publisher, &names, state, &running, shutdown, &failed_tx);
+            spawn_fragment(
+                &tracker, delivery, &publisher, &names, state, &running, shutdown, &failed_tx,
+            );
         }
     }
     tracker.close();
@@ -195,7 +233,10 @@ async fn session(
     heartbeat.abort();
     control.abort();
     let _ = channel.close(200, "worker stopping".into()).await;
-    let _ = publisher.channel().close(200, "worker stopping".into()).await;
+    let _ = publisher
+        .channel()
+        .close(200, "worker stopping".into())
+        .await;
     result
 }
 
@@ -216,13 +257,15 @@ fn spawn_fragment(
     let running = Arc::clone(running);
     let shutdown = shutdown.clone();
     let failed = failed.clone();
+    // Fragments are published with their operation as routing key.
+    let operation = delivery.routing_key.as_str().to_owned();
+    state.hold(&operation, true);
     tracker.spawn(async move {
-        let Ok(_permit) = running.acquire_owned().await else {
-            return;
+        let outcome = match running.acquire_owned().await {
+            Ok(_permit) => handle_fragment(&delivery, &publisher, &names, &state, &shutdown).await,
+            Err(_) => Ok(()),
         };
-        state.in_flight.fetch_add(1, Ordering::Relaxed);
-        let outcome = handle_fragment(&delivery, &publisher, &names, &state, &shutdown).await;
-        state.in_flight.fetch_sub(1, Ordering::Relaxed);
+        state.hold(&operation, false);
         if let Err(error) = outcome {
             tracing::warn!(error = %error, "fragment not acknowledged; the broker will redeliver it");
             let _ = failed.try_send(error);
@@ -240,13 +283,25 @@ async fn handle_fragment(
 ) -> Result<(), BrokerError> {
     let fragment: Fragment = match serde_json::from_slice(&delivery.data) {
         Ok(fragment) => fragment,
-        Err(e) => return dead_letter(delivery, publisher, names, &format!("not a fragment: {e}")).await,
+        Err(e) => {
+            return dead_letter(delivery, publisher, names, &format!("not a fragment: {e}")).await;
+        }
     };
     let Some(operation) = state.registry.get(&fragment.operation) else {
-        let reason = format!("operation {:?} is not offered by this worker", fragment.operation);
+        let reason = format!(
+            "operation {:?} is not offered by this worker",
+            fragment.operation
+        );
         return dead_letter(delivery, publisher, names, &reason).await;
     };
-    let report = run_fragment(&fragment, operation.as_ref(), &state.id, &state.cancelled, shutdown).await;
+    let report = run_fragment(
+        &fragment,
+        operation.as_ref(),
+        &state.id,
+        &state.cancelled,
+        shutdown,
+    )
+    .await;
     tracing::debug!(job_id = %report.job_id, fragment = report.fragment, done = report.done, cut = ?report.cut, "fragment ended");
     let body = serde_json::to_vec(&common::wire::ReducerInput::Fragment(report))?;
     publisher
@@ -273,7 +328,13 @@ async fn dead_letter(
     );
     let properties = delivery.properties.clone().with_headers(headers);
     publisher
-        .start_with(&names.dead(), delivery.routing_key.as_str(), &delivery.data, properties, true)
+        .start_with(
+            &names.dead(),
+            delivery.routing_key.as_str(),
+            &delivery.data,
+            properties,
+            true,
+        )
         .await?
         .wait()
         .await?;
@@ -345,21 +406,30 @@ async fn heartbeats(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
+        let held = state.held();
         let beat = Heartbeat {
             worker: state.id.clone(),
             host: state.host.clone(),
             pid: std::process::id(),
             operations: state.registry.names(),
             prefetch: state.prefetch,
-            fragments_in_flight: state.in_flight.load(Ordering::Relaxed),
+            fragments_in_flight: held.values().sum(),
+            held_by_operation: held,
             started_at_ms: state.started_at_ms,
             at_ms: common::timefmt::now_ms(),
             interval_ms: state.heartbeat.as_millis() as u64,
         };
-        let Ok(body) = serde_json::to_vec(&beat) else { continue };
+        let Ok(body) = serde_json::to_vec(&beat) else {
+            continue;
+        };
         // A lost heartbeat is harmless; do not hold anything up waiting for its confirm.
         if let Ok(pending) = publisher
-            .start(&names.events(), KEY_HEARTBEAT, &body, transient_json_properties())
+            .start(
+                &names.events(),
+                KEY_HEARTBEAT,
+                &body,
+                transient_json_properties(),
+            )
             .await
         {
             tokio::spawn(async move {

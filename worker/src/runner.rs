@@ -150,8 +150,14 @@ mod tests {
     #[tokio::test]
     async fn runs_every_operation() {
         let f = fragment("noop", 5, 60_000, json!({}));
-        let report =
-            run_fragment(&f, &Noop, "w", &CancelledJobs::default(), &CancellationToken::new()).await;
+        let report = run_fragment(
+            &f,
+            &Noop,
+            "w",
+            &CancelledJobs::default(),
+            &CancellationToken::new(),
+        )
+        .await;
         assert_eq!(report.done, 5);
         assert_eq!(report.results, vec![Value::Null; 5]);
         assert_eq!(report.cut, None);
@@ -160,8 +166,14 @@ mod tests {
     #[tokio::test]
     async fn stops_at_lifespan_after_progress() {
         let f = fragment("sleep", 10, 100, json!({"ms": 40}));
-        let report =
-            run_fragment(&f, &Sleep, "w", &CancelledJobs::default(), &CancellationToken::new()).await;
+        let report = run_fragment(
+            &f,
+            &Sleep,
+            "w",
+            &CancelledJobs::default(),
+            &CancellationToken::new(),
+        )
+        .await;
         assert_eq!(report.cut, Some(Cut::Lifespan));
         assert!((2..=4).contains(&report.done), "done {}", report.done);
     }
@@ -178,8 +190,14 @@ mod tests {
     #[tokio::test]
     async fn failures_carry_offsets() {
         let f = fragment("sleep", 2, 60_000, json!({"ms": "soon"}));
-        let report =
-            run_fragment(&f, &Sleep, "w", &CancelledJobs::default(), &CancellationToken::new()).await;
+        let report = run_fragment(
+            &f,
+            &Sleep,
+            "w",
+            &CancelledJobs::default(),
+            &CancellationToken::new(),
+        )
+        .await;
         assert_eq!(report.done, 2);
         assert_eq!(report.failures.len(), 2);
         assert_eq!(report.failures[1].offset, 1);
