@@ -172,8 +172,9 @@ impl Fold<'_> {
             // Errors are kept even when results are not: they are what a user needs to read.
             outcomes.into_iter().filter(|o| o.result.is_err()).collect()
         };
-        if job.state.is_some_and(JobState::is_terminal) {
-            // A cancelled job's counts are final; a late report is recorded (so a redelivery
+        let cancelled = job.state == Some(JobState::Cancelled);
+        if job.state.is_some_and(JobState::is_terminal) && !cancelled {
+            // A finished job's counts are final; a late report is recorded (so a redelivery
             // stays a no-op) but not counted.
             return Ok(());
         }
@@ -185,6 +186,16 @@ impl Fold<'_> {
             .recorded
             .push((report.operation.clone(), succeeded, failed));
         let job = self.job(&report.job_id)?;
+        if cancelled {
+            // A cancelled job ends at once; fragments that were running when it was cancelled
+            // still report what they ran, and its counts say so.
+            if done > 0
+                && let Some(status) = job.status()
+            {
+                self.effects.status_changes.push(status);
+            }
+            return Ok(());
+        }
         if job.state == Some(JobState::Accepted) {
             job.started_at_ms.get_or_insert(report.started_at_ms);
             self.transition(&report.job_id, JobState::Running)?;

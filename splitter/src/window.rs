@@ -233,6 +233,19 @@ impl Batch<'_> {
         }
         job.state = DispatchState::Cancelling;
         tracing::info!(%job_id, in_flight = job.in_flight, "job cancelled; draining");
+        // The job ends now: its status must not wait for fragments that may sit unconsumed
+        // (no worker offers the operation). Fragments still running report what they did;
+        // the reducer adds those to the cancelled job's counts.
+        self.tell_reducer(&ReducerInput::Cancelled {
+            job_id: job_id.to_owned(),
+            at_ms: common::timefmt::now_ms(),
+        })?;
+        self.broadcast_cancel(job_id)
+    }
+
+    /// Tells every connected worker to drop `job_id`'s fragments. Transient and unconfirmed
+    /// by design: a worker that missed it is told again when one of the job's fragments settles.
+    fn broadcast_cancel(&mut self, job_id: &str) -> Result<(), StoreError> {
         let control = encode(&Control::Cancel {
             job_id: job_id.to_owned(),
         })?;
@@ -259,6 +272,7 @@ impl Batch<'_> {
         };
         job.in_flight = job.in_flight.saturating_sub(1);
         *changed = true;
+        let remind = job.state == DispatchState::Cancelling && job.in_flight > 0;
         let done = settled.done as usize;
         if done < fragment.indices.len() && job.state == DispatchState::Active {
             // The fragment stopped early (lifespan, a worker shutting down): what it did not
@@ -267,6 +281,11 @@ impl Batch<'_> {
             let mut job = job.clone();
             self.release(&mut job, remainder, fragment.attempt)?;
             self.jobs.insert(job.job_id.clone(), (job, true));
+        }
+        if remind {
+            // Workers that joined after the cancel (or lost their control queue) learn of it
+            // before they take the job's next queued fragment.
+            self.broadcast_cancel(&settled.job_id)?;
         }
         Ok(())
     }
@@ -341,10 +360,6 @@ impl Batch<'_> {
                 DispatchState::Cancelling if job.in_flight == 0 => {
                     job.state = DispatchState::Finished;
                     self.tx.drop_items(&job.job_id)?;
-                    self.tell_reducer(&ReducerInput::Cancelled {
-                        job_id: job.job_id.clone(),
-                        at_ms: common::timefmt::now_ms(),
-                    })?;
                     changed = true;
                 }
                 _ => {}
