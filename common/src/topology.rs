@@ -31,6 +31,16 @@ pub const HEARTBEAT_TTL_MS: i64 = 15_000;
 pub const RPC_TTL_MS: i64 = 30_000;
 
 /// The built-in operations, whose work queues `batchctl queues` always shows.
+/// The backoff steps of retries: attempt `n + 1` waits in the queue of step `min(n - 1, last)`,
+/// with a per-message expiration of the step's delay plus up to half of it as jitter.
+pub const RETRY_DELAYS_MS: [u64; 7] = [1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 60_000];
+
+/// The backoff step a fragment of `attempt` (2 for the first retry) waits in.
+pub fn retry_delay_ms(attempt: u32) -> u64 {
+    let step = (attempt.saturating_sub(2) as usize).min(RETRY_DELAYS_MS.len() - 1);
+    RETRY_DELAYS_MS[step]
+}
+
 pub const BUILTIN_OPERATIONS: [&str; 4] = ["noop", "sleep", "sha256", "exec"];
 
 /// All names of one deployment, derived from its namespace.
@@ -93,6 +103,11 @@ impl Names {
     pub fn control(&self) -> String {
         self.name("control")
     }
+    /// Fanout exchange and queue where retry fragments wait `delay_ms` (see [`RETRY_DELAYS_MS`])
+    /// before they expire into `{ns}.work`, keeping their operation as routing key.
+    pub fn retry(&self, delay_ms: u64) -> String {
+        self.name(&format!("retry.{delay_ms}ms"))
+    }
 
     /// Every durable queue of the deployment except the per-operation work queues.
     pub fn fixed_queues(&self) -> Vec<String> {
@@ -104,6 +119,9 @@ impl Names {
             self.rpc_queue(),
             self.dead(),
         ]
+        .into_iter()
+        .chain(RETRY_DELAYS_MS.iter().map(|&ms| self.retry(ms)))
+        .collect()
     }
 
     pub fn exchanges(&self) -> Vec<String> {
@@ -116,6 +134,9 @@ impl Names {
             self.dead(),
             self.control(),
         ]
+        .into_iter()
+        .chain(RETRY_DELAYS_MS.iter().map(|&ms| self.retry(ms)))
+        .collect()
     }
 }
 
@@ -241,6 +262,25 @@ pub async fn declare(channel: &Channel, names: &Names) -> Result<(), deadpool_la
     )
     .await?;
     bind(channel, names.dead(), names.dead(), "").await?;
+
+    // Retry delays: fragments expire (per-message TTL) into the work exchange with their
+    // routing key, the operation, unchanged. Quorum, so the move is at-least-once.
+    for delay_ms in RETRY_DELAYS_MS {
+        let name = names.retry(delay_ms);
+        declare_exchange(channel, name.clone(), ExchangeKind::Fanout).await?;
+        declare_queue(
+            channel,
+            name.clone(),
+            table(&[
+                ("x-queue-type", text("quorum")),
+                ("x-dead-letter-exchange", text(&names.work())),
+                ("x-dead-letter-strategy", text("at-least-once")),
+                ("x-overflow", text("reject-publish")),
+            ]),
+        )
+        .await?;
+        bind(channel, name.clone(), name, "").await?;
+    }
     Ok(())
 }
 

@@ -147,6 +147,7 @@ pub enum ReducerInput {
         submitted_at_ms: i64,
         collect_results: bool,
         tolerated_failure_percent: f64,
+        max_attempts: u32,
     },
     /// The splitter refused the message as a job.
     Rejected {
@@ -172,8 +173,23 @@ pub enum ReducerInput {
 pub struct Settled {
     pub job_id: String,
     pub fragment: u64,
-    /// Operations of the fragment that are final; the splitter re-dispatches the rest.
+    /// Operations of the fragment that ran; the splitter re-dispatches the rest.
     pub done: u32,
+    /// Indices among the `done` ones whose operation failed on a non-final attempt: the
+    /// splitter runs them again, in a retry fragment, after a backoff.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retry: Vec<u64>,
+}
+
+/// What the reducer tells the splitter, on `{ns}.splitter`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SplitterInput {
+    /// A fragment's outcome is recorded: free its window slot, release what it left.
+    Settled(Settled),
+    /// The job ended early (its failures exceeded the share it tolerates): dispatch nothing
+    /// more of it, and have workers drop its queued fragments.
+    Halt { job_id: String },
 }
 
 /// Broadcast on `{ns}.control` to every live worker.

@@ -8,18 +8,21 @@
 use std::collections::BTreeMap;
 
 use common::contract::{JobState, JobStatus};
-use common::wire::{FragmentReport, ReducerInput, Settled};
+use common::wire::{FragmentReport, ReducerInput, Settled, SplitterInput};
 use serde_json::Value;
 
-use crate::store::{JobRecord, Outcome, ReducerTx, StoreError};
+use crate::store::{JobRecord, Outcome, RecordedFragment, ReducerTx, StoreError};
+
+/// How many of a failed job's errors its `error` quotes.
+const QUOTED_ERRORS: u32 = 3;
 
 /// What a committed batch must publish.
 #[derive(Debug, Default)]
 pub struct Effects {
     /// Statuses whose state changed, in the order they changed.
     pub status_changes: Vec<JobStatus>,
-    /// Settlements for the splitter.
-    pub settled: Vec<Settled>,
+    /// Settlements and halts for the splitter.
+    pub settled: Vec<SplitterInput>,
     /// Counts for the metrics: (operation, succeeded, failed) per recorded fragment.
     pub recorded: Vec<(String, u64, u64)>,
 }
@@ -96,6 +99,7 @@ impl Fold<'_> {
                 submitted_at_ms,
                 collect_results,
                 tolerated_failure_percent,
+                max_attempts,
             } => {
                 let job = self.job(&job_id)?;
                 if job.state.is_some() {
@@ -106,6 +110,7 @@ impl Fold<'_> {
                 job.submitted_at_ms = Some(submitted_at_ms);
                 job.collect_results = collect_results;
                 job.tolerated_failure_percent = tolerated_failure_percent;
+                job.max_attempts = max_attempts.max(1);
                 self.transition(&job_id, JobState::Accepted)?;
                 // Reports that overtook the accept may already complete the job; an empty job
                 // is complete at once.
@@ -151,33 +156,54 @@ impl Fold<'_> {
 
     fn fragment(&mut self, report: FragmentReport) -> Result<(), StoreError> {
         let done = report.done.min(report.indices.len() as u32);
-        let (recorded_done, first) =
-            self.tx
-                .record_fragment(&report.job_id, report.fragment, done)?;
-        self.effects.settled.push(Settled {
+        let job = self.job(&report.job_id)?;
+        let state = job.state;
+        let collect_results = job.collect_results;
+        // A failure is final on the job's last attempt, and once the job has ended (nothing
+        // more of it runs). Before the accept arrives the job's attempts are unknown: count
+        // failures as final rather than run anything twice.
+        let may_retry =
+            report.attempt < job.max_attempts && state.is_some_and(|s| !s.is_terminal());
+        let mut outcomes = outcomes(&report, done);
+        let mut retry = Vec::new();
+        if may_retry {
+            outcomes.retain(|o| {
+                let again = o.result.is_err();
+                if again {
+                    retry.push(o.index);
+                }
+                !again
+            });
+        }
+        let (recorded, first) = self.tx.record_fragment(
+            &report.job_id,
+            report.fragment,
+            &RecordedFragment { done, retry },
+        )?;
+        self.effects.settled.push(SplitterInput::Settled(Settled {
             job_id: report.job_id.clone(),
             fragment: report.fragment,
-            done: recorded_done,
-        });
+            done: recorded.done,
+            retry: recorded.retry,
+        }));
         if !first {
             return Ok(());
         }
-        let outcomes = outcomes(&report, done);
+        let cancelled = state == Some(JobState::Cancelled);
+        if state.is_some_and(JobState::is_terminal) && !cancelled {
+            // A finished job's counts are final; a late report is recorded (so a redelivery
+            // stays a no-op) but not counted.
+            return Ok(());
+        }
         let failed = outcomes.iter().filter(|o| o.result.is_err()).count() as u64;
-        let succeeded = u64::from(done) - failed;
-        let job = self.job(&report.job_id)?;
-        let keep: Vec<Outcome> = if job.collect_results {
+        let succeeded = outcomes.len() as u64 - failed;
+        let keep: Vec<Outcome> = if collect_results {
             outcomes
         } else {
             // Errors are kept even when results are not: they are what a user needs to read.
             outcomes.into_iter().filter(|o| o.result.is_err()).collect()
         };
-        let cancelled = job.state == Some(JobState::Cancelled);
-        if job.state.is_some_and(JobState::is_terminal) && !cancelled {
-            // A finished job's counts are final; a late report is recorded (so a redelivery
-            // stays a no-op) but not counted.
-            return Ok(());
-        }
+        let job = self.job(&report.job_id)?;
         job.ops_succeeded += succeeded;
         job.ops_failed += failed;
         job.fragments_done += 1;
@@ -200,11 +226,53 @@ impl Fold<'_> {
             job.started_at_ms.get_or_insert(report.started_at_ms);
             self.transition(&report.job_id, JobState::Running)?;
         }
+        if failed > 0 {
+            self.fail_if_beyond_tolerance(&report.job_id)?;
+        }
         self.complete_if_counted(&report.job_id)
     }
 
-    /// Ends a job whose every operation is counted: failed if its failures exceed the share
-    /// it tolerates, succeeded otherwise.
+    /// Fails a job as soon as its failed operations exceed the share it tolerates: nothing
+    /// more of it is dispatched, and the operations that will now never run count as failed,
+    /// so that `ops_succeeded + ops_failed == ops_total` holds for the failed job too.
+    fn fail_if_beyond_tolerance(&mut self, job_id: &str) -> Result<(), StoreError> {
+        let job = self.job(job_id)?;
+        if job.state.is_none_or(JobState::is_terminal)
+            || !failure_share_exceeded(job.ops_failed, job.ops_total, job.tolerated_failure_percent)
+        {
+            return Ok(());
+        }
+        let (failed, total, tolerated) =
+            (job.ops_failed, job.ops_total, job.tolerated_failure_percent);
+        let not_run = total - job.ops_succeeded - failed;
+        job.ops_failed += not_run;
+        let quoted = self
+            .tx
+            .first_errors(job_id, QUOTED_ERRORS)?
+            .into_iter()
+            .map(|(index, error)| format!("[{index}] {error}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let mut error =
+            format!("{failed} of {total} operations failed, more than the {tolerated}% tolerated");
+        if not_run > 0 {
+            error.push_str(&format!(
+                "; the {not_run} operations not yet run were cancelled and count as failed"
+            ));
+        }
+        error.push_str(&format!("; first errors: {quoted}"));
+        self.job(job_id)?.error = Some(error);
+        self.transition(job_id, JobState::Failed)?;
+        if not_run > 0 {
+            self.effects.settled.push(SplitterInput::Halt {
+                job_id: job_id.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Ends a job whose every operation is counted and whose failures stayed within the share
+    /// it tolerates.
     fn complete_if_counted(&mut self, job_id: &str) -> Result<(), StoreError> {
         let job = self.job(job_id)?;
         let Some(state) = job.state else {
@@ -213,17 +281,8 @@ impl Fold<'_> {
         if state.is_terminal() || job.ops_succeeded + job.ops_failed < job.ops_total {
             return Ok(());
         }
-        let exceeded =
-            failure_share_exceeded(job.ops_failed, job.ops_total, job.tolerated_failure_percent);
-        if exceeded {
-            job.error = Some(format!(
-                "{} of {} operations failed, more than the {}% tolerated",
-                job.ops_failed, job.ops_total, job.tolerated_failure_percent
-            ));
-            self.transition(job_id, JobState::Failed)
-        } else {
-            self.transition(job_id, JobState::Succeeded)
-        }
+        self.fail_if_beyond_tolerance(job_id)?;
+        self.transition(job_id, JobState::Succeeded)
     }
 }
 
@@ -259,6 +318,140 @@ fn outcomes(report: &FragmentReport, done: u32) -> Vec<Outcome> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{ReducerStore, SqliteStore};
+    use common::wire::{Failure, Indices};
+
+    fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(&dir.path().join("r.db")).expect("store");
+        (dir, store)
+    }
+
+    fn accepted(ops_total: u64, max_attempts: u32, tolerated: f64) -> ReducerInput {
+        ReducerInput::Accepted {
+            job_id: "j".into(),
+            operation: "op".into(),
+            ops_total,
+            submitted_at_ms: 1,
+            collect_results: true,
+            tolerated_failure_percent: tolerated,
+            max_attempts,
+        }
+    }
+
+    /// A report of fragment `fragment` over `indices`, all run, failing at `failed` offsets.
+    fn report(fragment: u64, attempt: u32, indices: Indices, failed: &[u32]) -> ReducerInput {
+        let done = indices.len() as u32;
+        ReducerInput::Fragment(FragmentReport {
+            job_id: "j".into(),
+            fragment,
+            operation: "op".into(),
+            attempt,
+            worker: "w".into(),
+            indices,
+            done,
+            failures: failed
+                .iter()
+                .map(|&offset| Failure {
+                    offset,
+                    error: format!("boom {offset}"),
+                })
+                .collect(),
+            results: (0..done).map(Value::from).collect(),
+            cut: None,
+            started_at_ms: 2,
+            elapsed_us: 10,
+        })
+    }
+
+    fn job(store: &mut SqliteStore) -> JobRecord {
+        store
+            .transaction(|tx| tx.job("j"))
+            .expect("read")
+            .expect("job")
+    }
+
+    fn settled(effects: &Effects) -> Vec<(u64, u32, Vec<u64>)> {
+        effects
+            .settled
+            .iter()
+            .filter_map(|s| match s {
+                SplitterInput::Settled(s) => Some((s.fragment, s.done, s.retry.clone())),
+                SplitterInput::Halt { .. } => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_redelivered_report_counts_once_and_settles_the_same() {
+        let (_dir, mut store) = store();
+        let apply = |store: &mut SqliteStore, inputs| {
+            store.transaction(|tx| apply(tx, inputs, 5)).expect("apply")
+        };
+        apply(&mut store, vec![accepted(4, 3, 100.0)]);
+        let first = apply(&mut store, vec![report(0, 1, Indices::Span(0, 2), &[1])]);
+        // The same fragment again, as another worker ran it after a crash: other outcomes.
+        let again = apply(&mut store, vec![report(0, 1, Indices::Span(0, 2), &[])]);
+        assert_eq!(settled(&first), vec![(0, 2, vec![1])]);
+        assert_eq!(settled(&again), settled(&first));
+        let job = job(&mut store);
+        assert_eq!(
+            (job.ops_succeeded, job.ops_failed, job.fragments_done),
+            (1, 0, 1)
+        );
+    }
+
+    #[test]
+    fn only_the_last_attempt_counts_a_failure() {
+        let (_dir, mut store) = store();
+        let mut run = |inputs| store.transaction(|tx| apply(tx, inputs, 5)).expect("apply");
+        run(vec![accepted(3, 2, 100.0)]);
+        run(vec![report(0, 1, Indices::Span(0, 3), &[0, 2])]);
+        // The retry fragment: index 0 fails again (final), index 2 succeeds.
+        let effects = run(vec![report(1, 2, Indices::List(vec![0, 2]), &[0])]);
+        assert_eq!(settled(&effects), vec![(1, 2, vec![])]);
+        let job = job(&mut store);
+        assert_eq!(job.state, Some(JobState::Succeeded));
+        assert_eq!((job.ops_succeeded, job.ops_failed), (2, 1));
+    }
+
+    #[test]
+    fn exceeding_the_tolerated_share_fails_at_once_and_halts_dispatch() {
+        let (_dir, mut store) = store();
+        let mut run = |inputs| store.transaction(|tx| apply(tx, inputs, 5)).expect("apply");
+        run(vec![accepted(100, 1, 10.0)]);
+        run(vec![report(
+            0,
+            1,
+            Indices::Span(0, 10),
+            &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+        )]);
+        let effects = run(vec![report(1, 1, Indices::Span(10, 11), &[0])]);
+        assert!(
+            effects
+                .settled
+                .contains(&SplitterInput::Halt { job_id: "j".into() }),
+            "{:?}",
+            effects.settled
+        );
+        let job = job(&mut store);
+        assert_eq!(job.state, Some(JobState::Failed));
+        // 11 ran and failed; the 89 never run count as failed too.
+        assert_eq!((job.ops_succeeded, job.ops_failed), (0, 100));
+        let error = job.error.unwrap_or_default();
+        assert!(error.starts_with("11 of 100 operations failed"), "{error}");
+        assert!(error.contains("89 operations not yet run"), "{error}");
+        assert!(
+            error.contains("[0] boom 0; [1] boom 1; [2] boom 2"),
+            "{error}"
+        );
+        // A late report of the failed job changes no count.
+        store
+            .transaction(|tx| apply(tx, vec![report(2, 1, Indices::Span(11, 12), &[])], 6))
+            .expect("apply");
+        let job = super::tests::job(&mut store);
+        assert_eq!((job.ops_succeeded, job.ops_failed), (0, 100));
+    }
 
     #[test]
     fn failure_share() {

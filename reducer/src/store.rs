@@ -44,6 +44,8 @@ pub struct JobRecord {
     pub error: Option<String>,
     pub collect_results: bool,
     pub tolerated_failure_percent: f64,
+    /// Attempts per operation before a failure is final (1 until the accept arrives).
+    pub max_attempts: u32,
 }
 
 impl JobRecord {
@@ -64,6 +66,7 @@ impl JobRecord {
             error: None,
             collect_results: true,
             tolerated_failure_percent: 0.0,
+            max_attempts: 1,
         }
     }
 
@@ -102,15 +105,26 @@ pub struct Outcome {
 pub trait ReducerTx {
     fn job(&mut self, job_id: &str) -> Result<Option<JobRecord>, StoreError>;
     fn put_job(&mut self, job: &JobRecord) -> Result<(), StoreError>;
-    /// Records a fragment's outcome the first time; returns the `done` recorded for it, and
-    /// whether this call was the first.
+    /// Records a fragment's outcome the first time; returns what was recorded for it (which
+    /// is `recorded` itself when this call was the first), and whether this call was the first.
     fn record_fragment(
         &mut self,
         job_id: &str,
         fragment: u64,
-        done: u32,
-    ) -> Result<(u32, bool), StoreError>;
+        recorded: &RecordedFragment,
+    ) -> Result<(RecordedFragment, bool), StoreError>;
     fn put_outcomes(&mut self, job_id: &str, outcomes: &[Outcome]) -> Result<(), StoreError>;
+    /// The first `limit` failed operations of a job, by index.
+    fn first_errors(&mut self, job_id: &str, limit: u32) -> Result<Vec<(u64, String)>, StoreError>;
+}
+
+/// What the reducer keeps of a fragment's first report: enough to settle it again, the same
+/// way, when the report is redelivered.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RecordedFragment {
+    pub done: u32,
+    /// Indices to run again (failed on a non-final attempt).
+    pub retry: Vec<u64>,
 }
 
 pub trait ReducerStore: Send + 'static {
@@ -151,7 +165,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at_ms INTEGER,
     error TEXT,
     collect_results INTEGER NOT NULL,
-    tolerated_failure_percent REAL NOT NULL
+    tolerated_failure_percent REAL NOT NULL,
+    max_attempts INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
 CREATE INDEX IF NOT EXISTS jobs_by_submitted ON jobs (submitted_at_ms);
@@ -159,6 +174,7 @@ CREATE TABLE IF NOT EXISTS fragments (
     job_id TEXT NOT NULL,
     fragment INTEGER NOT NULL,
     done INTEGER NOT NULL,
+    retry TEXT NOT NULL,
     PRIMARY KEY (job_id, fragment)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS results (
@@ -172,7 +188,7 @@ CREATE TABLE IF NOT EXISTS results (
 
 const JOB_COLUMNS: &str = "job_id, state, operation, ops_total, ops_succeeded, ops_failed,
     fragments_done, fragments_in_flight, progress_seq, submitted_at_ms, started_at_ms,
-    finished_at_ms, error, collect_results, tolerated_failure_percent";
+    finished_at_ms, error, collect_results, tolerated_failure_percent, max_attempts";
 
 fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(JobRecord, Option<String>)> {
     Ok((
@@ -192,6 +208,7 @@ fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(JobRecord, Option<St
             error: r.get(12)?,
             collect_results: r.get(13)?,
             tolerated_failure_percent: r.get(14)?,
+            max_attempts: r.get(15)?,
         },
         r.get(1)?,
     ))
@@ -205,6 +222,10 @@ fn with_state((mut job, state): (JobRecord, Option<String>)) -> Result<JobRecord
         ),
     };
     Ok(job)
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 fn to_i64(v: u64) -> i64 {
@@ -272,7 +293,7 @@ impl ReducerTx for SqliteTx<'_> {
         self.tx
             .prepare_cached(&format!(
                 "INSERT OR REPLACE INTO jobs ({JOB_COLUMNS})
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
             ))?
             .execute(params![
                 job.job_id,
@@ -290,6 +311,7 @@ impl ReducerTx for SqliteTx<'_> {
                 job.error,
                 job.collect_results,
                 job.tolerated_failure_percent,
+                job.max_attempts,
             ])?;
         Ok(())
     }
@@ -298,22 +320,43 @@ impl ReducerTx for SqliteTx<'_> {
         &mut self,
         job_id: &str,
         fragment: u64,
-        done: u32,
-    ) -> Result<(u32, bool), StoreError> {
+        recorded: &RecordedFragment,
+    ) -> Result<(RecordedFragment, bool), StoreError> {
         let inserted = self
             .tx
             .prepare_cached(
-                "INSERT OR IGNORE INTO fragments (job_id, fragment, done) VALUES (?1, ?2, ?3)",
+                "INSERT OR IGNORE INTO fragments (job_id, fragment, done, retry)
+                 VALUES (?1, ?2, ?3, ?4)",
             )?
-            .execute(params![job_id, to_i64(fragment), done])?;
+            .execute(params![
+                job_id,
+                to_i64(fragment),
+                recorded.done,
+                encode(&recorded.retry)?
+            ])?;
         if inserted == 1 {
-            return Ok((done, true));
+            return Ok((recorded.clone(), true));
         }
-        let recorded: u32 = self
+        let (done, retry): (u32, String) = self
             .tx
-            .prepare_cached("SELECT done FROM fragments WHERE job_id = ?1 AND fragment = ?2")?
-            .query_row(params![job_id, to_i64(fragment)], |r| r.get(0))?;
-        Ok((recorded, false))
+            .prepare_cached(
+                "SELECT done, retry FROM fragments WHERE job_id = ?1 AND fragment = ?2",
+            )?
+            .query_row(params![job_id, to_i64(fragment)], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+        let retry = serde_json::from_str(&retry).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        Ok((RecordedFragment { done, retry }, false))
+    }
+
+    fn first_errors(&mut self, job_id: &str, limit: u32) -> Result<Vec<(u64, String)>, StoreError> {
+        let mut query = self.tx.prepare_cached(
+            "SELECT idx, value FROM results WHERE job_id = ?1 AND ok = 0 ORDER BY idx LIMIT ?2",
+        )?;
+        let rows = query.query_map(params![job_id, limit], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn put_outcomes(&mut self, job_id: &str, outcomes: &[Outcome]) -> Result<(), StoreError> {

@@ -6,7 +6,7 @@ use common::lapin::BasicProperties;
 use common::lapin::message::Delivery;
 use common::lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use common::topology::{KEY_CANCEL, KEY_SUBMIT};
-use common::wire::Settled;
+use common::wire::SplitterInput;
 
 use crate::window::{Command, DeadCopy};
 
@@ -53,8 +53,9 @@ pub fn job_command(delivery: &Delivery, limits: ParseLimits, at_ms: i64) -> Comm
 
 /// Decodes a settlement from `{ns}.splitter`; a message that is not one becomes a dead copy.
 pub fn settled(delivery: &Delivery) -> Command {
-    match serde_json::from_slice::<Settled>(&delivery.data) {
-        Ok(settled) => Command::Settle(settled),
+    match serde_json::from_slice::<SplitterInput>(&delivery.data) {
+        Ok(SplitterInput::Settled(settled)) => Command::Settle(settled),
+        Ok(SplitterInput::Halt { job_id }) => Command::Halt { job_id },
         Err(e) => Command::Dead(dead_copy(delivery, &format!("not a settlement: {e}"))),
     }
 }

@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use common::broker::{json_properties, transient_json_properties};
 use common::jobspec::{JobInput, JobSpec, Rejection};
 use common::lapin::BasicProperties;
-use common::topology::{KEY_REDUCER, Names};
+use common::lapin::types::ShortString;
+use common::topology::{KEY_REDUCER, Names, retry_delay_ms};
 use common::wire::{Control, Fragment, Indices, Payload, ReducerInput, Settled};
 use serde_json::{Map, Value};
 
@@ -35,6 +36,10 @@ pub enum Command {
         job_id: String,
     },
     Settle(Settled),
+    /// The reducer ended the job early (too many failures): release nothing more of it.
+    Halt {
+        job_id: String,
+    },
     /// A message that is not for us in any usable way: keep it on `{ns}.dead`.
     Dead(DeadCopy),
 }
@@ -84,6 +89,7 @@ pub fn apply(
             } => batch.reject(rejection, dead, at_ms)?,
             Command::Cancel { job_id } => batch.cancel(&job_id)?,
             Command::Settle(settled) => batch.settle(settled)?,
+            Command::Halt { job_id } => batch.halt(&job_id)?,
             Command::Dead(dead) => batch.dead(dead)?,
         }
     }
@@ -174,6 +180,7 @@ impl Batch<'_> {
             submitted_at_ms: at_ms,
             collect_results: job.collect_results,
             tolerated_failure_percent: spec.tolerated_failure_percent,
+            max_attempts: spec.max_attempts,
         })?;
         tracing::info!(job_id = %job.job_id, ops_total, fragment_size, "job accepted");
         self.jobs.insert(job.job_id.clone(), (job, true));
@@ -243,6 +250,18 @@ impl Batch<'_> {
         self.broadcast_cancel(job_id)
     }
 
+    fn halt(&mut self, job_id: &str) -> Result<(), StoreError> {
+        let Some((job, _)) = self.load(job_id)? else {
+            return Err(StoreError::Corrupt(format!("halt of unknown job {job_id}")));
+        };
+        if job.state != DispatchState::Active {
+            return Ok(());
+        }
+        job.state = DispatchState::Cancelling;
+        tracing::info!(%job_id, in_flight = job.in_flight, "job failed; draining");
+        self.broadcast_cancel(job_id)
+    }
+
     /// Tells every connected worker to drop `job_id`'s fragments. Transient and unconfirmed
     /// by design: a worker that missed it is told again when one of the job's fragments settles.
     fn broadcast_cancel(&mut self, job_id: &str) -> Result<(), StoreError> {
@@ -274,12 +293,20 @@ impl Batch<'_> {
         *changed = true;
         let remind = job.state == DispatchState::Cancelling && job.in_flight > 0;
         let done = settled.done as usize;
-        if done < fragment.indices.len() && job.state == DispatchState::Active {
-            // The fragment stopped early (lifespan, a worker shutting down): what it did not
-            // run continues as a new fragment of its own.
-            let remainder = fragment.indices.tail(done);
+        if job.state == DispatchState::Active {
             let mut job = job.clone();
-            self.release(&mut job, remainder, fragment.attempt)?;
+            if done < fragment.indices.len() {
+                // The fragment stopped early (lifespan, a worker shutting down): what it did
+                // not run continues as a new fragment of its own, at once.
+                let remainder = fragment.indices.tail(done);
+                self.release(&mut job, remainder, fragment.attempt, None)?;
+            }
+            if !settled.retry.is_empty() {
+                // Operations that failed on a non-final attempt run again after a backoff.
+                let attempt = fragment.attempt + 1;
+                let delay = jittered(retry_delay_ms(attempt));
+                self.release(&mut job, Indices::List(settled.retry), attempt, Some(delay))?;
+            }
             self.jobs.insert(job.job_id.clone(), (job, true));
         }
         if remind {
@@ -290,12 +317,14 @@ impl Batch<'_> {
         Ok(())
     }
 
-    /// Records `indices` as a new fragment of `job` and queues its message.
+    /// Records `indices` as a new fragment of `job` and queues its message: to the work queue,
+    /// or to wait `delay` (ms, a retry's backoff) in the retry queue of its backoff step.
     fn release(
         &mut self,
         job: &mut JobRow,
         indices: Indices,
         attempt: u32,
+        delay: Option<u64>,
     ) -> Result<(), StoreError> {
         let row = FragmentRow {
             job_id: job.job_id.clone(),
@@ -323,12 +352,20 @@ impl Batch<'_> {
             collect_results: job.collect_results,
         };
         self.tx.insert_fragment(&row)?;
-        let exchange = self.names.work();
+        let (exchange, properties) = match delay {
+            None => (self.names.work(), json_properties()),
+            Some(delay_ms) => (
+                self.names.retry(retry_delay_ms(attempt)),
+                json_properties().with_expiration(ShortString::from(delay_ms.to_string())),
+            ),
+        };
+        // The routing key is the operation either way: a retry fragment keeps it when it
+        // expires from its retry queue into the work exchange.
         self.push(
             exchange,
             job.operation.clone(),
             encode(&message)?,
-            json_properties(),
+            properties,
             true,
         )
     }
@@ -349,7 +386,7 @@ impl Batch<'_> {
                             .min(job.ops_total);
                         let indices = Indices::Span(job.cursor, end);
                         job.cursor = end;
-                        self.release(&mut job, indices, 1)?;
+                        self.release(&mut job, indices, 1, None)?;
                         changed = true;
                     }
                     if job.cursor >= job.ops_total && job.in_flight == 0 {
@@ -377,6 +414,12 @@ impl Batch<'_> {
         }
         Ok(())
     }
+}
+
+/// `delay_ms` plus up to half of it, so retries of many fragments that failed together do not
+/// all come back at the same instant.
+fn jittered(delay_ms: u64) -> u64 {
+    delay_ms + rand::random_range(0..=delay_ms / 2)
 }
 
 fn encode<T: serde::Serialize>(message: &T) -> Result<Vec<u8>, StoreError> {

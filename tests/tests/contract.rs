@@ -149,7 +149,6 @@ fn attempts(dir: &Path, item: u64) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "max_attempts is not implemented: a failed operation is never retried (see the test report)"]
 async fn failed_operations_are_retried_up_to_max_attempts() -> Result<()> {
     let mut env = TestEnv::new("retry").await?;
     env.start_spine(2)?;
@@ -194,7 +193,6 @@ async fn failed_operations_are_retried_up_to_max_attempts() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the failure threshold is only checked once every operation ran (see the test report)"]
 async fn job_fails_as_soon_as_failures_exceed_the_tolerated_share() -> Result<()> {
     let mut env = TestEnv::new("fail-fast").await?;
     env.start_spine(1)?;
