@@ -179,6 +179,9 @@ pub struct Settled {
     /// splitter runs them again, in a retry fragment, after a backoff.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retry: Vec<u64>,
+    /// How long the fragment ran, for sizing the job's next fragments.
+    #[serde(default)]
+    pub elapsed_us: u64,
 }
 
 /// What the reducer tells the splitter, on `{ns}.splitter`.

@@ -185,6 +185,7 @@ impl Fold<'_> {
             fragment: report.fragment,
             done: recorded.done,
             retry: recorded.retry,
+            elapsed_us: report.elapsed_us,
         }));
         if !first {
             return Ok(());

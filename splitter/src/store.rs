@@ -80,6 +80,10 @@ pub struct JobRow {
     pub in_flight: u64,
     /// Orders the progress notes sent to the reducer.
     pub progress_seq: u64,
+    /// Whether batchq sizes the fragments (the JobSpec gave no `fragment_size`).
+    pub adaptive: bool,
+    /// Observed cost of one operation, in nanoseconds (a moving average over fragments).
+    pub op_cost_ns: Option<u64>,
 }
 
 /// A fragment that is out: released and not yet settled.
@@ -158,7 +162,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     cursor INTEGER NOT NULL,
     next_fragment INTEGER NOT NULL,
     in_flight INTEGER NOT NULL,
-    progress_seq INTEGER NOT NULL
+    progress_seq INTEGER NOT NULL,
+    adaptive INTEGER NOT NULL,
+    op_cost_ns INTEGER
 );
 CREATE TABLE IF NOT EXISTS items (
     job_id TEXT NOT NULL,
@@ -219,7 +225,7 @@ impl SplitterTx for SqliteTx<'_> {
             .prepare_cached(
                 "SELECT state, operation, params, range_base, ops_total, fragment_size,
                         max_concurrent, lifespan_ms, max_attempts, collect_results, cursor,
-                        next_fragment, in_flight, progress_seq
+                        next_fragment, in_flight, progress_seq, adaptive, op_cost_ns
                  FROM jobs WHERE job_id = ?1",
             )?
             .query_row([job_id], |r| {
@@ -241,6 +247,8 @@ impl SplitterTx for SqliteTx<'_> {
                         next_fragment: r.get::<_, i64>(11)? as u64,
                         in_flight: r.get::<_, i64>(12)? as u64,
                         progress_seq: r.get::<_, i64>(13)? as u64,
+                        adaptive: r.get(14)?,
+                        op_cost_ns: r.get::<_, Option<i64>>(15)?.map(|v| v as u64),
                     },
                 ))
             })
@@ -259,8 +267,9 @@ impl SplitterTx for SqliteTx<'_> {
             .prepare_cached(
                 "INSERT INTO jobs (job_id, state, operation, params, range_base, ops_total,
                     fragment_size, max_concurrent, lifespan_ms, max_attempts, collect_results,
-                    cursor, next_fragment, in_flight, progress_seq)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                    cursor, next_fragment, in_flight, progress_seq, adaptive, op_cost_ns)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
+                    ?17)",
             )?
             .execute(params![
                 job.job_id,
@@ -278,6 +287,8 @@ impl SplitterTx for SqliteTx<'_> {
                 to_i64(job.next_fragment),
                 to_i64(job.in_flight),
                 to_i64(job.progress_seq),
+                job.adaptive,
+                job.op_cost_ns.map(to_i64),
             ])?;
         Ok(())
     }
@@ -286,7 +297,7 @@ impl SplitterTx for SqliteTx<'_> {
         self.tx
             .prepare_cached(
                 "UPDATE jobs SET state = ?2, cursor = ?3, next_fragment = ?4, in_flight = ?5,
-                    progress_seq = ?6, fragment_size = ?7
+                    progress_seq = ?6, fragment_size = ?7, op_cost_ns = ?8
                  WHERE job_id = ?1",
             )?
             .execute(params![
@@ -297,6 +308,7 @@ impl SplitterTx for SqliteTx<'_> {
                 to_i64(job.in_flight),
                 to_i64(job.progress_seq),
                 job.fragment_size,
+                job.op_cost_ns.map(to_i64),
             ])?;
         Ok(())
     }

@@ -17,8 +17,13 @@ use serde_json::{Map, Value};
 
 use crate::store::{DispatchState, FragmentRow, JobRow, OutboxMessage, SplitterTx, StoreError};
 
-/// Most operations in one fragment when the JobSpec gives no `fragment_size`.
-pub const MAX_DEFAULT_FRAGMENT_SIZE: u64 = 1000;
+/// Most operations in one fragment when the JobSpec gives no `fragment_size`: bounds the
+/// size of a fragment's messages (its items, its report with results).
+pub const MAX_DEFAULT_FRAGMENT_SIZE: u64 = 10_000;
+
+/// Operations in a job's first fragments when the JobSpec gives no `fragment_size` and
+/// nothing is known yet of what an operation costs.
+pub const FIRST_FRAGMENT_SIZE: u64 = 8;
 
 /// One thing the splitter was told, decoded from a delivery.
 #[derive(Debug)]
@@ -52,13 +57,44 @@ pub struct DeadCopy {
     pub properties: BasicProperties,
 }
 
-/// Chooses a fragment size when the job gave none: enough fragments to fill the job's window
-/// several times over (so work spreads over the fleet), at most [`MAX_DEFAULT_FRAGMENT_SIZE`].
-pub fn default_fragment_size(ops_total: u64, max_concurrent: u32) -> u32 {
-    let spread = u64::from(max_concurrent).saturating_mul(8).max(1);
-    ops_total
-        .div_ceil(spread)
+/// The largest fragment that still lets a job fill its window: a job is cut into at least
+/// `max_concurrent` fragments, so its work spreads over the fleet.
+fn spread_size(ops_total: u64, max_concurrent: u32) -> u64 {
+    ops_total.div_ceil(u64::from(max_concurrent).max(1)).max(1)
+}
+
+/// The size of a job's first fragments when the JobSpec gave none: small, until the cost of
+/// an operation is known.
+pub fn first_fragment_size(ops_total: u64, max_concurrent: u32) -> u32 {
+    spread_size(ops_total, max_concurrent).clamp(1, FIRST_FRAGMENT_SIZE) as u32
+}
+
+/// The size that makes a fragment run for about half its lifespan at `op_cost_ns` per
+/// operation, within `[1, MAX_DEFAULT_FRAGMENT_SIZE]` and no larger than lets the job fill its
+/// window. Half, so a fragment ends well before its lifespan even when operations vary.
+pub fn fragment_size_for_cost(
+    op_cost_ns: u64,
+    lifespan_ms: u64,
+    ops_total: u64,
+    max_concurrent: u32,
+) -> u32 {
+    let target_ns = lifespan_ms.saturating_mul(1_000_000) / 2;
+    (target_ns / op_cost_ns.max(1))
+        .min(spread_size(ops_total, max_concurrent))
         .clamp(1, MAX_DEFAULT_FRAGMENT_SIZE) as u32
+}
+
+/// Folds one fragment's observed cost per operation into the job's moving average (the new
+/// observation weighs one half, so the size converges within a few fragments).
+fn observe_cost(previous_ns: Option<u64>, elapsed_us: u64, done: u32) -> Option<u64> {
+    if done == 0 || elapsed_us == 0 {
+        return previous_ns;
+    }
+    let observed = elapsed_us.saturating_mul(1000) / u64::from(done);
+    Some(match previous_ns {
+        Some(previous) => (previous + observed) / 2,
+        None => observed,
+    })
 }
 
 struct Batch<'a> {
@@ -146,7 +182,7 @@ impl Batch<'_> {
         let ops_total = spec.input.len();
         let fragment_size = spec
             .fragment_size
-            .unwrap_or_else(|| default_fragment_size(ops_total, spec.max_concurrent_fragments));
+            .unwrap_or_else(|| first_fragment_size(ops_total, spec.max_concurrent_fragments));
         let (range_base, items) = match spec.input {
             JobInput::Range { start, .. } => (Some(start), None),
             JobInput::Items(items) => (None, Some(items)),
@@ -168,6 +204,8 @@ impl Batch<'_> {
             next_fragment: 0,
             in_flight: 0,
             progress_seq: 0,
+            adaptive: spec.fragment_size.is_none(),
+            op_cost_ns: None,
         };
         self.tx.insert_job(&job)?;
         if let Some(items) = items {
@@ -211,6 +249,8 @@ impl Batch<'_> {
                 next_fragment: 0,
                 in_flight: 0,
                 progress_seq: 0,
+                adaptive: false,
+                op_cost_ns: None,
             };
             self.tx.insert_job(&job)?;
             self.jobs.insert(job.job_id.clone(), (job, false));
@@ -291,6 +331,17 @@ impl Batch<'_> {
         };
         job.in_flight = job.in_flight.saturating_sub(1);
         *changed = true;
+        if job.adaptive {
+            job.op_cost_ns = observe_cost(job.op_cost_ns, settled.elapsed_us, settled.done);
+            if let Some(cost) = job.op_cost_ns {
+                job.fragment_size = fragment_size_for_cost(
+                    cost,
+                    job.lifespan_ms,
+                    job.ops_total,
+                    job.max_concurrent,
+                );
+            }
+        }
         let remind = job.state == DispatchState::Cancelling && job.in_flight > 0;
         let done = settled.done as usize;
         if job.state == DispatchState::Active {
@@ -431,10 +482,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn default_size_spreads_and_caps() {
-        assert_eq!(default_fragment_size(0, 16), 1);
-        assert_eq!(default_fragment_size(100, 16), 1);
-        assert_eq!(default_fragment_size(1280, 16), 10);
-        assert_eq!(default_fragment_size(1_000_000, 16), 1000);
+    fn first_fragments_are_small() {
+        assert_eq!(first_fragment_size(0, 16), 1);
+        assert_eq!(first_fragment_size(20, 16), 2);
+        assert_eq!(first_fragment_size(1_000_000, 16), 8);
+    }
+
+    #[test]
+    fn size_fills_half_a_lifespan() {
+        // 2 ms per operation, 60 s lifespan: 30 s / 2 ms = 15,000, capped.
+        assert_eq!(
+            fragment_size_for_cost(2_000_000, 60_000, 10_000_000, 16),
+            10_000
+        );
+        // 20 ms per operation, 1 s lifespan: 500 ms / 20 ms = 25.
+        assert_eq!(fragment_size_for_cost(20_000_000, 1_000, 1_000_000, 16), 25);
+        // Slower than half a lifespan: one operation per fragment.
+        assert_eq!(fragment_size_for_cost(5_000_000_000, 1_000, 1_000, 16), 1);
+        // Never so large that the job cannot fill its window of 4.
+        assert_eq!(fragment_size_for_cost(1_000, 60_000, 100, 4), 25);
+    }
+
+    #[test]
+    fn cost_converges_on_what_is_observed() {
+        assert_eq!(observe_cost(None, 0, 0), None);
+        let mut cost = observe_cost(None, 8_000, 8); // 1 ms per operation
+        assert_eq!(cost, Some(1_000_000));
+        // The true cost is 20 ms: within a few fragments the estimate is within 10 %.
+        for _ in 0..4 {
+            cost = observe_cost(cost, 500_000, 25);
+        }
+        let cost = cost.unwrap_or_default();
+        assert!((18_000_000..=20_000_000).contains(&cost), "{cost}");
     }
 }

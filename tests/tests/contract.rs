@@ -100,6 +100,36 @@ async fn fragments_stop_at_their_lifespan_and_continue() -> Result<()> {
     env.finish().await
 }
 
+/// Without `fragment_size`, the first fragments are small and later ones fill about half a
+/// lifespan at the operation cost the splitter observes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fragments_are_sized_from_observed_cost() -> Result<()> {
+    let mut env = TestEnv::new("sizing").await?;
+    env.start_spine(1)?;
+    // 5 ms operations and a 400 ms lifespan: fragments converge on about 200 / 5 = 40
+    // operations, after a first one of 8.
+    let job_id = env
+        .submit(&json!({
+            "job_id": env.job_id("sizing"),
+            "operation": "sleep",
+            "params": {"ms": 5},
+            "range": {"start": 0, "end": 400},
+            "max_concurrent_fragments": 1,
+            "lifespan_ms": 400,
+        }))
+        .await?;
+    let status = env.wait_for_terminal(&job_id, JOB_TIMEOUT).await?;
+    assert_counts(&status, JobState::Succeeded, 400, 0);
+    eprintln!("{} fragments for 400 operations", status.fragments_done);
+    // Fixed at the first size it would take 50 fragments; at the ideal size, 1 + 392 / 40 ≈ 11.
+    // Operations take a little longer than 5 ms, so allow some fragments more.
+    assert!(
+        (10..=20).contains(&status.fragments_done),
+        "fragments sized from cost: {status:?}"
+    );
+    env.finish().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_are_not_kept_unless_collected() -> Result<()> {
     let mut env = TestEnv::new("no-collect").await?;
