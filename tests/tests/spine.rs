@@ -209,6 +209,7 @@ fn exec_spec(job_id: &str, tolerated: f64) -> Value {
         "range": {"start": 0, "end": 12},
         "fragment_size": 2,
         "max_concurrent_fragments": 6,
+        "max_attempts": 1,
         "tolerated_failure_percent": tolerated,
     })
 }
@@ -240,11 +241,27 @@ async fn exec_failures_fail_the_job_unless_tolerated() -> Result<()> {
     let strict = env.submit(&exec_spec(&env.job_id("strict"), 0.0)).await?;
     let lenient = env.submit(&exec_spec(&env.job_id("lenient"), 50.0)).await?;
 
-    // 0, 3, 6 and 9 fail: 4 of 12, a third.
+    // 0, 3, 6 and 9 fail: 4 of 12, a third. Tolerating none, the job fails at its first
+    // failure; what did not run by then counts as failed too.
     let status = env.wait_for_terminal(&strict, JOB_TIMEOUT).await?;
-    assert_counts(&status, JobState::Failed, 8, 4);
-    assert!(status.error.is_some(), "a failed job says why: {status:?}");
-    check_exec_results(&env.results(&strict).await?);
+    assert_eq!(status.state, JobState::Failed, "{status:?}");
+    assert_eq!(status.ops_succeeded + status.ops_failed, 12, "{status:?}");
+    assert!(status.ops_succeeded <= 8, "{status:?}");
+    let error = status.error.as_deref().unwrap_or_default();
+    assert!(
+        error.contains("more than the 0% tolerated") && error.contains("exited with status 1"),
+        "a failed job says why: {error}"
+    );
+    let results = env.results(&strict).await?;
+    assert!(
+        results.iter().any(|l| matches!(l, ResultLine::Err { .. })),
+        "{results:?}"
+    );
+    for line in &results {
+        if let ResultLine::Err { error, .. } = line {
+            assert!(error.ends_with(&format!("bad {}", line.index())), "{error}");
+        }
+    }
 
     let status = env.wait_for_terminal(&lenient, JOB_TIMEOUT).await?;
     assert_counts(&status, JobState::Succeeded, 8, 4);
