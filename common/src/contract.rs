@@ -19,6 +19,15 @@ pub enum JobState {
 }
 
 impl JobState {
+    pub const ALL: [JobState; 6] = [
+        JobState::Accepted,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+        JobState::Rejected,
+    ];
+
     pub fn is_terminal(self) -> bool {
         matches!(
             self,

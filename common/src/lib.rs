@@ -7,6 +7,7 @@ pub mod config;
 pub mod consume;
 pub mod contract;
 pub mod jobspec;
+pub mod measure;
 pub mod rpc;
 pub mod shutdown;
 pub mod supervise;

@@ -133,9 +133,14 @@ pub struct FragmentReport {
     pub cut: Option<Cut>,
     pub started_at_ms: i64,
     pub elapsed_us: u64,
+    /// Durations and the operations' own metrics.
+    #[serde(default)]
+    pub measurements: crate::measure::FragmentMeasurements,
 }
 
 /// Everything the reducer consumes from `{ns}.reducer`.
+// One value lives per delivery, briefly: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum ReducerInput {

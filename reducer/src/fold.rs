@@ -11,6 +11,7 @@ use common::contract::{JobState, JobStatus};
 use common::wire::{FragmentReport, ReducerInput, Settled, SplitterInput};
 use serde_json::Value;
 
+use crate::aggregate::Measured;
 use crate::store::{JobRecord, Outcome, RecordedFragment, ReducerTx, StoreError};
 
 /// How many of a failed job's errors its `error` quotes.
@@ -23,8 +24,8 @@ pub struct Effects {
     pub status_changes: Vec<JobStatus>,
     /// Settlements and halts for the splitter.
     pub settled: Vec<SplitterInput>,
-    /// Counts for the metrics: (operation, succeeded, failed) per recorded fragment.
-    pub recorded: Vec<(String, u64, u64)>,
+    /// What each fragment counted in this batch measured, for the Prometheus endpoint.
+    pub measured: Vec<Measured>,
 }
 
 struct Fold<'a> {
@@ -209,9 +210,17 @@ impl Fold<'_> {
         job.ops_failed += failed;
         job.fragments_done += 1;
         self.tx.put_outcomes(&report.job_id, &keep)?;
-        self.effects
-            .recorded
-            .push((report.operation.clone(), succeeded, failed));
+        let measured = Measured {
+            job_id: report.job_id.clone(),
+            operation: report.operation.clone(),
+            worker: report.worker.clone(),
+            ops_succeeded: succeeded,
+            ops_failed: failed,
+            fragment_seconds: report.elapsed_us as f64 / 1e6,
+            measurements: report.measurements.clone(),
+        };
+        self.tx.put_measured(&measured)?;
+        self.effects.measured.push(measured);
         let job = self.job(&report.job_id)?;
         if cancelled {
             // A cancelled job ends at once; fragments that were running when it was cancelled
@@ -362,6 +371,7 @@ mod tests {
             cut: None,
             started_at_ms: 2,
             elapsed_us: 10,
+            measurements: Default::default(),
         })
     }
 

@@ -2,7 +2,9 @@
 //! JobStatus records, settles fragments for the splitter, and answers `batchctl` over the
 //! broker.
 
+pub mod aggregate;
 pub mod fold;
+pub mod monitor;
 pub mod rpc;
 pub mod store;
 
@@ -18,7 +20,7 @@ use common::consume::{ack_batch, consume, next_batch};
 use common::contract::JobStatus;
 use common::lapin::message::Delivery;
 use common::supervise::{Retryable, supervise};
-use common::topology::{KEY_POISON, KEY_SETTLED, Names};
+use common::topology::{KEY_METRICS, KEY_POISON, KEY_SETTLED, Names};
 use common::wire::{Fragment, FragmentReport, Heartbeat, ReducerInput};
 use tokio_util::sync::CancellationToken;
 
@@ -41,6 +43,24 @@ pub struct ReducerConfig {
         default_value = "0.0.0.0:9464"
     )]
     pub metrics_addr: String,
+
+    /// Milliseconds between MetricBatch records on `{ns}.metrics` (one per interval in which
+    /// anything happened).
+    #[arg(
+        long = "metrics-interval-ms",
+        env = "BATCHQ_METRICS_INTERVAL_MS",
+        default_value_t = 10_000,
+        value_parser = clap::value_parser!(u64).range(100..)
+    )]
+    pub metrics_interval_ms: u64,
+
+    /// Seconds a finished job's Prometheus series stay before they are dropped.
+    #[arg(
+        long = "finished-job-series-secs",
+        env = "BATCHQ_FINISHED_JOB_SERIES_SECS",
+        default_value_t = 300
+    )]
+    pub finished_job_series_secs: u64,
 }
 
 impl ReducerConfig {
@@ -49,6 +69,8 @@ impl ReducerConfig {
             broker,
             data_dir: data_dir.into(),
             metrics_addr: "off".to_owned(),
+            metrics_interval_ms: 10_000,
+            finished_job_series_secs: 300,
         }
     }
 
@@ -92,19 +114,31 @@ struct Shared {
     store: Mutex<SqliteStore>,
     path: PathBuf,
     workers: WorkerTable,
+    /// Whether the Prometheus endpoint is served (then queues are polled for its gauges).
+    prometheus: bool,
+    metrics_interval: Duration,
 }
+
+/// How often the queue gauges are refreshed.
+const QUEUE_POLL_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Runs the reducer until `shutdown` fires (or a fault that reconnecting cannot mend).
 pub async fn run(config: ReducerConfig, shutdown: CancellationToken) -> Result<(), ReducerError> {
     let path = config.store_path();
+    let prometheus = config.metrics_addr != "off" && !config.metrics_addr.is_empty();
+    if prometheus {
+        monitor::install(
+            &config.metrics_addr,
+            Duration::from_secs(config.finished_job_series_secs),
+        )?;
+    }
     let shared = Arc::new(Shared {
         store: Mutex::new(SqliteStore::open(&path)?),
         path: path.clone(),
         workers: WorkerTable::default(),
+        prometheus,
+        metrics_interval: Duration::from_millis(config.metrics_interval_ms),
     });
-    if config.metrics_addr != "off" && !config.metrics_addr.is_empty() {
-        install_metrics(&config.metrics_addr)?;
-    }
     let broker = Broker::new(&config.broker, "batchq-reducer")?;
     tracing::info!(store = %path.display(), namespace = %config.broker.namespace, "reducer starting");
     supervise("reducer", &shutdown, || {
@@ -113,16 +147,6 @@ pub async fn run(config: ReducerConfig, shutdown: CancellationToken) -> Result<(
     .await?;
     tracing::info!("reducer stopped");
     Ok(())
-}
-
-fn install_metrics(addr: &str) -> Result<(), ReducerError> {
-    let addr: std::net::SocketAddr = addr
-        .parse()
-        .map_err(|e| ReducerError::Metrics(format!("{addr:?} is not an address: {e}")))?;
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .install()
-        .map_err(|e| ReducerError::Metrics(format!("cannot serve on {addr}: {e}")))
 }
 
 async fn session(
@@ -139,6 +163,7 @@ async fn session(
         r = fold_events(&session, &names, &publisher, shared, &stop) => r,
         r = rpc::serve(&session, &names, shared.path.clone(), Arc::clone(&shared.workers), &stop) => r,
         r = track_workers(&session, &names, Arc::clone(&shared.workers), &stop) => r,
+        r = poll_queues(&session, &names, shared, &stop) => r,
     };
     stop.cancel();
     result
@@ -166,7 +191,9 @@ fn poison_report(fragment: Fragment) -> FragmentReport {
         job_id: fragment.job_id,
         fragment: fragment.fragment,
         operation: fragment.operation,
-        attempt: fragment.attempt,
+        // A fragment that killed its workers again and again is not tried again: its
+        // failures are final, whatever attempt it was.
+        attempt: u32::MAX,
         worker: String::new(),
         indices: fragment.indices,
         done: n,
@@ -180,6 +207,7 @@ fn poison_report(fragment: Fragment) -> FragmentReport {
         cut: None,
         started_at_ms: common::timefmt::now_ms(),
         elapsed_us: 0,
+        measurements: Default::default(),
     }
 }
 
@@ -197,13 +225,23 @@ async fn fold_events(
     let channel = session.consumer_channel(BATCH as u16).await?;
     let mut consumer = consume(&channel, &names.reducer_queue(), "reducer").await?;
     let mut ticker = tokio::time::interval(STATUS_INTERVAL);
+    let mut metric_ticker = tokio::time::interval(shared.metrics_interval);
+    metric_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut interval_start_ms = common::timefmt::now_ms();
     let mut queries = SqliteQueries::open(&shared.path)?;
     loop {
         let batch = tokio::select! {
             _ = ticker.tick() => {
                 let active = queries.active_jobs()?;
+                if shared.prometheus {
+                    monitor::record_jobs(&queries.jobs_by_state()?, &active);
+                }
                 let pending = publish_statuses(publisher, names, &active).await?;
                 common::broker::wait_all(pending).await?;
+                continue;
+            }
+            _ = metric_ticker.tick() => {
+                interval_start_ms = publish_metric_batch(publisher, names, shared, interval_start_ms).await?;
                 continue;
             }
             batch = next_batch(&mut consumer, BATCH, stop) => batch?,
@@ -239,11 +277,17 @@ async fn fold_events(
             store.transaction(|tx| fold::apply(tx, inputs, now))
         })
         .await??;
-        for (operation, succeeded, failed) in &effects.recorded {
-            metrics::counter!("batchq_operations_total", "operation" => operation.clone(), "outcome" => "succeeded").increment(*succeeded);
-            metrics::counter!("batchq_operations_total", "operation" => operation.clone(), "outcome" => "failed").increment(*failed);
-            metrics::counter!("batchq_fragments_total", "operation" => operation.clone())
-                .increment(1);
+        if shared.prometheus {
+            monitor::record(&effects.measured);
+            let ended: Vec<JobStatus> = effects
+                .status_changes
+                .iter()
+                .filter(|s| s.state.is_terminal())
+                .cloned()
+                .collect();
+            if !ended.is_empty() {
+                monitor::record_jobs(&queries.jobs_by_state()?, &ended);
+            }
         }
         let mut pending = publish_statuses(publisher, names, &effects.status_changes).await?;
         for settled in &effects.settled {
@@ -256,6 +300,73 @@ async fn fold_events(
         }
         common::broker::wait_all(pending).await?;
         ack_batch(&batch).await?;
+    }
+}
+
+/// Publishes the pending measurements as one MetricBatch (confirmed), then forgets them.
+/// Returns the start of the next interval.
+async fn publish_metric_batch(
+    publisher: &Publisher,
+    names: &Names,
+    shared: &Arc<Shared>,
+    interval_start_ms: i64,
+) -> Result<i64, ReducerError> {
+    let now = common::timefmt::now_ms();
+    let store_shared = Arc::clone(shared);
+    let sealed = tokio::task::spawn_blocking(move || {
+        let mut store = store_shared.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.transaction(|tx| tx.seal_metric_batch())
+    })
+    .await??;
+    let Some((seq, measured)) = sealed else {
+        return Ok(now);
+    };
+    if let Some(batch) = aggregate::batch(seq, names.namespace(), interval_start_ms, now, &measured)
+    {
+        let body = serde_json::to_vec(&batch).map_err(BrokerError::from)?;
+        publisher
+            .start(&names.metrics(), KEY_METRICS, &body, json_properties())
+            .await?
+            .wait()
+            .await?;
+    }
+    let store_shared = Arc::clone(shared);
+    tokio::task::spawn_blocking(move || {
+        let mut store = store_shared.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.transaction(|tx| tx.metric_batch_published(seq))
+    })
+    .await??;
+    Ok(now)
+}
+
+/// Refreshes the queue and worker gauges of the Prometheus endpoint.
+async fn poll_queues(
+    session: &common::broker::Session,
+    names: &Names,
+    shared: &Arc<Shared>,
+    stop: &CancellationToken,
+) -> Result<(), ReducerError> {
+    if !shared.prometheus {
+        stop.cancelled().await;
+        return Ok(());
+    }
+    let mut queries = SqliteQueries::open(&shared.path)?;
+    let mut ticker = tokio::time::interval(QUEUE_POLL_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = ticker.tick() => {}
+        }
+        let (live, held) = monitor::live_workers(&shared.workers, common::timefmt::now_ms());
+        metrics::gauge!("batchq_workers_live").set(live as f64);
+        let mut operations: std::collections::BTreeSet<String> = held.keys().cloned().collect();
+        operations.extend(
+            queries
+                .active_jobs()?
+                .into_iter()
+                .filter_map(|j| j.operation),
+        );
+        monitor::record_queues(session, names, &operations, &held).await?;
     }
 }
 

@@ -11,6 +11,8 @@ use common::timefmt::format_ms;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde_json::Value;
 
+use crate::aggregate::Measured;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("reducer store: {0}")]
@@ -116,6 +118,14 @@ pub trait ReducerTx {
     fn put_outcomes(&mut self, job_id: &str, outcomes: &[Outcome]) -> Result<(), StoreError>;
     /// The first `limit` failed operations of a job, by index.
     fn first_errors(&mut self, job_id: &str, limit: u32) -> Result<Vec<(u64, String)>, StoreError>;
+    /// Keeps a counted fragment's measurements until they are published in a MetricBatch.
+    fn put_measured(&mut self, measured: &Measured) -> Result<(), StoreError>;
+    /// The next MetricBatch to publish: a batch sealed before (and not confirmed published,
+    /// after a crash) with its own sequence number again, or else every pending measurement
+    /// under a new sequence number. `None` when nothing is pending.
+    fn seal_metric_batch(&mut self) -> Result<Option<(u64, Vec<Measured>)>, StoreError>;
+    /// Forgets the measurements of batch `seq`: the broker confirmed it.
+    fn metric_batch_published(&mut self, seq: u64) -> Result<(), StoreError>;
 }
 
 /// What the reducer keeps of a fragment's first report: enough to settle it again, the same
@@ -147,6 +157,8 @@ pub trait ReducerQueries: Send + 'static {
     ) -> Result<Vec<ResultLine>, StoreError>;
     /// Jobs not yet terminal, for the once-a-second status.
     fn active_jobs(&mut self) -> Result<Vec<JobStatus>, StoreError>;
+    /// How many jobs are in each state (states with none are left out).
+    fn jobs_by_state(&mut self) -> Result<Vec<(JobState, u64)>, StoreError>;
 }
 
 const SCHEMA: &str = "
@@ -176,6 +188,16 @@ CREATE TABLE IF NOT EXISTS fragments (
     done INTEGER NOT NULL,
     retry TEXT NOT NULL,
     PRIMARY KEY (job_id, fragment)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS metrics_pending (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    batch INTEGER,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS metrics_pending_by_batch ON metrics_pending (batch);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS results (
     job_id TEXT NOT NULL,
@@ -349,6 +371,62 @@ impl ReducerTx for SqliteTx<'_> {
         Ok((RecordedFragment { done, retry }, false))
     }
 
+    fn put_measured(&mut self, measured: &Measured) -> Result<(), StoreError> {
+        self.tx
+            .prepare_cached("INSERT INTO metrics_pending (batch, body) VALUES (NULL, ?1)")?
+            .execute([encode(measured)?])?;
+        Ok(())
+    }
+
+    fn seal_metric_batch(&mut self) -> Result<Option<(u64, Vec<Measured>)>, StoreError> {
+        let sealed: Option<i64> = self
+            .tx
+            .prepare_cached("SELECT MIN(batch) FROM metrics_pending WHERE batch IS NOT NULL")?
+            .query_row([], |r| r.get(0))?;
+        let seq = match sealed {
+            Some(seq) => seq,
+            None => {
+                let pending: i64 = self
+                    .tx
+                    .prepare_cached("SELECT COUNT(*) FROM metrics_pending")?
+                    .query_row([], |r| r.get(0))?;
+                if pending == 0 {
+                    return Ok(None);
+                }
+                let seq: i64 = self
+                    .tx
+                    .prepare_cached(
+                        "INSERT INTO meta (key, value) VALUES ('metric_seq', 1)
+                         ON CONFLICT (key) DO UPDATE SET value = value + 1
+                         RETURNING value",
+                    )?
+                    .query_row([], |r| r.get(0))?;
+                self.tx
+                    .prepare_cached("UPDATE metrics_pending SET batch = ?1 WHERE batch IS NULL")?
+                    .execute([seq])?;
+                seq
+            }
+        };
+        let mut query = self
+            .tx
+            .prepare_cached("SELECT body FROM metrics_pending WHERE batch = ?1 ORDER BY id")?;
+        let bodies = query.query_map([seq], |r| r.get::<_, String>(0))?;
+        let mut measured = Vec::new();
+        for body in bodies {
+            measured.push(
+                serde_json::from_str(&body?).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            );
+        }
+        Ok(Some((seq as u64, measured)))
+    }
+
+    fn metric_batch_published(&mut self, seq: u64) -> Result<(), StoreError> {
+        self.tx
+            .prepare_cached("DELETE FROM metrics_pending WHERE batch = ?1")?
+            .execute([to_i64(seq)])?;
+        Ok(())
+    }
+
     fn first_errors(&mut self, job_id: &str, limit: u32) -> Result<Vec<(u64, String)>, StoreError> {
         let mut query = self.tx.prepare_cached(
             "SELECT idx, value FROM results WHERE job_id = ?1 AND ok = 0 ORDER BY idx LIMIT ?2",
@@ -466,5 +544,20 @@ impl ReducerQueries for SqliteQueries {
             &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ('accepted', 'running')"),
             [],
         )
+    }
+
+    fn jobs_by_state(&mut self) -> Result<Vec<(JobState, u64)>, StoreError> {
+        let mut query = self.conn.prepare_cached(
+            "SELECT state, COUNT(*) FROM jobs WHERE state IS NOT NULL GROUP BY state",
+        )?;
+        let rows = query.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut counts = Vec::new();
+        for row in rows {
+            let (state, n) = row?;
+            let state = JobState::parse(&state)
+                .ok_or_else(|| StoreError::Corrupt(format!("unknown job state {state:?}")))?;
+            counts.push((state, n as u64));
+        }
+        Ok(counts)
     }
 }

@@ -272,6 +272,7 @@ mod tests {
             item,
             params,
             attempt: 1,
+            metrics: Box::leak(Box::default()),
         }
     }
 

@@ -3,9 +3,10 @@
 //! their own that registers them and calls [`crate::run`] (see `examples/`).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use common::measure::{Histogram, UserMetrics};
 use serde_json::{Map, Value};
 
 /// One operation's input.
@@ -19,6 +20,50 @@ pub struct OpInput<'a> {
     pub params: &'a Map<String, Value>,
     /// 1 for the first attempt at this operation.
     pub attempt: u32,
+    /// Where the operation records metrics of its own; they reach the reducer's MetricBatch
+    /// records and its Prometheus endpoint.
+    pub metrics: &'a OpMetrics,
+}
+
+/// Counters and histograms an operation records, named by the operation's author. Names
+/// should follow Prometheus conventions (`snake_case`, a unit suffix such as `_bytes` or
+/// `_seconds`); the reducer exports them as `batchq_user_{name}` (counters with `_total`).
+#[derive(Debug, Default)]
+pub struct OpMetrics {
+    recorded: Mutex<UserMetrics>,
+}
+
+impl OpMetrics {
+    /// Adds `n` to the counter `name`.
+    pub fn counter(&self, name: &str, n: u64) {
+        let mut recorded = self.recorded.lock().unwrap_or_else(|p| p.into_inner());
+        match recorded.counters.get_mut(name) {
+            Some(count) => *count += n,
+            None => {
+                recorded.counters.insert(name.to_owned(), n);
+            }
+        }
+    }
+
+    /// Records `value` in the histogram `name`.
+    pub fn histogram(&self, name: &str, value: f64) {
+        let mut recorded = self.recorded.lock().unwrap_or_else(|p| p.into_inner());
+        match recorded.histograms.get_mut(name) {
+            Some(histogram) => histogram.record(value),
+            None => {
+                let mut histogram = Histogram::new();
+                histogram.record(value);
+                recorded.histograms.insert(name.to_owned(), histogram);
+            }
+        }
+    }
+
+    /// What was recorded.
+    pub fn into_inner(self) -> UserMetrics {
+        self.recorded
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Why an operation failed; the message reaches `batchctl results` as the operation's error.

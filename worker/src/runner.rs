@@ -5,11 +5,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::measure::{FragmentMeasurements, Histogram};
 use common::wire::{Cut, Failure, Fragment, FragmentReport};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::operation::{OpInput, Operation};
+use crate::operation::{OpInput, OpMetrics, Operation};
 
 /// How long a worker remembers a cancelled job (its queued fragments are dropped unrun).
 const CANCEL_MEMORY: Duration = Duration::from_secs(24 * 3600);
@@ -72,6 +73,8 @@ pub async fn run_fragment(
     let mut results = Vec::with_capacity(if fragment.collect_results { total } else { 0 });
     let mut done = 0usize;
     let mut cut = None;
+    let metrics = OpMetrics::default();
+    let mut operation_seconds = Histogram::new();
     while done < total {
         if let Some(reason) = should_stop(fragment, cancelled, shutdown, deadline, done) {
             cut = Some(reason);
@@ -85,8 +88,12 @@ pub async fn run_fragment(
                     item: &item,
                     params: &fragment.params,
                     attempt: fragment.attempt,
+                    metrics: &metrics,
                 };
-                operation.run(input).await.map_err(|e| e.0)
+                let op_started = Instant::now();
+                let outcome = operation.run(input).await.map_err(|e| e.0);
+                operation_seconds.record(op_started.elapsed().as_secs_f64());
+                outcome
             }
             _ => Err(format!("fragment has no item at offset {done}")),
         };
@@ -123,6 +130,10 @@ pub async fn run_fragment(
         cut,
         started_at_ms,
         elapsed_us: started.elapsed().as_micros() as u64,
+        measurements: FragmentMeasurements {
+            operation_seconds,
+            user: metrics.into_inner(),
+        },
     }
 }
 
@@ -161,6 +172,7 @@ mod tests {
         assert_eq!(report.done, 5);
         assert_eq!(report.results, vec![Value::Null; 5]);
         assert_eq!(report.cut, None);
+        assert_eq!(report.measurements.operation_seconds.count, 5);
     }
 
     #[tokio::test]
