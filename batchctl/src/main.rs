@@ -98,6 +98,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     let broker = Broker::new(&cli.broker, "batchctl")?;
     let timeout = Duration::from_secs(cli.timeout.max(1));
+    if !matches!(cli.command, Command::Demo(_)) {
+        // The connection stays in the broker's pool for the command to use.
+        reach_broker(&broker).await?;
+    }
     match cli.command {
         Command::Submit { file, wait } => {
             let job_id = submit(&broker, &file).await?;
@@ -165,6 +169,42 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => return demo::run(cli.broker, args).await,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// How long batchctl keeps trying to reach the broker before it gives up: long enough to ride
+/// out a broker that is restarting or a connection refused in passing, short enough that a
+/// wrong address is reported promptly.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(3);
+/// Pause between two connection attempts.
+const CONNECT_RETRY_EVERY: Duration = Duration::from_millis(250);
+
+/// Connects to the broker (each URL of `AMQP_URL` in turn), retrying for
+/// [`CONNECT_PATIENCE`]; the error after that is one line naming the broker.
+async fn reach_broker(broker: &Broker) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let attempt = tokio::time::timeout(CONNECT_PATIENCE, broker.connection()).await;
+        let error = match attempt {
+            Ok(Ok(_connection)) => return Ok(()),
+            Ok(Err(e)) if e.is_retryable() => e.to_string(),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => format!(
+                "cannot reach the broker ({}): no answer within {} s",
+                broker.urls_redacted(),
+                CONNECT_PATIENCE.as_secs()
+            ),
+        };
+        if started.elapsed() + CONNECT_RETRY_EVERY >= CONNECT_PATIENCE {
+            bail!(
+                "{} (gave up after {attempts} attempts in {:.1} s)",
+                error.replace('\n', " "),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        tokio::time::sleep(CONNECT_RETRY_EVERY).await;
+    }
 }
 
 fn exit_for(state: JobState) -> ExitCode {

@@ -31,6 +31,8 @@ pub enum BrokerError {
     Encode(#[from] serde_json::Error),
     #[error("the broker cancelled the consumer or closed its channel")]
     ConsumerEnded,
+    #[error("the broker did not answer {what} within {secs} s")]
+    NoAnswer { what: String, secs: u64 },
     #[error("invalid broker settings: {0}")]
     Config(String),
 }
@@ -39,6 +41,44 @@ impl BrokerError {
     /// Whether reconnecting may help. Only bad settings are not worth another try.
     pub fn is_retryable(&self) -> bool {
         !matches!(self, BrokerError::Config(_) | BrokerError::Encode(_))
+    }
+}
+
+/// Longest wait for the broker to answer one request of a session's setup (a declare, a
+/// consume). A broker that came back badly from a crash can leave such a request unanswered
+/// for ever (RabbitMQ 3.10: a quorum queue whose Raft member lost its registration stays
+/// leaderless); the session then ends with [`BrokerError::NoAnswer`] and the supervisor logs
+/// it and tries again, instead of the process hanging silently.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for a publisher confirm. Past it the message counts as not taken: the session
+/// starts again and the message is published again (a duplicate at worst, never a loss).
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `request`, or [`BrokerError::NoAnswer`] naming `what` after [`ANSWER_TIMEOUT`].
+pub async fn answered<T, E>(
+    what: &str,
+    request: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, BrokerError>
+where
+    E: Into<BrokerError>,
+{
+    within(ANSWER_TIMEOUT, what, request).await
+}
+
+async fn within<T, E>(
+    limit: Duration,
+    what: &str,
+    request: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, BrokerError>
+where
+    E: Into<BrokerError>,
+{
+    match tokio::time::timeout(limit, request).await {
+        Ok(result) => result.map_err(Into::into),
+        Err(_) => Err(BrokerError::NoAnswer {
+            what: what.to_owned(),
+            secs: limit.as_secs(),
+        }),
     }
 }
 
@@ -130,6 +170,15 @@ impl Broker {
         &self.client_name
     }
 
+    /// The broker URLs, passwords redacted, comma-separated: fit for a message to a user.
+    pub fn urls_redacted(&self) -> String {
+        self.pools
+            .iter()
+            .map(|(u, _)| redact_url(u))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// A pooled connection, trying each URL in turn from the one that answered last.
     pub async fn connection(&self) -> Result<deadpool_lapin::Connection, BrokerError> {
         let n = self.pools.len();
@@ -147,12 +196,7 @@ impl Broker {
             }
         }
         Err(BrokerError::Unreachable {
-            urls: self
-                .pools
-                .iter()
-                .map(|(u, _)| redact_url(u))
-                .collect::<Vec<_>>()
-                .join(", "),
+            urls: self.urls_redacted(),
             reason: reasons.join("; "),
         })
     }
@@ -160,7 +204,7 @@ impl Broker {
     /// A channel on a pooled connection (shared with other short-lived users).
     pub async fn channel(&self) -> Result<Channel, BrokerError> {
         let conn = self.connection().await?;
-        Ok(conn.create_channel().await?)
+        answered("channel.open", conn.create_channel()).await
     }
 
     /// A publishing channel with publisher confirms on.
@@ -179,7 +223,11 @@ impl Broker {
     /// Declares the namespace's whole fixed topology.
     pub async fn declare_topology(&self) -> Result<(), BrokerError> {
         let channel = self.channel().await?;
-        crate::topology::declare(&channel, &self.names).await?;
+        answered(
+            "the topology's declarations",
+            crate::topology::declare(&channel, &self.names),
+        )
+        .await?;
         let _ = channel.close(200, "topology declared".into()).await;
         Ok(())
     }
@@ -204,11 +252,13 @@ impl Session {
 
     /// A consuming channel with `prefetch` unacknowledged deliveries per consumer.
     pub async fn consumer_channel(&self, prefetch: u16) -> Result<Channel, BrokerError> {
-        let channel = self.consume.create_channel().await?;
+        let channel = answered("channel.open", self.consume.create_channel()).await?;
         // basic_qos must come before basic_consume to bound the first burst too.
-        channel
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await?;
+        answered(
+            "basic.qos",
+            channel.basic_qos(prefetch, BasicQosOptions::default()),
+        )
+        .await?;
         Ok(channel)
     }
 }
@@ -221,10 +271,12 @@ pub struct Publisher {
 
 impl Publisher {
     async fn open(conn: &deadpool_lapin::lapin::Connection) -> Result<Self, BrokerError> {
-        let channel = conn.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        let channel = answered("channel.open", conn.create_channel()).await?;
+        answered(
+            "confirm.select",
+            channel.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?;
         Ok(Self { channel })
     }
 
@@ -308,8 +360,10 @@ pub struct PendingConfirm {
 }
 
 impl PendingConfirm {
+    /// The broker's answer, within [`CONFIRM_TIMEOUT`].
     pub async fn wait(self) -> Result<(), BrokerError> {
-        match self.confirm.await? {
+        let what = format!("a publish to {:?} with a confirm", self.exchange);
+        match within(CONFIRM_TIMEOUT, &what, self.confirm).await? {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(_)) => Err(BrokerError::Unroutable {
                 exchange: self.exchange,

@@ -10,16 +10,18 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::BrokerError;
 
-/// Starts a manually-acknowledged consumer on `queue`.
+/// Starts a manually-acknowledged consumer on `queue`, within the broker's answer timeout.
 pub async fn consume(channel: &Channel, queue: &str, tag: &str) -> Result<Consumer, BrokerError> {
-    Ok(channel
-        .basic_consume(
+    crate::broker::answered(
+        &format!("basic.consume on {queue}"),
+        channel.basic_consume(
             queue.into(),
             tag.into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
-        )
-        .await?)
+        ),
+    )
+    .await
 }
 
 /// Waits for the next delivery, then takes every delivery already buffered, up to `max`.

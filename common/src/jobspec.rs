@@ -17,6 +17,15 @@ pub const MAX_CONCURRENT_FRAGMENTS: u64 = 100_000;
 pub const MAX_LIFESPAN_MS: u64 = 24 * 3600 * 1000;
 pub const MAX_ATTEMPTS: u64 = 100;
 pub const MAX_ID_LEN: usize = 128;
+/// RabbitMQ's default `consumer_timeout` (30 minutes).
+pub const DEFAULT_CONSUMER_TIMEOUT_MS: u64 = 1_800_000;
+/// Most levels of arrays and objects inside one item or one `params` value. Items and params
+/// travel again inside fragment messages, a few levels deeper than in the JobSpec; this bound
+/// keeps every such message far inside serde_json's recursion limit (127 levels), so a job the
+/// splitter accepts can never become a fragment that a worker cannot read.
+pub const MAX_VALUE_DEPTH: usize = 64;
+/// serde_json's recursion limit: deeper bodies fail to parse (with an error, not a crash).
+const JSON_MAX_DEPTH: usize = 127;
 
 /// What a job runs over: explicit items, or the integers of a range.
 #[derive(Debug, Clone, PartialEq)]
@@ -64,17 +73,59 @@ pub struct Rejection {
     pub error: String,
 }
 
-/// Limits applied before the body is parsed.
+/// Limits that come from the deployment rather than from the contract.
 #[derive(Debug, Clone, Copy)]
 pub struct ParseLimits {
+    /// Largest message body accepted, checked before the body is parsed.
     pub max_message_bytes: usize,
+    /// The broker's `consumer_timeout` in milliseconds, 0 when it is disabled on the broker.
+    /// It bounds `lifespan_ms`: see [`ParseLimits::max_lifespan_ms`].
+    pub consumer_timeout_ms: u64,
 }
 
 impl Default for ParseLimits {
     fn default() -> Self {
         Self {
             max_message_bytes: 16 * 1024 * 1024,
+            consumer_timeout_ms: DEFAULT_CONSUMER_TIMEOUT_MS,
         }
+    }
+}
+
+impl ParseLimits {
+    /// Longest `lifespan_ms` a job may ask for: a third of the broker's `consumer_timeout`
+    /// (at most [`MAX_LIFESPAN_MS`]; only that when the timeout is disabled).
+    ///
+    /// RabbitMQ closes a worker's channel, and requeues everything it held, when a delivery
+    /// stays unacknowledged longer than `consumer_timeout`. A fragment's clock starts when the
+    /// broker delivers it, not when the worker starts it, and stops at the ack, which follows
+    /// the fragment's confirmed report. In between, in the worst case:
+    ///
+    /// 1. it waits in the worker's prefetch buffer until a fragment ahead of it finishes, which
+    ///    takes up to one lifespan plus that fragment's last operation;
+    /// 2. it runs for one lifespan, and then to the end of the operation in hand, because a
+    ///    fragment stops only at an operation boundary;
+    /// 3. the worker publishes its report, awaits the confirm and acks.
+    ///
+    /// That is two lifespans plus two operations' overrun plus a round trip. Half the timeout
+    /// would leave no room at all for the overruns; a third leaves a third of the timeout
+    /// (10 minutes at RabbitMQ's default of 30) for them. So a job is safe as long as a
+    /// single operation takes less than about a sixth of `consumer_timeout`, and a fragment
+    /// waits behind at most one round of fragments in a worker's buffer (true when a worker
+    /// holds no more than twice as many fragments as it runs at once).
+    pub fn max_lifespan_ms(&self) -> u64 {
+        match self.consumer_timeout_ms {
+            0 => MAX_LIFESPAN_MS,
+            timeout => (timeout / 3).min(MAX_LIFESPAN_MS),
+        }
+    }
+
+    /// The lifespan of a job that gives none: the contract's default, lowered to what the
+    /// broker's `consumer_timeout` allows (never below [`MIN_LIFESPAN_MS`]).
+    pub fn default_lifespan_ms(&self) -> u64 {
+        DEFAULT_LIFESPAN_MS
+            .min(self.max_lifespan_ms())
+            .max(MIN_LIFESPAN_MS)
     }
 }
 
@@ -197,8 +248,7 @@ pub fn parse_job_spec(
             e.valid_up_to()
         ))
     })?;
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| reject(format!("message: body is not valid JSON: {e}")))?;
+    let value: Value = serde_json::from_str(text).map_err(|e| reject(describe_json_error(&e)))?;
     let Value::Object(object) = value else {
         return Err(reject(format!(
             "message: body must be a JSON object, got {}",
@@ -222,18 +272,75 @@ pub fn parse_job_spec(
             )));
         }
     };
-    let job_id = job_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    // Without a `job_id` of its own, a rejected message goes under its `message_id` (contract),
+    // an accepted one under a generated id.
+    let rejected_as = job_id.clone().unwrap_or_else(|| fallback_id(message_id));
     let reject = |error: String| Rejection {
-        job_id: job_id.clone(),
+        job_id: rejected_as.clone(),
         error,
     };
 
     let raw: RawJobSpec = serde_path_to_error::deserialize(Value::Object(object))
         .map_err(|e| reject(describe_serde_error(&e)))?;
-    validate(job_id.clone(), raw).map_err(reject)
+    let job_id = job_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    validate(job_id, raw, limits).map_err(reject)
 }
 
-fn validate(job_id: String, raw: RawJobSpec) -> Result<JobSpec, String> {
+/// serde_json's parse error; a body nested past its recursion limit gets a reason of its own,
+/// since "recursion limit exceeded" alone does not tell a user what to change.
+fn describe_json_error(e: &serde_json::Error) -> String {
+    let message = e.to_string();
+    if message.starts_with("recursion limit exceeded") {
+        format!(
+            "message: body nests arrays and objects more than {JSON_MAX_DEPTH} levels deep \
+             (at line {}, column {}); items and params may nest at most {MAX_VALUE_DEPTH} levels",
+            e.line(),
+            e.column()
+        )
+    } else {
+        format!("message: body is not valid JSON: {message}")
+    }
+}
+
+/// Levels of arrays and objects in `value`; a scalar is 0, `[1]` is 1. The recursion is
+/// safe: the value came from serde_json, which caps nesting at 127 levels.
+fn nesting(value: &Value) -> usize {
+    match value {
+        Value::Array(items) => 1 + items.iter().map(nesting).max().unwrap_or(0),
+        Value::Object(fields) => 1 + fields.values().map(nesting).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn check_nesting(field: &str, value: &Value) -> Result<(), String> {
+    let depth = nesting(value);
+    if depth > MAX_VALUE_DEPTH {
+        return Err(format!(
+            "{field}: nests arrays and objects {depth} levels deep; at most {MAX_VALUE_DEPTH} \
+             are allowed"
+        ));
+    }
+    Ok(())
+}
+
+fn check_lifespan(lifespan_ms: Option<u64>, limits: ParseLimits) -> Result<u64, String> {
+    let Some(lifespan_ms) = lifespan_ms else {
+        return Ok(limits.default_lifespan_ms());
+    };
+    let max = limits.max_lifespan_ms();
+    if lifespan_ms > max && limits.consumer_timeout_ms > 0 {
+        return Err(format!(
+            "lifespan_ms: must be at most {max} (a third of the broker's consumer_timeout of \
+             {} ms), got {lifespan_ms}: a fragment may wait one lifespan in a worker's buffer \
+             and then run one lifespan plus its last operation before it is acknowledged, and \
+             the broker closes the worker's channel when that takes longer than consumer_timeout",
+            limits.consumer_timeout_ms
+        ));
+    }
+    Ok(lifespan_ms)
+}
+
+fn validate(job_id: String, raw: RawJobSpec, limits: ParseLimits) -> Result<JobSpec, String> {
     let operation = raw
         .operation
         .ok_or_else(|| "operation: missing; name the operation to run".to_owned())?;
@@ -245,7 +352,12 @@ fn validate(job_id: String, raw: RawJobSpec) -> Result<JobSpec, String> {
         (None, None) => {
             return Err("items, range: neither given; give exactly one of them".to_owned());
         }
-        (Some(items), None) => JobInput::Items(items),
+        (Some(items), None) => {
+            for (n, item) in items.iter().enumerate() {
+                check_nesting(&format!("items[{n}]"), item)?;
+            }
+            JobInput::Items(items)
+        }
         (None, Some(RawRange { start, end })) => {
             if end < start {
                 return Err(format!(
@@ -268,6 +380,7 @@ fn validate(job_id: String, raw: RawJobSpec) -> Result<JobSpec, String> {
         MIN_LIFESPAN_MS,
         MAX_LIFESPAN_MS,
     )?;
+    let lifespan_ms = check_lifespan(lifespan_ms, limits)?;
     let max_attempts = bounded("max_attempts", raw.max_attempts, 1, MAX_ATTEMPTS)?;
     let tolerated_failure_percent = raw.tolerated_failure_percent.unwrap_or(0.0);
     if !(0.0..=100.0).contains(&tolerated_failure_percent) {
@@ -275,15 +388,19 @@ fn validate(job_id: String, raw: RawJobSpec) -> Result<JobSpec, String> {
             "tolerated_failure_percent: must be between 0 and 100, got {tolerated_failure_percent}"
         ));
     }
+    let params = raw.params.unwrap_or_default();
+    for (key, value) in &params {
+        check_nesting(&format!("params.{key}"), value)?;
+    }
     Ok(JobSpec {
         job_id,
         operation,
-        params: raw.params.unwrap_or_default(),
+        params,
         input,
         fragment_size: fragment_size.map(|v| v as u32),
         max_concurrent_fragments: max_concurrent_fragments
             .map_or(DEFAULT_MAX_CONCURRENT_FRAGMENTS, |v| v as u32),
-        lifespan_ms: lifespan_ms.unwrap_or(DEFAULT_LIFESPAN_MS),
+        lifespan_ms,
         max_attempts: max_attempts.map_or(DEFAULT_MAX_ATTEMPTS, |v| v as u32),
         tolerated_failure_percent,
         collect_results: raw.collect_results.unwrap_or(true),
@@ -443,6 +560,27 @@ mod tests {
         assert!(error_of("[1,2]").contains("JSON object, got an array"));
         let known = parse(r#"{"job_id":"mine","operation":"noop"}"#).expect_err("no input");
         assert_eq!(known.job_id, "mine");
+        // An object without a job_id is rejected under the message_id too.
+        let no_id = parse_job_spec(
+            br#"{"operation":"noop"}"#,
+            None,
+            Some("msg-8"),
+            ParseLimits::default(),
+        )
+        .expect_err("no input");
+        assert_eq!(no_id.job_id, "msg-8");
+        let spec = parse_job_spec(
+            br#"{"operation":"noop","items":[]}"#,
+            None,
+            Some("msg-9"),
+            ParseLimits::default(),
+        )
+        .expect("valid");
+        assert_eq!(
+            spec.job_id.len(),
+            36,
+            "an accepted job without job_id gets a UUID"
+        );
         let typed = parse_job_spec(b"{}", Some("text/plain"), None, ParseLimits::default())
             .expect_err("content type");
         assert!(typed.error.contains("content_type"));
@@ -452,10 +590,190 @@ mod tests {
             None,
             ParseLimits {
                 max_message_bytes: 1,
+                ..ParseLimits::default()
             },
         )
         .expect_err("too big");
         assert!(big.error.contains("limit"));
+    }
+
+    fn with_timeout(consumer_timeout_ms: u64) -> ParseLimits {
+        ParseLimits {
+            consumer_timeout_ms,
+            ..ParseLimits::default()
+        }
+    }
+
+    fn parse_with(body: &str, limits: ParseLimits) -> Result<JobSpec, Rejection> {
+        parse_job_spec(body.as_bytes(), None, None, limits)
+    }
+
+    fn lifespan_job(lifespan_ms: u64) -> String {
+        format!(r#"{{"operation":"noop","items":[1],"lifespan_ms":{lifespan_ms}}}"#)
+    }
+
+    #[test]
+    fn lifespan_limit_is_a_third_of_consumer_timeout() {
+        assert_eq!(ParseLimits::default().consumer_timeout_ms, 1_800_000);
+        assert_eq!(ParseLimits::default().max_lifespan_ms(), 600_000);
+        assert_eq!(with_timeout(90_000).max_lifespan_ms(), 30_000);
+        assert_eq!(with_timeout(100_000).max_lifespan_ms(), 33_333);
+        // Disabled on the broker: only the contract's own ceiling.
+        assert_eq!(with_timeout(0).max_lifespan_ms(), MAX_LIFESPAN_MS);
+        // A huge timeout never lifts the contract's ceiling.
+        assert_eq!(with_timeout(u64::MAX).max_lifespan_ms(), MAX_LIFESPAN_MS);
+    }
+
+    #[test]
+    fn lifespan_at_the_limit_is_accepted_and_one_more_is_rejected() {
+        let limits = with_timeout(90_000);
+        let spec = parse_with(&lifespan_job(30_000), limits).expect("at the limit");
+        assert_eq!(spec.lifespan_ms, 30_000);
+        let error = parse_with(&lifespan_job(30_001), limits)
+            .expect_err("over the limit")
+            .error;
+        assert!(
+            error.starts_with("lifespan_ms: must be at most 30000"),
+            "{error}"
+        );
+        assert!(error.contains("consumer_timeout of 90000 ms"), "{error}");
+        assert!(error.contains("got 30001"), "{error}");
+        assert!(error.contains("buffer"), "the error says why: {error}");
+
+        // RabbitMQ's default timeout: 10 minutes pass, 10 minutes and 1 ms do not.
+        let default = ParseLimits::default();
+        assert!(parse_with(&lifespan_job(600_000), default).is_ok());
+        assert!(parse_with(&lifespan_job(600_001), default).is_err());
+
+        // Timeout disabled: up to the contract's ceiling.
+        let disabled = with_timeout(0);
+        assert!(parse_with(&lifespan_job(MAX_LIFESPAN_MS), disabled).is_ok());
+        let error = parse_with(&lifespan_job(MAX_LIFESPAN_MS + 1), disabled)
+            .expect_err("over the ceiling")
+            .error;
+        assert!(error.starts_with("lifespan_ms: must be at most"), "{error}");
+        // The lower bound does not move.
+        assert!(parse_with(&lifespan_job(99), disabled).is_err());
+    }
+
+    #[test]
+    fn default_lifespan_fits_a_short_consumer_timeout() {
+        let body = r#"{"operation":"noop","items":[1]}"#;
+        let spec = parse_with(body, ParseLimits::default()).expect("valid");
+        assert_eq!(spec.lifespan_ms, DEFAULT_LIFESPAN_MS);
+        let spec = parse_with(body, with_timeout(60_000)).expect("valid");
+        assert_eq!(
+            spec.lifespan_ms, 20_000,
+            "lowered to a third of the timeout"
+        );
+        let spec = parse_with(body, with_timeout(0)).expect("valid");
+        assert_eq!(spec.lifespan_ms, DEFAULT_LIFESPAN_MS);
+    }
+
+    fn nested_array(depth: usize) -> String {
+        format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    #[test]
+    fn deeply_nested_body_is_rejected_without_overflowing_the_stack() {
+        for depth in [128, 10_000, 1_000_000] {
+            let body = format!(
+                r#"{{"job_id":"deep","operation":"noop","items":[{}]}}"#,
+                nested_array(depth)
+            );
+            let rejection = parse(&body).expect_err("too deep");
+            // The id is found only once the body parses, so it is not the body's.
+            assert_ne!(rejection.job_id, "deep");
+            assert!(
+                rejection
+                    .error
+                    .starts_with("message: body nests arrays and objects more than 127"),
+                "{}",
+                rejection.error
+            );
+        }
+        // A bare nested array, no object at all.
+        assert!(error_of(&nested_array(10_000)).contains("levels deep"));
+    }
+
+    #[test]
+    fn items_and_params_nest_at_most_max_value_depth() {
+        let item_job = |depth: usize| {
+            format!(
+                r#"{{"operation":"noop","items":[1,{}]}}"#,
+                nested_array(depth)
+            )
+        };
+        assert!(parse(&item_job(MAX_VALUE_DEPTH)).is_ok());
+        let error = error_of(&item_job(MAX_VALUE_DEPTH + 1));
+        assert_eq!(
+            error,
+            "items[1]: nests arrays and objects 65 levels deep; at most 64 are allowed"
+        );
+        // Under serde_json's limit but over ours: a fragment message would nest it deeper.
+        assert!(error_of(&item_job(124)).starts_with("items[1]: nests"));
+
+        let params_job = |depth: usize| {
+            format!(
+                r#"{{"operation":"noop","items":[1],"params":{{"a":1,"deep":{}}}}}"#,
+                nested_array(depth)
+            )
+        };
+        assert!(parse(&params_job(MAX_VALUE_DEPTH)).is_ok());
+        assert!(error_of(&params_job(MAX_VALUE_DEPTH + 1)).starts_with("params.deep: nests"));
+        // Objects count as levels too.
+        let objects = format!(
+            r#"{{"operation":"noop","items":[{}1{}]}}"#,
+            r#"{"a":"#.repeat(MAX_VALUE_DEPTH + 1),
+            "}".repeat(MAX_VALUE_DEPTH + 1)
+        );
+        assert!(error_of(&objects).starts_with("items[0]: nests"));
+    }
+
+    #[test]
+    fn size_limit_is_inclusive() {
+        let body = r#"{"operation":"noop","items":[1]}"#;
+        let limits = |max_message_bytes| ParseLimits {
+            max_message_bytes,
+            ..ParseLimits::default()
+        };
+        assert!(parse_job_spec(body.as_bytes(), None, None, limits(body.len())).is_ok());
+        let error = parse_job_spec(body.as_bytes(), None, None, limits(body.len() - 1))
+            .expect_err("one byte over")
+            .error;
+        assert_eq!(
+            error,
+            format!(
+                "message: body is {} bytes, the limit is {} bytes",
+                body.len(),
+                body.len() - 1
+            )
+        );
+        assert_eq!(ParseLimits::default().max_message_bytes, 16 * 1024 * 1024);
+    }
+
+    #[test]
+    fn content_types() {
+        assert!(is_json_content_type(None));
+        assert!(is_json_content_type(Some("application/json")));
+        assert!(is_json_content_type(Some(
+            "Application/JSON; charset=utf-8"
+        )));
+        for other in ["text/plain", "application/xml", "application/octet-stream"] {
+            assert!(!is_json_content_type(Some(other)), "{other}");
+            let error = parse_job_spec(
+                br#"{"operation":"noop","items":[1]}"#,
+                Some(other),
+                None,
+                ParseLimits::default(),
+            )
+            .expect_err("not JSON")
+            .error;
+            assert!(
+                error.contains("content_type") && error.contains(other),
+                "{error}"
+            );
+        }
     }
 
     #[test]

@@ -20,7 +20,8 @@ impl Retryable for crate::broker::BrokerError {
 }
 
 const FIRST_DELAY: Duration = Duration::from_millis(200);
-const MAX_DELAY: Duration = Duration::from_secs(10);
+/// Longest pause between two attempts: a broker back after a restart is found within it.
+const MAX_DELAY: Duration = Duration::from_secs(5);
 /// A session that lasted this long was healthy: the next failure starts backing off afresh.
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 
@@ -67,4 +68,86 @@ where
 fn jitter(delay: Duration) -> Duration {
     let factor = rand::rng().random_range(0.5..=1.0);
     delay.mul_f64(factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    #[derive(Debug)]
+    struct Failure {
+        retryable: bool,
+    }
+
+    impl std::fmt::Display for Failure {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "failure (retryable: {})", self.retryable)
+        }
+    }
+
+    impl Retryable for Failure {
+        fn is_retryable(&self) -> bool {
+            self.retryable
+        }
+    }
+
+    #[tokio::test]
+    async fn retries_broken_sessions_with_growing_pauses_until_one_ends_cleanly() {
+        let attempts = Arc::new(AtomicU32::new(0));
+        let started = Instant::now();
+        let counted = Arc::clone(&attempts);
+        let outcome = supervise("test", &CancellationToken::new(), move || {
+            let attempt = counted.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                if attempt < 3 {
+                    Err(Failure { retryable: true })
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .await;
+        assert!(outcome.is_ok());
+        assert_eq!(attempts.load(Ordering::SeqCst), 3);
+        // Two pauses: at least half of 200 ms, then of 400 ms.
+        assert!(started.elapsed() >= Duration::from_millis(300));
+    }
+
+    #[tokio::test]
+    async fn gives_up_on_an_error_that_reconnecting_cannot_mend() {
+        let attempts = Arc::new(AtomicU32::new(0));
+        let counted = Arc::clone(&attempts);
+        let outcome = supervise("test", &CancellationToken::new(), move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { Err::<(), _>(Failure { retryable: false }) }
+        })
+        .await;
+        assert!(outcome.is_err());
+        assert_eq!(attempts.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn shutdown_ends_the_pause_between_attempts() {
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let started = Instant::now();
+        let outcome = supervise("test", &shutdown, move || {
+            stop.cancel();
+            async { Err::<(), _>(Failure { retryable: true }) }
+        })
+        .await;
+        assert!(outcome.is_ok());
+        assert!(started.elapsed() < FIRST_DELAY / 2);
+    }
+
+    #[test]
+    fn jitter_stays_between_half_and_all_of_the_delay() {
+        for _ in 0..1000 {
+            let pause = jitter(MAX_DELAY);
+            assert!(pause >= MAX_DELAY / 2 && pause <= MAX_DELAY, "{pause:?}");
+        }
+    }
 }

@@ -36,6 +36,11 @@ pub struct SplitterConfig {
     /// Largest JobSpec message accepted, in bytes.
     #[arg(long = "max-message-bytes", env = "BATCHQ_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_message_bytes: usize,
+
+    /// The broker's consumer_timeout in milliseconds; 0 if disabled on the broker. A JobSpec
+    /// whose lifespan_ms exceeds a third of it is rejected.
+    #[arg(long = "consumer-timeout-ms", env = "BATCHQ_CONSUMER_TIMEOUT_MS", default_value_t = common::jobspec::DEFAULT_CONSUMER_TIMEOUT_MS)]
+    pub consumer_timeout_ms: u64,
 }
 
 impl SplitterConfig {
@@ -44,6 +49,7 @@ impl SplitterConfig {
             broker,
             data_dir: data_dir.into(),
             max_message_bytes: ParseLimits::default().max_message_bytes,
+            consumer_timeout_ms: ParseLimits::default().consumer_timeout_ms,
         }
     }
 
@@ -88,6 +94,7 @@ pub async fn run(config: SplitterConfig, shutdown: CancellationToken) -> Result<
     let broker = Broker::new(&config.broker, "batchq-splitter")?;
     let limits = ParseLimits {
         max_message_bytes: config.max_message_bytes,
+        consumer_timeout_ms: config.consumer_timeout_ms,
     };
     tracing::info!(store = %path.display(), namespace = %config.broker.namespace, "splitter starting");
     let outbox_ready = Arc::new(Notify::new());
@@ -213,9 +220,14 @@ async fn pump_outbox(
                 && !declared_work_queues.contains(&message.routing_key)
             {
                 // A fragment for an operation nobody offers yet waits, visibly, in its queue.
-                declare_work_queue(publisher.channel(), &names, &message.routing_key)
-                    .await
-                    .map_err(BrokerError::from)?;
+                common::broker::answered(
+                    &format!(
+                        "the declaration of {}",
+                        names.work_queue(&message.routing_key)
+                    ),
+                    declare_work_queue(publisher.channel(), &names, &message.routing_key),
+                )
+                .await?;
                 declared_work_queues.insert(message.routing_key.clone());
             }
             let properties: BasicProperties = serde_json::from_str(&message.properties)

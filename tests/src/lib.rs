@@ -37,6 +37,9 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 
+pub mod rabbit_node;
+pub use rabbit_node::RabbitNode;
+
 /// Broker of the tests: `AMQP_URL`, or the contract's default.
 pub fn amqp_url() -> String {
     std::env::var("AMQP_URL")
@@ -197,6 +200,8 @@ pub struct WorkerOpts {
     /// `None`: every built-in.
     pub operations: Option<Vec<String>>,
     pub heartbeat_ms: u64,
+    /// `BATCHQ_MAX_LIFETIME` (`"3s"`, `"30m"`); `None`: the worker runs until stopped.
+    pub max_lifetime: Option<String>,
 }
 
 impl Default for WorkerOpts {
@@ -205,6 +210,7 @@ impl Default for WorkerOpts {
             prefetch: 4,
             operations: None,
             heartbeat_ms: 500,
+            max_lifetime: None,
         }
     }
 }
@@ -250,6 +256,7 @@ impl Proc {
             "BATCHQ_METRICS_ADDR",
             "BATCHQ_DATA_DIR",
             "BATCHQ_MAX_MESSAGE_BYTES",
+            "BATCHQ_MAX_LIFETIME",
         ] {
             command.env_remove(var);
         }
@@ -338,6 +345,8 @@ impl RawProps {
 pub struct TestEnv {
     pub ns: String,
     pub names: Names,
+    /// The broker of this test: [`amqp_url`], or the one given to [`TestEnv::with_url`].
+    url: String,
     dir: Option<tempfile::TempDir>,
     broker: Broker,
     publisher: Publisher,
@@ -353,13 +362,19 @@ impl TestEnv {
     /// A fresh namespace `t-{test}-{8 hex}` with its topology declared (as a user's program may
     /// publish before any batchq process has run) and an empty data folder.
     pub async fn new(test: &str) -> Result<Self> {
+        Self::with_url(test, &amqp_url()).await
+    }
+
+    /// [`TestEnv::new`] on another broker than the shared one (a private node, a cluster's
+    /// comma-separated URLs): the test's own connections and every process it starts use `url`.
+    pub async fn with_url(test: &str, url: &str) -> Result<Self> {
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let ns = format!("t-{test}-{}", &suffix[..8]);
         let dir = tempfile::Builder::new()
             .prefix(&format!("batchq-{test}-"))
             .tempdir()
             .context("creating the test's data folder")?;
-        let broker = Broker::new(&BrokerArgs::new(amqp_url(), ns.clone()), "batchq-tests")?;
+        let broker = Broker::new(&BrokerArgs::new(url, ns.clone()), "batchq-tests")?;
         tokio::time::timeout(Duration::from_secs(15), broker.declare_topology())
             .await
             .context("declaring the topology timed out")?
@@ -369,6 +384,7 @@ impl TestEnv {
         Ok(Self {
             names: Names::new(ns.clone()),
             ns,
+            url: url.to_owned(),
             dir: Some(dir),
             broker,
             publisher,
@@ -396,6 +412,11 @@ impl TestEnv {
         &self.broker
     }
 
+    /// The `AMQP_URL` of this test's processes.
+    pub fn broker_url(&self) -> &str {
+        &self.url
+    }
+
     pub fn rpc(&self) -> &RpcClient {
         &self.rpc
     }
@@ -407,7 +428,7 @@ impl TestEnv {
 
     fn base_env(&self) -> Vec<(String, String)> {
         vec![
-            ("AMQP_URL".into(), amqp_url()),
+            ("AMQP_URL".into(), self.url.clone()),
             ("BATCHQ_NAMESPACE".into(), self.ns.clone()),
         ]
     }
@@ -467,6 +488,24 @@ impl TestEnv {
         )
     }
 
+    /// The reducer with extra flags; without a `--metrics-addr` among them it serves no
+    /// Prometheus port, as [`TestEnv::start_reducer`].
+    pub fn start_reducer_with(&mut self, args: &[&str]) -> Result<ProcId> {
+        let mut envs = self.base_env();
+        envs.push((
+            "BATCHQ_DATA_DIR".into(),
+            self.data_dir().display().to_string(),
+        ));
+        let mut all: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        if !args
+            .iter()
+            .any(|a| *a == "--metrics-addr" || a.starts_with("--metrics-addr="))
+        {
+            all.extend(["--metrics-addr".to_owned(), "off".to_owned()]);
+        }
+        self.start(Bin::Reducer, all, envs)
+    }
+
     pub fn start_worker(&mut self, opts: WorkerOpts) -> Result<ProcId> {
         self.start_worker_program(bin_path(Bin::Worker), opts)
     }
@@ -479,6 +518,9 @@ impl TestEnv {
         let mut envs = self.base_env();
         envs.push(("BATCHQ_PREFETCH".into(), opts.prefetch.to_string()));
         envs.push(("BATCHQ_HEARTBEAT_MS".into(), opts.heartbeat_ms.to_string()));
+        if let Some(lifetime) = &opts.max_lifetime {
+            envs.push(("BATCHQ_MAX_LIFETIME".into(), lifetime.clone()));
+        }
         if let Some(operations) = &opts.operations {
             for op in operations {
                 if !BUILTIN_OPERATIONS.contains(&op.as_str()) {
@@ -579,6 +621,35 @@ impl TestEnv {
             .collect()
     }
 
+    /// Fragments a worker process of this test holds (delivered, not yet acknowledged), as its
+    /// latest heartbeat told the reducer; `None` while the reducer has not heard of it.
+    pub async fn fragments_held(&self, id: ProcId) -> Result<Option<u64>> {
+        let pid = self
+            .pid(id)
+            .ok_or_else(|| anyhow!("process {id:?} is not running"))?;
+        let workers = self.rpc.workers(&self.names).await?;
+        Ok(workers
+            .iter()
+            .find(|w| w.pid == pid)
+            .map(|w| w.fragments_in_flight))
+    }
+
+    /// Waits until a worker process holds at least one fragment (by its heartbeats).
+    pub async fn wait_until_holding(&self, id: ProcId, timeout: Duration) -> Result<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(held)) = self.fragments_held(id).await
+                && held > 0
+            {
+                return Ok(held);
+            }
+            if Instant::now() >= deadline {
+                bail!("worker {id:?} held no fragment within {timeout:?}");
+            }
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+    }
+
     /// Runs `batchctl` in this namespace and returns (exit status, stdout, stderr).
     pub async fn batchctl(&self, args: &[&str]) -> Result<(ExitStatus, String, String)> {
         let mut command = tokio::process::Command::new(bin_path(Bin::Batchctl));
@@ -614,7 +685,15 @@ impl TestEnv {
             properties = properties.with_message_id(ShortString::from(id));
         }
         let confirm = async {
-            self.publisher
+            // After a broker restart the test's publishing channel is gone: publish on a new one.
+            let fresh;
+            let publisher = if self.publisher.channel().status().connected() {
+                &self.publisher
+            } else {
+                fresh = self.broker.publisher().await?;
+                &fresh
+            };
+            publisher
                 .start_with(&self.names.jobs(), key, body, properties, true)
                 .await?
                 .wait()
@@ -911,8 +990,9 @@ impl Drop for TestEnv {
         // Drop cannot await, and may run inside the test's runtime: delete the namespace from a
         // thread of its own, with a runtime and connection of its own.
         let ns = self.ns.clone();
+        let url = self.url.clone();
         let ops = self.all_operations();
-        let cleanup = std::thread::spawn(move || delete_namespace_blocking(&ns, &ops));
+        let cleanup = std::thread::spawn(move || delete_namespace_blocking(&url, &ns, &ops));
         match cleanup.join() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => eprintln!("could not delete namespace: {e:#}"),
@@ -921,12 +1001,12 @@ impl Drop for TestEnv {
     }
 }
 
-fn delete_namespace_blocking(ns: &str, ops: &[String]) -> Result<()> {
+fn delete_namespace_blocking(url: &str, ns: &str, ops: &[String]) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let broker = Broker::new(&BrokerArgs::new(amqp_url(), ns), "batchq-tests-cleanup")?;
+        let broker = Broker::new(&BrokerArgs::new(url, ns), "batchq-tests-cleanup")?;
         let channel = broker.channel().await?;
         let ops: Vec<&str> = ops.iter().map(String::as_str).collect();
         tokio::time::timeout(
@@ -1040,8 +1120,10 @@ impl StatusLog {
 // ---------------------------------------------------------------------------------------------
 // RPC
 
-/// A client of the reducer's RPC queue, replies through RabbitMQ's direct reply-to.
+/// A client of the reducer's RPC queue, replies through RabbitMQ's direct reply-to. A channel
+/// that broke (the broker restarted) is replaced by a new one at the next call.
 pub struct RpcClient {
+    broker: Broker,
     /// One request at a time: replies on the channel are matched by correlation id.
     inner: tokio::sync::Mutex<RpcInner>,
 }
@@ -1056,6 +1138,20 @@ const REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 impl RpcClient {
     pub async fn open(broker: &Broker) -> Result<Self> {
+        Ok(Self {
+            broker: broker.clone(),
+            inner: tokio::sync::Mutex::new(RpcInner::open(broker).await?),
+        })
+    }
+
+    async fn close(&self) {
+        let inner = self.inner.lock().await;
+        let _ = inner.channel.close(200, "test over".into()).await;
+    }
+}
+
+impl RpcInner {
+    async fn open(broker: &Broker) -> Result<Self> {
         let channel = broker.channel().await?;
         // Direct reply-to: consume the pseudo-queue (no_ack) before publishing on this channel.
         let replies = channel
@@ -1070,22 +1166,25 @@ impl RpcClient {
             )
             .await?;
         Ok(Self {
-            inner: tokio::sync::Mutex::new(RpcInner {
-                channel,
-                replies,
-                next_id: 0,
-            }),
+            channel,
+            replies,
+            next_id: 0,
         })
     }
+}
 
-    async fn close(&self) {
-        let inner = self.inner.lock().await;
-        let _ = inner.channel.close(200, "test over".into()).await;
-    }
-
+impl RpcClient {
     /// One request and its reply, within [`RPC_TIMEOUT`].
     pub async fn call(&self, names: &Names, request: &Request) -> Result<Response> {
         let mut inner = self.inner.lock().await;
+        if !inner.channel.status().connected() {
+            let next_id = inner.next_id;
+            *inner = tokio::time::timeout(RPC_TIMEOUT, RpcInner::open(&self.broker))
+                .await
+                .context("reopening the RPC channel timed out")?
+                .context("reopening the RPC channel")?;
+            inner.next_id = next_id;
+        }
         inner.next_id += 1;
         let correlation = format!("rpc-{}", inner.next_id);
         let body = serde_json::to_vec(request)?;

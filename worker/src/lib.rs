@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use common::broker::{Broker, BrokerError, Publisher, json_properties, transient_json_properties};
+use common::broker::{
+    Broker, BrokerError, Publisher, answered, json_properties, transient_json_properties,
+};
 use common::config::BrokerArgs;
 use common::consume::consume;
 use common::lapin::message::Delivery;
@@ -26,7 +28,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use crate::operation::{OpError, OpInput, Operation, Registry};
+pub use crate::operation::{OpError, OpInput, OpMetrics, Operation, Registry};
 use crate::runner::{CancelledJobs, run_fragment};
 
 /// Settings of a worker.
@@ -50,6 +52,13 @@ pub struct WorkerConfig {
         default_value_t = 2000
     )]
     pub heartbeat_ms: u64,
+
+    /// Retire after this long, as on SIGTERM: stop taking fragments, finish the operation in
+    /// hand, report what ran, hand the rest back, exit 0. For short-lived compute instances.
+    /// An integer with a unit, `s`, `m` or `h` (`90s`, `30m`, `12h`); a bare integer is
+    /// seconds. Unset: no limit.
+    #[arg(long = "max-lifetime", env = "BATCHQ_MAX_LIFETIME", value_parser = parse_lifetime)]
+    pub max_lifetime: Option<Duration>,
 }
 
 impl WorkerConfig {
@@ -59,8 +68,31 @@ impl WorkerConfig {
             prefetch: 4,
             operations: None,
             heartbeat_ms: 2000,
+            max_lifetime: None,
         }
     }
+}
+
+/// Parses `--max-lifetime`: an integer followed by `s`, `m` or `h`, or a bare integer of
+/// seconds. Zero is refused: a worker that retires at once is a mistake, not a setting.
+pub fn parse_lifetime(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (digits, unit_secs) = match text.char_indices().last() {
+        Some((at, 's')) => (&text[..at], 1),
+        Some((at, 'm')) => (&text[..at], 60),
+        Some((at, 'h')) => (&text[..at], 3600),
+        _ => (text, 1),
+    };
+    let amount: u64 = digits.parse().map_err(|_| {
+        format!("{text:?} is not a lifetime: write an integer with s, m or h (90s, 30m, 12h)")
+    })?;
+    if amount == 0 {
+        return Err("a max lifetime must be longer than zero".into());
+    }
+    amount
+        .checked_mul(unit_secs)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} is too long a lifetime"))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,8 +174,26 @@ pub async fn run(
         held: std::sync::Mutex::default(),
     });
     let broker = Broker::new(&config.broker, "batchq-worker")?;
-    tracing::info!(worker = %state.id, operations = ?state.registry.names(), prefetch = state.prefetch, "worker starting");
-    supervise("worker", &shutdown, || session(&broker, &state, &shutdown)).await?;
+    tracing::info!(worker = %state.id, operations = ?state.registry.names(), prefetch = state.prefetch, max_lifetime_s = config.max_lifetime.map(|l| l.as_secs()), "worker starting");
+    // Reaching the max lifetime is a shutdown like SIGTERM, from the inside.
+    let retire = shutdown.child_token();
+    let lifetime = config.max_lifetime.map(|lifetime| {
+        let retire = retire.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = retire.cancelled() => {}
+                _ = tokio::time::sleep(lifetime) => {
+                    tracing::info!(max_lifetime_s = lifetime.as_secs(), "max lifetime reached; retiring gracefully");
+                    retire.cancel();
+                }
+            }
+        })
+    });
+    let outcome = supervise("worker", &retire, || session(&broker, &state, &retire)).await;
+    if let Some(timer) = lifetime {
+        timer.abort();
+    }
+    outcome?;
     tracing::info!(worker = %state.id, "worker stopped");
     Ok(())
 }
@@ -171,29 +221,45 @@ async fn session(
     let session = broker.session().await?;
     let publisher = session.publisher().await?;
     let channel = session.consumer_channel(state.prefetch).await?;
+    // Tasks report broker failures here; one ends the session.
+    let (failed_tx, mut failed_rx) = mpsc::channel::<BrokerError>(1);
     let mut streams = Vec::new();
     let mut tags = Vec::new();
     for operation in state.registry.names() {
-        declare_work_queue(&channel, &names, &operation)
-            .await
-            .map_err(BrokerError::from)?;
+        answered(
+            &format!("the declaration of {}", names.work_queue(&operation)),
+            declare_work_queue(&channel, &names, &operation),
+        )
+        .await?;
         let tag = format!("{}:{operation}", state.id);
-        streams.push(consume(&channel, &names.work_queue(&operation), &tag).await?);
+        let consumer = consume(&channel, &names.work_queue(&operation), &tag).await?;
+        // `select_all` silently drops a stream that ends; an operation whose consumer the
+        // broker cancelled would never be served again. Its end ends the session instead.
+        streams.push(
+            consumer
+                .map(|next| next.map_err(BrokerError::from))
+                .chain(futures::stream::once(async {
+                    Err(BrokerError::ConsumerEnded)
+                }))
+                .boxed(),
+        );
         tags.push(tag);
     }
-    let control = listen_to_control(&session, &names, state).await?;
+    let control = listen_to_control(&session, &names, state, failed_tx.clone()).await?;
     let mut deliveries = futures::stream::select_all(streams);
+    tracing::info!(worker = %state.id, queues = tags.len(), "consuming");
 
-    // Tasks report broker failures here; one ends the session.
-    let (failed_tx, mut failed_rx) = mpsc::channel::<BrokerError>(1);
     let tracker = TaskTracker::new();
     let running = Arc::new(Semaphore::new(usize::from(state.prefetch)));
+    // Cancelled on shutdown, and when the session breaks: fragments in hand then stop at
+    // their next operation boundary instead of running on for a report that cannot be sent.
     let session_stop = shutdown.child_token();
     let heartbeat = tokio::spawn(heartbeats(
         publisher.clone(),
         names.clone(),
         Arc::clone(state),
         session_stop.clone(),
+        failed_tx.clone(),
     ));
 
     let result = loop {
@@ -202,9 +268,9 @@ async fn session(
             Some(error) = failed_rx.recv() => break Err(WorkerError::from(error)),
             next = deliveries.next() => match next {
                 Some(Ok(delivery)) => {
-                    spawn_fragment(&tracker, delivery, &publisher, &names, state, &running, shutdown, &failed_tx);
+                    spawn_fragment(&tracker, delivery, &publisher, &names, state, &running, &session_stop, &failed_tx);
                 }
-                Some(Err(e)) => break Err(BrokerError::from(e).into()),
+                Some(Err(e)) => break Err(e.into()),
                 None => break Err(BrokerError::ConsumerEnded.into()),
             },
         }
@@ -223,9 +289,20 @@ async fn session(
             tokio::time::timeout(Duration::from_millis(200), deliveries.next()).await
         {
             spawn_fragment(
-                &tracker, delivery, &publisher, &names, state, &running, shutdown, &failed_tx,
+                &tracker,
+                delivery,
+                &publisher,
+                &names,
+                state,
+                &running,
+                &session_stop,
+                &failed_tx,
             );
         }
+    } else {
+        // What is in hand cannot be acknowledged on a broken session: stop it at once; the
+        // broker hands the fragments out again.
+        session_stop.cancel();
     }
     tracker.close();
     tracker.wait().await;
@@ -248,21 +325,21 @@ fn spawn_fragment(
     names: &Names,
     state: &Arc<WorkerState>,
     running: &Arc<Semaphore>,
-    shutdown: &CancellationToken,
+    stop: &CancellationToken,
     failed: &mpsc::Sender<BrokerError>,
 ) {
     let publisher = publisher.clone();
     let names = names.clone();
     let state = Arc::clone(state);
     let running = Arc::clone(running);
-    let shutdown = shutdown.clone();
+    let stop = stop.clone();
     let failed = failed.clone();
     // Fragments are published with their operation as routing key.
     let operation = delivery.routing_key.as_str().to_owned();
     state.hold(&operation, true);
     tracker.spawn(async move {
         let outcome = match running.acquire_owned().await {
-            Ok(_permit) => handle_fragment(&delivery, &publisher, &names, &state, &shutdown).await,
+            Ok(_permit) => handle_fragment(&delivery, &publisher, &names, &state, &stop).await,
             Err(_) => Ok(()),
         };
         state.hold(&operation, false);
@@ -273,13 +350,14 @@ fn spawn_fragment(
     });
 }
 
-/// Runs one delivered fragment, publishes its report (confirmed), then acks it.
+/// Runs one delivered fragment, publishes its report (confirmed), then acks it. `stop` cuts
+/// the fragment at its next operation boundary.
 async fn handle_fragment(
     delivery: &Delivery,
     publisher: &Publisher,
     names: &Names,
     state: &WorkerState,
-    shutdown: &CancellationToken,
+    stop: &CancellationToken,
 ) -> Result<(), BrokerError> {
     let fragment: Fragment = match serde_json::from_slice(&delivery.data) {
         Ok(fragment) => fragment,
@@ -299,7 +377,7 @@ async fn handle_fragment(
         operation.as_ref(),
         &state.id,
         &state.cancelled,
-        shutdown,
+        stop,
     )
     .await;
     tracing::debug!(job_id = %report.job_id, fragment = report.fragment, done = report.done, cut = ?report.cut, "fragment ended");
@@ -342,15 +420,19 @@ async fn dead_letter(
     Ok(())
 }
 
-/// Binds a private queue to `{ns}.control` and applies what arrives (cancellations).
+/// Binds a private queue to `{ns}.control` and applies what arrives (cancellations). The
+/// subscription ending (its channel closed) ends the session through `failed`, so the next
+/// session subscribes again instead of the worker going deaf to cancels.
 async fn listen_to_control(
     session: &common::broker::Session,
     names: &Names,
     state: &Arc<WorkerState>,
+    failed: mpsc::Sender<BrokerError>,
 ) -> Result<tokio::task::JoinHandle<()>, BrokerError> {
     let channel = session.consumer_channel(16).await?;
-    let queue = channel
-        .queue_declare(
+    let queue = answered(
+        "the declaration of the control queue",
+        channel.queue_declare(
             "".into(),
             QueueDeclareOptions {
                 exclusive: true,
@@ -358,19 +440,23 @@ async fn listen_to_control(
                 ..QueueDeclareOptions::default()
             },
             FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_bind(
+        ),
+    )
+    .await?;
+    answered(
+        "the control queue's binding",
+        channel.queue_bind(
             queue.name().clone(),
             names.control().into(),
             "".into(),
             QueueBindOptions::default(),
             FieldTable::default(),
-        )
-        .await?;
-    let mut consumer = channel
-        .basic_consume(
+        ),
+    )
+    .await?;
+    let mut consumer = answered(
+        "basic.consume on the control queue",
+        channel.basic_consume(
             queue.name().clone(),
             format!("{}:control", state.id).into(),
             BasicConsumeOptions {
@@ -378,11 +464,25 @@ async fn listen_to_control(
                 ..BasicConsumeOptions::default()
             },
             FieldTable::default(),
-        )
-        .await?;
+        ),
+    )
+    .await?;
     let state = Arc::clone(state);
     Ok(tokio::spawn(async move {
-        while let Some(Ok(delivery)) = consumer.next().await {
+        // The channel must live as long as its consumer.
+        let _channel = channel;
+        loop {
+            let delivery = match consumer.next().await {
+                Some(Ok(delivery)) => delivery,
+                Some(Err(e)) => {
+                    let _ = failed.try_send(e.into());
+                    return;
+                }
+                None => {
+                    let _ = failed.try_send(BrokerError::ConsumerEnded);
+                    return;
+                }
+            };
             match serde_json::from_slice::<Control>(&delivery.data) {
                 Ok(Control::Cancel { job_id }) => {
                     tracing::info!(%job_id, "job cancelled; its fragments stop at the next operation");
@@ -394,11 +494,14 @@ async fn listen_to_control(
     }))
 }
 
+/// Publishes a heartbeat every interval. A publish the channel refuses (it closed) ends the
+/// session through `failed`: a worker the reducer cannot hear must reconnect.
 async fn heartbeats(
     publisher: Publisher,
     names: Names,
     state: Arc<WorkerState>,
     stop: CancellationToken,
+    failed: mpsc::Sender<BrokerError>,
 ) {
     let mut tick = tokio::time::interval(state.heartbeat);
     loop {
@@ -423,7 +526,7 @@ async fn heartbeats(
             continue;
         };
         // A lost heartbeat is harmless; do not hold anything up waiting for its confirm.
-        if let Ok(pending) = publisher
+        match publisher
             .start(
                 &names.events(),
                 KEY_HEARTBEAT,
@@ -432,9 +535,55 @@ async fn heartbeats(
             )
             .await
         {
-            tokio::spawn(async move {
-                let _ = pending.wait().await;
-            });
+            Ok(pending) => {
+                tokio::spawn(async move {
+                    let _ = pending.wait().await;
+                });
+            }
+            Err(error) => {
+                let _ = failed.try_send(error);
+                return;
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifetimes_take_a_unit_or_mean_seconds() {
+        assert_eq!(parse_lifetime("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_lifetime("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_lifetime("12h"), Ok(Duration::from_secs(43_200)));
+        assert_eq!(parse_lifetime("45"), Ok(Duration::from_secs(45)));
+        assert_eq!(parse_lifetime(" 2m "), Ok(Duration::from_secs(120)));
+    }
+
+    #[test]
+    fn bad_lifetimes_are_refused_with_the_format() {
+        for text in ["", "m", "1.5h", "10d", "-5s", "5 s", "1h30m"] {
+            let error = parse_lifetime(text).expect_err(text);
+            assert!(error.contains("90s, 30m, 12h"), "{text:?}: {error}");
+        }
+        assert_eq!(
+            parse_lifetime("0s"),
+            Err("a max lifetime must be longer than zero".to_owned())
+        );
+        assert!(parse_lifetime("99999999999999999h").is_err());
+    }
+
+    #[test]
+    fn the_flag_and_the_variable_set_the_lifetime() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            config: WorkerConfig,
+        }
+        let cli = Cli::try_parse_from(["worker", "--max-lifetime", "30m"]).expect("valid flags");
+        assert_eq!(cli.config.max_lifetime, Some(Duration::from_secs(1800)));
+        assert!(Cli::try_parse_from(["worker", "--max-lifetime", "soon"]).is_err());
     }
 }
