@@ -40,7 +40,15 @@ impl Operation for Reverse {
         if text.is_empty() {
             return Err(OpError::new("empty item: nothing to reverse"));
         }
-        Ok(Value::String(text.chars().rev().collect()))
+        let reversed: String = text.chars().rev().collect();
+        // Metrics of the operation's own: they reach the reducer's MetricBatch records and
+        // its Prometheus endpoint (`batchq_user_reversed_chars_total`,
+        // `batchq_user_text_bytes`).
+        input
+            .metrics
+            .counter("reversed_chars", reversed.chars().count() as u64);
+        input.metrics.histogram("text_bytes", text.len() as f64);
+        Ok(Value::String(reversed))
     }
 }
 
