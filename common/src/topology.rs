@@ -23,9 +23,13 @@ pub const KEY_POISON: &str = "poison";
 /// Routing key on `{ns}.metrics`.
 pub const KEY_METRICS: &str = "batch";
 
-/// Deliveries of one fragment (or job message) after which the broker gives up on it: a
-/// message that kills its consumer this often is poison, not bad luck.
+/// Returns of one fragment (or job message) to its queue after which the broker gives up on
+/// it (`x-delivery-limit`): a message that kills its consumer this often is poison, not bad
+/// luck.
 pub const DELIVERY_LIMIT: i64 = 5;
+/// Deliveries a fragment gets before its work queue dead-letters it: the first, plus one per
+/// return the delivery limit allows.
+pub const MAX_DELIVERIES: i64 = DELIVERY_LIMIT + 1;
 /// How long a heartbeat or RPC request stays meaningful.
 pub const HEARTBEAT_TTL_MS: i64 = 15_000;
 pub const RPC_TTL_MS: i64 = 30_000;
@@ -285,7 +289,7 @@ pub async fn declare(channel: &Channel, names: &Names) -> Result<(), deadpool_la
 }
 
 /// Declares the work queue of one operation. A fragment that kills its worker
-/// [`DELIVERY_LIMIT`] times is dead-lettered to the reducer, which records it as failed.
+/// [`MAX_DELIVERIES`] times is dead-lettered to the reducer, which records it as failed.
 pub async fn declare_work_queue(
     channel: &Channel,
     names: &Names,

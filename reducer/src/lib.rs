@@ -185,7 +185,7 @@ fn poison_report(fragment: Fragment) -> FragmentReport {
     let error = format!(
         "fragment {} was delivered {} times and never finished: it killed or hung its workers",
         fragment.fragment,
-        common::topology::DELIVERY_LIMIT
+        common::topology::MAX_DELIVERIES
     );
     FragmentReport {
         job_id: fragment.job_id,

@@ -630,3 +630,170 @@ async fn a_second_sigterm_stops_a_worker_at_once() -> Result<()> {
     assert_eq!(status.fragments_done, 1);
     env.finish().await
 }
+
+// ---------------------------------------------------------------------------------------------
+// Poison fragments and many jobs at once
+
+/// The fault suite's own worker, with an operation that aborts the process on one item.
+fn poison_worker() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_poison_worker"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fragment_that_aborts_its_workers_is_failed_and_the_job_carries_on() -> Result<()> {
+    let mut env = TestEnv::new("abort-on").await?;
+    env.note_operation("abort_on");
+    env.start_splitter()?;
+    env.start_reducer()?;
+    // One fragment per worker at a time, so only the poison fragment dies with its worker.
+    let opts = WorkerOpts {
+        operations: Some(vec!["abort_on".into()]),
+        ..WorkerOpts::prefetch(1)
+    };
+    let workers = [
+        env.start_worker_program(poison_worker(), opts.clone())?,
+        env.start_worker_program(poison_worker(), opts)?,
+    ];
+    env.wait_for_workers(2, Duration::from_secs(20)).await?;
+    // Fragments of 3: item 7 (in fragment 6..9) aborts every worker that runs it.
+    let job_id = env
+        .submit(&json!({
+            "job_id": env.job_id("abort-on"),
+            "operation": "abort_on",
+            "params": {"item": 7},
+            "range": {"start": 0, "end": 30},
+            "fragment_size": 3,
+            "max_concurrent_fragments": 4,
+            "tolerated_failure_percent": 20,
+        }))
+        .await?;
+    // Stand in for a process supervisor: bring back every worker that died.
+    let deadline = Instant::now() + JOB_TIMEOUT;
+    let mut restarts = 0;
+    let status = loop {
+        for &worker in &workers {
+            if !env.is_running(worker) {
+                env.restart(worker)?;
+                restarts += 1;
+            }
+        }
+        if let Some(status) = env.status(&job_id).await?
+            && status.state.is_terminal()
+        {
+            break status;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "poison job not finished after {restarts} restarts"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // The whole fragment 6..9 is failed, the other 27 operations succeeded.
+    assert_counts(&status, JobState::Succeeded, 27, 3);
+    let results = env.results(&job_id).await?;
+    assert_one_per_index(&results, 30);
+    for line in &results {
+        match (line.index(), line) {
+            (6..=8, ResultLine::Err { error, .. }) => assert!(
+                error.contains("delivered 6 times and never finished"),
+                "{error}"
+            ),
+            (i, ResultLine::Ok { result, .. }) => assert_eq!(result, &json!(i)),
+            (_, other) => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    // The delivery limit (5 returns) bounds the damage: the fragment killed a worker on each
+    // of its 6 deliveries, never more (its failures are final, not retried).
+    assert_eq!(restarts, 6, "workers killed by the poison fragment");
+    env.finish().await
+}
+
+/// A deterministic stream of numbers for the test's choices (sizes, victims), so a failing
+/// run can be repeated.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % below
+    }
+}
+
+const CONCURRENT_JOBS: usize = 100;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_jobs_with_random_worker_kills_are_all_exact() -> Result<()> {
+    let began = Instant::now();
+    let mut env = TestEnv::new("hundred").await?;
+    env.start_splitter()?;
+    env.start_reducer()?;
+    let mut live: Vec<ProcId> = Vec::new();
+    for _ in 0..3 {
+        live.push(env.start_worker(WorkerOpts::prefetch(4))?);
+    }
+    env.wait_for_workers(3, Duration::from_secs(20)).await?;
+    let mut rng = Lcg(0x5eed_f00d);
+    // Mixed sizes (1 to 200 operations), fragment sizes (given or sized by batchq), windows;
+    // even jobs hash items (results checked), odd ones sleep a little (to be in flight).
+    let mut jobs = Vec::new();
+    for i in 0..CONCURRENT_JOBS {
+        let ops = 1 + rng.next(200);
+        let mut spec = if i % 2 == 0 {
+            json!({
+                "job_id": env.job_id(&format!("hash-{i}")),
+                "operation": "sha256",
+                "params": {"rounds": 2},
+                "items": (0..ops).map(|k| json!(format!("job{i}-item{k}"))).collect::<Vec<_>>(),
+            })
+        } else {
+            json!({
+                "job_id": env.job_id(&format!("sleep-{i}")),
+                "operation": "sleep",
+                "params": {"ms": 5},
+                "range": {"start": 0, "end": ops},
+            })
+        };
+        if rng.next(3) > 0 {
+            spec["fragment_size"] = json!(1 + rng.next(20));
+        }
+        spec["max_concurrent_fragments"] = json!(1 + rng.next(8));
+        let job_id = env.submit(&spec).await?;
+        jobs.push((job_id, ops, spec));
+    }
+    // Kill a random worker every 400 ms while the jobs run, six times, starting a replacement.
+    for kill in 0..6 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let victim = live.remove(rng.next(live.len() as u64) as usize);
+        env.kill(victim, Signal::Kill)?;
+        live.push(env.start_worker(WorkerOpts::prefetch(4))?);
+        eprintln!("kill {kill} at {:.1?}", began.elapsed());
+    }
+    let mut total_ops = 0;
+    for (job_id, ops, spec) in &jobs {
+        let status = env.wait_for_terminal(job_id, JOB_TIMEOUT).await?;
+        assert_counts(&status, JobState::Succeeded, *ops, 0);
+        let results = env.results(job_id).await?;
+        assert_one_per_index(&results, *ops);
+        if let Some(items) = spec["items"].as_array() {
+            for (line, item) in results.iter().zip(items) {
+                assert_eq!(
+                    line,
+                    &ResultLine::Ok {
+                        index: line.index(),
+                        result: Value::String(sha256_hex(&text_of(item), 2)),
+                    },
+                    "{job_id}"
+                );
+            }
+        }
+        total_ops += ops;
+    }
+    eprintln!(
+        "figures: {CONCURRENT_JOBS} jobs, {total_ops} operations, 6 worker kills, all exact, {:.1?}",
+        began.elapsed()
+    );
+    env.finish().await
+}
