@@ -19,7 +19,63 @@ const UNKNOWN_GRACE: Duration = Duration::from_secs(60);
 
 enum Display {
     Bar(ProgressBar),
-    Lines { last: Option<Instant> },
+    Lines {
+        last: Option<Instant>,
+        rate: RateWindow,
+    },
+}
+
+/// The current speed of a job: operations finished over the last [`RateWindow::SPAN`], so it
+/// follows the job's speed now rather than its average since the start.
+#[derive(Debug, Default)]
+struct RateWindow {
+    samples: std::collections::VecDeque<(Instant, u64)>,
+}
+
+impl RateWindow {
+    const SPAN: Duration = Duration::from_secs(10);
+
+    fn add(&mut self, at: Instant, done: u64) {
+        self.samples.push_back((at, done));
+        while self
+            .samples
+            .front()
+            .is_some_and(|(t, _)| at.duration_since(*t) > Self::SPAN)
+            && self.samples.len() > 2
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Operations per second over the window; `None` until two samples apart in time.
+    fn per_second(&self) -> Option<f64> {
+        let (t0, d0) = self.samples.front()?;
+        let (t1, d1) = self.samples.back()?;
+        let seconds = t1.duration_since(*t0).as_secs_f64();
+        (seconds > 0.0).then(|| d1.saturating_sub(*d0) as f64 / seconds)
+    }
+
+    /// Time left for `remaining` operations at the current speed.
+    fn eta(&self, remaining: u64) -> Option<Duration> {
+        let rate = self.per_second()?;
+        (rate > 0.0).then(|| Duration::from_secs_f64(remaining as f64 / rate))
+    }
+}
+
+fn format_eta(eta: Option<Duration>) -> String {
+    match eta {
+        None => "?".to_owned(),
+        Some(d) => {
+            let secs = d.as_secs();
+            if secs >= 3600 {
+                format!("{}h{:02}m", secs / 3600, secs % 3600 / 60)
+            } else if secs >= 60 {
+                format!("{}m{:02}s", secs / 60, secs % 60)
+            } else {
+                format!("{:.1}s", d.as_secs_f64())
+            }
+        }
+    }
 }
 
 impl Display {
@@ -36,7 +92,10 @@ impl Display {
             bar.enable_steady_tick(Duration::from_millis(200));
             Display::Bar(bar)
         } else {
-            Display::Lines { last: None }
+            Display::Lines {
+                last: None,
+                rate: RateWindow::default(),
+            }
         }
     }
 
@@ -51,25 +110,28 @@ impl Display {
                     status.state, status.ops_failed, status.fragments_in_flight
                 ));
             }
-            Display::Lines { last } => {
+            Display::Lines { last, rate } => {
+                let now = Instant::now();
+                rate.add(now, done);
                 let due = last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
                 if due || status.state.is_terminal() {
-                    *last = Some(Instant::now());
+                    *last = Some(now);
                     let elapsed = started.elapsed().as_secs_f64();
-                    let rate = if elapsed > 0.0 {
-                        done as f64 / elapsed
+                    let eta = if status.state.is_terminal() {
+                        Some(Duration::ZERO)
                     } else {
-                        0.0
+                        rate.eta(status.ops_total.saturating_sub(done))
                     };
                     eprintln!(
-                        "{:>7.1}s  {}  {}/{} ops ({})  {} failed  {:.0} ops/s  {} fragments out",
+                        "{:>7.1}s  {}  {}/{} ops ({})  {} failed  {:.0} ops/s  ETA {}  {} fragments out",
                         elapsed,
                         status.state,
                         done,
                         status.ops_total,
                         crate::table::percent(status),
                         status.ops_failed,
-                        rate,
+                        rate.per_second().unwrap_or(0.0),
+                        format_eta(eta),
                         status.fragments_in_flight
                     );
                 }
@@ -176,5 +238,38 @@ pub async fn watch(
             return Ok(status.state);
         }
         latest = Some(status);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_follows_the_recent_speed() {
+        let start = Instant::now();
+        let mut window = RateWindow::default();
+        assert_eq!(window.per_second(), None);
+        // 100 ops/s for 20 s, then 1000 ops/s for 10 s: the window sees only the latter.
+        let mut done = 0;
+        for s in 0..=20 {
+            done = s * 100;
+            window.add(start + Duration::from_secs(s), done);
+        }
+        for s in 21..=30 {
+            done += 1000;
+            window.add(start + Duration::from_secs(s), done);
+        }
+        let rate = window.per_second().unwrap_or_default();
+        assert!((rate - 1000.0).abs() < 1e-6, "{rate}");
+        assert_eq!(window.eta(5000), Some(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn eta_reads_like_a_duration() {
+        assert_eq!(format_eta(None), "?");
+        assert_eq!(format_eta(Some(Duration::from_millis(4200))), "4.2s");
+        assert_eq!(format_eta(Some(Duration::from_secs(125))), "2m05s");
+        assert_eq!(format_eta(Some(Duration::from_secs(7300))), "2h01m");
     }
 }
