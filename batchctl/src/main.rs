@@ -15,8 +15,7 @@ use common::broker::{Broker, json_properties};
 use common::config::BrokerArgs;
 use common::contract::{CancelRequest, JobState, JobStatus};
 use common::jobspec::{ParseLimits, parse_job_spec};
-use common::lapin::options::QueueDeclareOptions;
-use common::lapin::types::{FieldTable, ShortString};
+use common::lapin::types::ShortString;
 use common::rpc::RpcClient;
 use common::topology::{BUILTIN_OPERATIONS, KEY_CANCEL, KEY_SUBMIT};
 use common::wire::{Request, Response};
@@ -363,30 +362,20 @@ async fn queues(broker: &Broker, timeout: Duration, json: bool) -> anyhow::Resul
             Some(held.get(op).copied().unwrap_or(0)),
         )
     }));
-    let mut rows = Vec::new();
-    let mut channel = broker.channel().await?;
-    for (queue, unacknowledged) in queue_names {
-        let declared = channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        match declared {
-            Ok(q) => rows.push(table::QueueRow {
+    let names_only: Vec<String> = queue_names.iter().map(|(q, _)| q.clone()).collect();
+    let peeks = common::broker::peek_queues(&names_only, || broker.channel()).await?;
+    let rows: Vec<table::QueueRow> = queue_names
+        .into_iter()
+        .zip(peeks)
+        .filter_map(|((queue, unacknowledged), peek)| {
+            peek.map(|p| table::QueueRow {
                 queue,
-                ready: u64::from(q.message_count()),
+                ready: p.ready,
                 unacknowledged,
-                consumers: u64::from(q.consumer_count()),
-            }),
-            // A queue that does not exist closes the channel; open another for the next.
-            Err(_) => channel = broker.channel().await?,
-        }
-    }
+                consumers: p.consumers,
+            })
+        })
+        .collect();
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {

@@ -7,8 +7,6 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail};
 use common::broker::{Broker, BrokerError};
 use common::contract::{JobState, JobStatus};
-use common::lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-use common::lapin::types::FieldTable;
 use common::rpc::RpcClient;
 use common::wire::{Request, Response};
 use futures::StreamExt;
@@ -155,40 +153,13 @@ pub async fn watch(
 ) -> anyhow::Result<JobState> {
     // Subscribe before the first query, so no change falls between the two.
     let channel = broker.channel().await?;
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(BrokerError::from)?;
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            broker.names().status().into(),
-            format!("job.{job_id}.*").into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(BrokerError::from)?;
-    let mut updates = channel
-        .basic_consume(
-            queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(BrokerError::from)?;
+    let mut updates = common::consume::subscribe(
+        &channel,
+        &broker.names().status(),
+        &format!("job.{job_id}.*"),
+        "",
+    )
+    .await?;
     let mut rpc = RpcClient::connect(broker, timeout).await?;
     let started = Instant::now();
     let mut display = Display::new();

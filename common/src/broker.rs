@@ -382,3 +382,51 @@ pub async fn wait_all(pending: Vec<PendingConfirm>) -> Result<(), BrokerError> {
     }
     Ok(())
 }
+
+/// What a passive declare tells of a queue, without the management plugin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueuePeek {
+    pub ready: u64,
+    pub consumers: u64,
+}
+
+/// Peeks at each of `queues` with a passive declare, on channels from `open`: a queue that
+/// does not exist closes the channel it was asked on, so another is opened for the next one.
+/// `None` for a queue that does not exist.
+pub async fn peek_queues<F, Fut>(
+    queues: &[String],
+    mut open: F,
+) -> Result<Vec<Option<QueuePeek>>, BrokerError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Channel, BrokerError>>,
+{
+    let mut peeks = Vec::with_capacity(queues.len());
+    let mut channel = open().await?;
+    for queue in queues {
+        let declared = answered(
+            &format!("the passive declaration of {queue}"),
+            channel.queue_declare(
+                queue.as_str().into(),
+                deadpool_lapin::lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                deadpool_lapin::lapin::types::FieldTable::default(),
+            ),
+        )
+        .await;
+        match declared {
+            Ok(q) => peeks.push(Some(QueuePeek {
+                ready: u64::from(q.message_count()),
+                consumers: u64::from(q.consumer_count()),
+            })),
+            Err(_) => {
+                peeks.push(None);
+                channel = open().await?;
+            }
+        }
+    }
+    let _ = channel.close(200, "done".into()).await;
+    Ok(peeks)
+}

@@ -2,7 +2,7 @@
 
 use deadpool_lapin::lapin::message::Delivery;
 use deadpool_lapin::lapin::options::BasicAckOptions;
-use deadpool_lapin::lapin::options::BasicConsumeOptions;
+use deadpool_lapin::lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use deadpool_lapin::lapin::types::FieldTable;
 use deadpool_lapin::lapin::{Channel, Consumer};
 use futures::{FutureExt, StreamExt};
@@ -18,6 +18,54 @@ pub async fn consume(channel: &Channel, queue: &str, tag: &str) -> Result<Consum
             queue.into(),
             tag.into(),
             BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+}
+
+/// Subscribes to `exchange` with `routing_key` on a private queue (server-named, exclusive,
+/// deleted with the channel) and consumes it without acknowledgements: for broadcasts and
+/// status streams, where a message missed while not listening is not owed to this listener.
+pub async fn subscribe(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    tag: &str,
+) -> Result<Consumer, BrokerError> {
+    let queue = crate::broker::answered(
+        &format!("the declaration of a private queue for {exchange}"),
+        channel.queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    crate::broker::answered(
+        &format!("the binding of a private queue to {exchange}"),
+        channel.queue_bind(
+            queue.name().clone(),
+            exchange.into(),
+            routing_key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    crate::broker::answered(
+        &format!("basic.consume on a private queue of {exchange}"),
+        channel.basic_consume(
+            queue.name().clone(),
+            tag.into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
             FieldTable::default(),
         ),
     )

@@ -25,8 +25,7 @@ use common::broker::{Broker, Publisher};
 use common::config::BrokerArgs;
 use common::contract::{JobState, JobStatus, ResultLine};
 use common::lapin::options::{
-    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, QueueDeclareOptions,
 };
 use common::lapin::types::{AMQPValue, FieldTable, ShortString};
 use common::lapin::{BasicProperties, Channel};
@@ -612,6 +611,36 @@ impl TestEnv {
         proc.spawn(&log_dir)
     }
 
+    /// Waits for `job_id` to end while standing in for a process supervisor: each process of
+    /// `procs` found dead is started again. Returns the final status and the restarts made.
+    pub async fn wait_restarting(
+        &mut self,
+        job_id: &str,
+        procs: &[ProcId],
+        timeout: Duration,
+    ) -> Result<(JobStatus, usize)> {
+        let deadline = Instant::now() + timeout;
+        let mut restarts = 0;
+        loop {
+            for &id in procs {
+                if !self.is_running(id) {
+                    self.restart(id)?;
+                    restarts += 1;
+                }
+            }
+            if let Some(status) = self.status(job_id).await?
+                && status.state.is_terminal()
+            {
+                return Ok((status, restarts));
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "job {job_id} not finished after {restarts} restarts"
+            );
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+    }
+
     /// Pids of every live worker process started by this test.
     pub fn worker_pids(&self) -> Vec<u32> {
         self.procs
@@ -798,37 +827,13 @@ impl TestEnv {
     /// Starts collecting every JobStatus published on `{ns}.status` (`job.#`).
     pub async fn subscribe_status(&mut self) -> Result<StatusLog> {
         let channel = self.broker.channel().await?;
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .queue_bind(
-                queue.name().clone(),
-                self.names.status().into(),
-                "job.#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let mut consumer = channel
-            .basic_consume(
-                queue.name().clone(),
-                "batchq-tests-status".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        let mut consumer = common::consume::subscribe(
+            &channel,
+            &self.names.status(),
+            "job.#",
+            "batchq-tests-status",
+        )
+        .await?;
         let log = StatusLog::default();
         let entries = Arc::clone(&log.entries);
         let task = tokio::spawn(async move {

@@ -280,26 +280,7 @@ async fn fragment_that_kills_its_workers_counts_as_failed() -> Result<()> {
         }))
         .await?;
     // Stand in for a process supervisor: bring back every worker that died.
-    let deadline = Instant::now() + JOB_TIMEOUT;
-    let mut restarts = 0;
-    let status = loop {
-        for &worker in &workers {
-            if !env.is_running(worker) {
-                env.restart(worker)?;
-                restarts += 1;
-            }
-        }
-        if let Some(status) = env.status(&job_id).await?
-            && status.state.is_terminal()
-        {
-            break status;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "poison job not finished after {restarts} restarts"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let (status, restarts) = env.wait_restarting(&job_id, &workers, JOB_TIMEOUT).await?;
     eprintln!("{restarts} worker restarts; {status:?}");
     assert_counts(&status, JobState::Succeeded, 4, 1);
     assert!(

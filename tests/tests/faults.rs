@@ -668,26 +668,7 @@ async fn a_fragment_that_aborts_its_workers_is_failed_and_the_job_carries_on() -
         }))
         .await?;
     // Stand in for a process supervisor: bring back every worker that died.
-    let deadline = Instant::now() + JOB_TIMEOUT;
-    let mut restarts = 0;
-    let status = loop {
-        for &worker in &workers {
-            if !env.is_running(worker) {
-                env.restart(worker)?;
-                restarts += 1;
-            }
-        }
-        if let Some(status) = env.status(&job_id).await?
-            && status.state.is_terminal()
-        {
-            break status;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "poison job not finished after {restarts} restarts"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let (status, restarts) = env.wait_restarting(&job_id, &workers, JOB_TIMEOUT).await?;
     // The whole fragment 6..9 is failed, the other 27 operations succeeded.
     assert_counts(&status, JobState::Succeeded, 27, 3);
     let results = env.results(&job_id).await?;

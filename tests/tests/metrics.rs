@@ -7,10 +7,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use batchq_tests::{Signal, TestEnv, WorkerOpts, assert_counts, example_path, text_of};
 use common::contract::JobState;
-use common::lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions,
-};
-use common::lapin::types::FieldTable;
 use common::measure::MetricBatch;
 use common::topology::KEY_METRICS;
 use futures::StreamExt;
@@ -42,41 +38,19 @@ struct BatchLog {
 impl BatchLog {
     async fn open(env: &TestEnv) -> Result<Self> {
         let channel = env.broker().channel().await?;
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .queue_bind(
-                queue.name().clone(),
-                env.broker().names().metrics().into(),
-                KEY_METRICS.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let mut consumer = channel
-            .basic_consume(
-                queue.name().clone(),
-                "test-metrics".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let mut consumer = common::consume::subscribe(
+            &channel,
+            &env.broker().names().metrics(),
+            KEY_METRICS,
+            "test-metrics",
+        )
+        .await?;
         let batches = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::new()));
         let copies = std::sync::Arc::new(std::sync::Mutex::new(0));
         let (b, c) = (batches.clone(), copies.clone());
         let task = tokio::spawn(async move {
             let _channel = channel;
             while let Some(Ok(delivery)) = consumer.next().await {
-                let _ = delivery.ack(BasicAckOptions::default()).await;
                 if let Ok(batch) = serde_json::from_slice::<MetricBatch>(&delivery.data) {
                     let mut batches = b.lock().unwrap_or_else(|p| p.into_inner());
                     if batches.insert(batch.seq, batch).is_some() {

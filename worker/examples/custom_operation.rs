@@ -20,10 +20,9 @@
 //! `batchctl results JOB` then prints `"cba"`, `"olléh"`, `"24"` and `"}1:\"a\"{"`.
 
 use async_trait::async_trait;
-use clap::Parser;
 use common::jobspec::item_text;
 use serde_json::Value;
-use worker::{OpError, OpInput, Operation, Registry, WorkerConfig};
+use worker::{OpError, OpInput, Operation, Registry};
 
 /// Reverses `text(item)` (a string item as itself, anything else as its compact JSON) by
 /// Unicode scalar values. An empty text has nothing to reverse, and fails.
@@ -52,21 +51,10 @@ impl Operation for Reverse {
     }
 }
 
-/// batchq worker with a `reverse` operation besides the built-ins.
-#[derive(Parser)]
-#[command(version)]
-struct Cli {
-    #[command(flatten)]
-    config: WorkerConfig,
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    common::init_logging();
-    let cli = Cli::parse();
     let mut registry = Registry::with_builtins();
     registry.register(Reverse);
-    let shutdown = common::shutdown::on_signals();
-    worker::run(cli.config, registry, shutdown).await?;
+    worker::main_with(registry).await?;
     Ok(())
 }

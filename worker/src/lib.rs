@@ -16,10 +16,8 @@ use common::broker::{
 use common::config::BrokerArgs;
 use common::consume::consume;
 use common::lapin::message::Delivery;
-use common::lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions,
-};
-use common::lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use common::lapin::options::{BasicAckOptions, BasicCancelOptions};
+use common::lapin::types::{AMQPValue, LongString, ShortString};
 use common::supervise::{Retryable, supervise};
 use common::topology::{KEY_HEARTBEAT, KEY_REDUCER, Names, declare_work_queue};
 use common::wire::{Control, Fragment, Heartbeat};
@@ -139,6 +137,22 @@ impl WorkerState {
     fn held(&self) -> std::collections::BTreeMap<String, u64> {
         self.held.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
+}
+
+/// The whole `main` of a worker program: reads the worker's flags and environment (the same
+/// as the stock `worker` binary's), logs to stderr, stops gracefully on SIGTERM or SIGINT, and
+/// runs the operations of `registry` until then.
+pub async fn main_with(registry: Registry) -> Result<(), WorkerError> {
+    /// batchq worker: runs fragments of the operations it offers.
+    #[derive(clap::Parser)]
+    #[command(version)]
+    struct Cli {
+        #[command(flatten)]
+        config: WorkerConfig,
+    }
+    common::init_logging();
+    let cli = <Cli as clap::Parser>::parse();
+    run(cli.config, registry, common::shutdown::on_signals()).await
 }
 
 /// Runs a worker offering the operations of `registry` (restricted by `--operations`) until
@@ -430,41 +444,11 @@ async fn listen_to_control(
     failed: mpsc::Sender<BrokerError>,
 ) -> Result<tokio::task::JoinHandle<()>, BrokerError> {
     let channel = session.consumer_channel(16).await?;
-    let queue = answered(
-        "the declaration of the control queue",
-        channel.queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        ),
-    )
-    .await?;
-    answered(
-        "the control queue's binding",
-        channel.queue_bind(
-            queue.name().clone(),
-            names.control().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        ),
-    )
-    .await?;
-    let mut consumer = answered(
-        "basic.consume on the control queue",
-        channel.basic_consume(
-            queue.name().clone(),
-            format!("{}:control", state.id).into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        ),
+    let mut consumer = common::consume::subscribe(
+        &channel,
+        &names.control(),
+        "",
+        &format!("{}:control", state.id),
     )
     .await?;
     let state = Arc::clone(state);

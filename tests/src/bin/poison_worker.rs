@@ -4,9 +4,8 @@
 //! poison fragment.
 
 use async_trait::async_trait;
-use clap::Parser;
 use serde_json::Value;
-use worker::{OpError, OpInput, Operation, Registry, WorkerConfig};
+use worker::{OpError, OpInput, Operation, Registry};
 
 struct AbortOn;
 
@@ -24,18 +23,10 @@ impl Operation for AbortOn {
     }
 }
 
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    config: WorkerConfig,
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    common::init_logging();
-    let cli = Cli::parse();
     let mut registry = Registry::with_builtins();
     registry.register(AbortOn);
-    worker::run(cli.config, registry, common::shutdown::on_signals()).await?;
+    worker::main_with(registry).await?;
     Ok(())
 }
