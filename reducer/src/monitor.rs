@@ -10,8 +10,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::contract::{JobState, JobStatus};
-use common::lapin::options::QueueDeclareOptions;
-use common::lapin::types::FieldTable;
 use common::topology::Names;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use metrics_util::MetricKindMask;
@@ -191,34 +189,18 @@ pub async fn record_queues(
             Some(held.get(op).copied().unwrap_or(0)),
         )
     }));
-    let mut channel = session.plain_channel().await?;
-    for (queue, unacked) in queues {
-        let declared = channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        match declared {
-            Ok(q) => {
-                metrics::gauge!("batchq_queue_messages_ready", "queue" => queue.clone())
-                    .set(f64::from(q.message_count()));
-                metrics::gauge!("batchq_queue_consumers", "queue" => queue.clone())
-                    .set(f64::from(q.consumer_count()));
-                if let Some(unacked) = unacked {
-                    metrics::gauge!("batchq_queue_messages_unacked", "queue" => queue)
-                        .set(unacked as f64);
-                }
-            }
-            // A queue that does not exist closes the channel; open another for the next.
-            Err(_) => channel = session.plain_channel().await?,
+    let names_only: Vec<String> = queues.iter().map(|(q, _)| q.clone()).collect();
+    let peeks = common::broker::peek_queues(&names_only, || session.plain_channel()).await?;
+    for ((queue, unacked), peek) in queues.into_iter().zip(peeks) {
+        let Some(peek) = peek else { continue };
+        metrics::gauge!("batchq_queue_messages_ready", "queue" => queue.clone())
+            .set(peek.ready as f64);
+        metrics::gauge!("batchq_queue_consumers", "queue" => queue.clone())
+            .set(peek.consumers as f64);
+        if let Some(unacked) = unacked {
+            metrics::gauge!("batchq_queue_messages_unacked", "queue" => queue).set(unacked as f64);
         }
     }
-    let _ = channel.close(200, "done".into()).await;
     Ok(())
 }
 
