@@ -1,0 +1,673 @@
+//! batchq's benchmark: how close the pipeline comes to the limits measured in the same run on
+//! the same machine (issue 5).
+//!
+//! ```text
+//! cargo build --release --workspace --bins
+//! cargo run --release -p batchq-tests --bin bench -- [--quick] [--json PATH] [--only PARTS]
+//! ```
+//!
+//! Each part starts the real `splitter`, `reducer` and `worker` binaries of the bench's own
+//! profile folder in a namespace of its own (`bench-{part}-{8 hex}`) on `AMQP_URL`, and deletes
+//! that namespace at its end, whatever happened. A job that does not succeed with exact counts
+//! fails the run; the figures themselves are only reported (printed as a table, written as JSON
+//! to `target/bench/pipeline.json` by default), never asserted: they move with the machine.
+
+#[path = "../bench/compute.rs"]
+mod compute;
+#[path = "../bench/deployment.rs"]
+mod deployment;
+#[path = "../bench/procfs.rs"]
+mod procfs;
+#[path = "../bench/relay.rs"]
+mod relay;
+#[path = "../bench/report.rs"]
+mod report;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use common::broker::Broker;
+use common::config::BrokerArgs;
+use common::contract::ResultLine;
+use serde_json::json;
+
+use crate::deployment::{Deployment, JobRun, Programs};
+use crate::procfs::{CpuSample, CpuUsage};
+use crate::relay::RelaySettings;
+use crate::report::{CpuRow, Figure, Machine, PartInfo, Report, Target};
+
+const PARTS: [&str; 6] = [
+    "ceiling", "fragment", "noop", "compute", "scaling", "latency",
+];
+
+const USAGE: &str = "\
+usage: bench [--quick] [--json PATH] [--only PART,PART...]
+
+  --quick        every part at a small size (well under a minute)
+  --json PATH    where to write the figures (default target/bench/pipeline.json)
+  --only PARTS   run only these parts: ceiling, fragment, noop, compute, scaling, latency
+
+Build the binaries of the same profile first: cargo build [--release] --workspace --bins";
+
+#[derive(Debug)]
+struct Options {
+    quick: bool,
+    json: PathBuf,
+    parts: Vec<String>,
+}
+
+fn parse_args() -> Result<Option<Options>> {
+    let mut options = Options {
+        quick: false,
+        json: PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../target/bench/pipeline.json"
+        )),
+        parts: PARTS.iter().map(|p| (*p).to_owned()).collect(),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--quick" => options.quick = true,
+            "--json" => options.json = args.next().context("--json needs a path")?.into(),
+            "--only" => {
+                let parts: Vec<String> = args
+                    .next()
+                    .context("--only needs a list of parts")?
+                    .split(',')
+                    .map(|p| p.trim().to_owned())
+                    .filter(|p| !p.is_empty())
+                    .collect();
+                for part in &parts {
+                    ensure!(PARTS.contains(&part.as_str()), "unknown part {part:?}");
+                }
+                options.parts = parts;
+            }
+            "-h" | "--help" => return Ok(None),
+            other => bail!("unknown argument {other:?}"),
+        }
+    }
+    Ok(Some(options))
+}
+
+/// Sizes of one run.
+#[derive(Debug, Clone, Copy)]
+struct Sizes {
+    relay_messages: u64,
+    fragment_ops: u64,
+    noop_ops: u64,
+    sha_ops: u64,
+    /// Each scaling job holds this many seconds of ideal work.
+    scaling_seconds: f64,
+    latency_jobs: usize,
+}
+
+impl Sizes {
+    fn full() -> Self {
+        Self {
+            relay_messages: 20_000,
+            fragment_ops: 20_000,
+            noop_ops: 1_000_000,
+            sha_ops: 1_000_000,
+            scaling_seconds: 4.0,
+            latency_jobs: 100,
+        }
+    }
+
+    fn quick() -> Self {
+        Self {
+            relay_messages: 2_000,
+            fragment_ops: 2_000,
+            noop_ops: 50_000,
+            sha_ops: 50_000,
+            scaling_seconds: 1.0,
+            latency_jobs: 20,
+        }
+    }
+}
+
+/// What every part shares.
+struct Bench {
+    sizes: Sizes,
+    url: String,
+    programs: Programs,
+    broker_pid: Option<u32>,
+    ticks_per_second: f64,
+    report: Report,
+    /// Messages per second of the two-hop relay, once measured.
+    broker_ceiling: Option<f64>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let options = match parse_args() {
+        Ok(Some(options)) => options,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("bench: {e:#}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    // Ctrl-C drops the run, whose deployments then kill their processes and delete their
+    // namespaces.
+    let outcome = tokio::select! {
+        outcome = run(&options) => outcome,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench FAILED: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(options: &Options) -> Result<()> {
+    let started = Instant::now();
+    let programs = Programs::locate()?;
+    let url = batchq_tests::amqp_url();
+    let broker_pid = procfs::broker_pid(&url);
+    let machine = Machine {
+        cores: procfs::available_cores(),
+        cpu: cpu_model(),
+        profile: programs.profile(),
+        broker_pid,
+    };
+    let mode = if options.quick { "quick" } else { "full" };
+    println!(
+        "batchq bench ({mode}, {} profile) on {} cores ({}); broker {} (pid {}). Other \
+         processes of the machine share the cores: figures are noisy.",
+        machine.profile,
+        machine.cores,
+        machine.cpu,
+        common::config::redact_url(&url),
+        broker_pid.map_or("not found".to_owned(), |p| p.to_string()),
+    );
+    let mut bench = Bench {
+        sizes: if options.quick {
+            Sizes::quick()
+        } else {
+            Sizes::full()
+        },
+        url,
+        programs,
+        broker_pid,
+        ticks_per_second: procfs::clock_ticks_per_second(),
+        report: Report {
+            mode: mode.to_owned(),
+            started_at: common::timefmt::format_ms(common::timefmt::now_ms()),
+            machine,
+            parts: Vec::new(),
+            figures: Vec::new(),
+            cpu: Vec::new(),
+            seconds: 0.0,
+        },
+        broker_ceiling: None,
+    };
+    for part in PARTS {
+        if !options.parts.iter().any(|p| p == part) {
+            continue;
+        }
+        let part_started = Instant::now();
+        let settings = match part {
+            "ceiling" => bench.ceiling().await,
+            "fragment" => bench.per_fragment().await,
+            "noop" => bench.per_operation().await,
+            "compute" => bench.compute().await,
+            "scaling" => bench.scaling().await,
+            _ => bench.latency().await,
+        }
+        .with_context(|| format!("part {part}"))?;
+        let seconds = part_started.elapsed().as_secs_f64();
+        println!("   ({part}: {seconds:.1} s)");
+        bench.report.parts.push(PartInfo {
+            part: part.to_owned(),
+            settings,
+            seconds,
+        });
+    }
+    bench.report.seconds = started.elapsed().as_secs_f64();
+    println!("\n{}", bench.report.table());
+    println!("CPU while each measured job ran (100% = one core; machine = every process):");
+    println!("{}", bench.report.cpu_table());
+    bench.report.write_json(&options.json)?;
+    println!(
+        "figures written to {}; whole run {:.1} s",
+        options.json.display(),
+        bench.report.seconds
+    );
+    Ok(())
+}
+
+impl Bench {
+    fn figure(&mut self, figure: Figure) {
+        println!(
+            "   {}: {} {}{}",
+            figure.name,
+            report::number(figure.value),
+            figure.unit,
+            figure
+                .ratio
+                .map_or(String::new(), |r| format!(" (ratio {r:.2})"))
+        );
+        self.report.figures.push(figure);
+    }
+
+    fn announce(part: &str, settings: &str) {
+        println!("== {part}: {settings}");
+    }
+
+    /// Processes whose CPU is watched: the deployment's, the bench itself and the broker.
+    fn watched(&self, deployment: Option<&Deployment>) -> Vec<(String, u32)> {
+        let mut watched = deployment.map(Deployment::pids).unwrap_or_default();
+        watched.push(("bench".to_owned(), std::process::id()));
+        if let Some(pid) = self.broker_pid {
+            watched.push(("broker".to_owned(), pid));
+        }
+        watched
+    }
+
+    fn record_cpu(&mut self, part: &str, job: &str, before: &CpuSample, after: &CpuSample) {
+        self.report.cpu.push(CpuRow {
+            part: part.to_owned(),
+            job: job.to_owned(),
+            usage: CpuUsage::between(before, after, self.ticks_per_second),
+        });
+    }
+
+    /// Runs one measured job with its CPU watched.
+    async fn measured_job(
+        &mut self,
+        deployment: &mut Deployment,
+        job: &str,
+        spec: &serde_json::Value,
+    ) -> Result<JobRun> {
+        let ops = spec["range"]["end"].as_u64().unwrap_or(0);
+        let watched = self.watched(Some(deployment));
+        let before = CpuSample::take(&watched);
+        let run = deployment.run_job(spec, job_timeout(ops)).await?;
+        let after = CpuSample::take(&watched);
+        self.record_cpu(&deployment.part.clone(), job, &before, &after);
+        Ok(run)
+    }
+
+    // --- parts --------------------------------------------------------------------------------
+
+    async fn ceiling(&mut self) -> Result<String> {
+        let settings = RelaySettings {
+            messages: self.sizes.relay_messages,
+            body_bytes: 256,
+            confirm_window: 256,
+            prefetch: 64,
+        };
+        let text = format!(
+            "two-hop lapin relay, {} persistent messages of {} bytes, quorum queues, confirms \
+             in a window of {}, prefetch {}, multiple-acks",
+            settings.messages, settings.body_bytes, settings.confirm_window, settings.prefetch
+        );
+        Self::announce("broker ceiling", &text);
+        let mut deployment = Deployment::new("ceiling", &self.url, &self.programs).await?;
+        let ns = deployment.names.namespace().to_owned();
+        for hop in ["a", "b"] {
+            deployment.delete_also(relay::relay_queue(&ns, hop));
+        }
+        let watched = self.watched(None);
+        let before = CpuSample::take(&watched);
+        let outcome = async {
+            // A session of its own: the relay takes every connection of its pool.
+            let broker = Broker::new(
+                &BrokerArgs::new(deployment.url(), ns.as_str()),
+                "batchq-bench-relay",
+            )?;
+            relay::run(&broker, &settings, Duration::from_secs(300)).await
+        }
+        .await;
+        let after = CpuSample::take(&watched);
+        let per_second = deployment.conclude(outcome).await?;
+        self.record_cpu("ceiling", "relay", &before, &after);
+        self.broker_ceiling = Some(per_second);
+        self.figure(Figure::new(
+            "ceiling",
+            "broker ceiling (two-hop relay)",
+            per_second,
+            "msg/s",
+        ));
+        Ok(text)
+    }
+
+    async fn per_fragment(&mut self) -> Result<String> {
+        let (workers, prefetch, window) = (1, 64, 256);
+        let ops = self.sizes.fragment_ops;
+        let text = format!(
+            "{ops} noop, fragment_size 1, max_concurrent_fragments {window}, \
+             collect_results false; {workers} worker of prefetch {prefetch}"
+        );
+        Self::announce("per-fragment overhead", &text);
+        let mut deployment = Deployment::new("fragment", &self.url, &self.programs).await?;
+        let outcome = async {
+            deployment.start_spine(workers, prefetch).await?;
+            let spec = json!({
+                "job_id": deployment.job_id("fragments"),
+                "operation": "noop",
+                "range": {"start": 0, "end": ops},
+                "fragment_size": 1,
+                "max_concurrent_fragments": window,
+                "collect_results": false,
+            });
+            self.measured_job(&mut deployment, "noop fs=1", &spec).await
+        }
+        .await;
+        let run = deployment.conclude(outcome).await?;
+        let value = run.status.fragments_done as f64 / run.seconds;
+        let figure = Figure::new(
+            "fragment",
+            "per-fragment (noop, fragment_size 1)",
+            value,
+            "fragments/s",
+        )
+        .against(
+            self.broker_ceiling,
+            "broker ceiling",
+            Target::RatioAtLeast(0.6),
+        );
+        self.figure(figure);
+        Ok(text)
+    }
+
+    async fn per_operation(&mut self) -> Result<String> {
+        let (workers, prefetch, window, fragment_size) = (1, 16, 64, 1000);
+        let ops = self.sizes.noop_ops;
+        let text = format!(
+            "{ops} noop, fragment_size {fragment_size}, max_concurrent_fragments {window}, \
+             without then with collect_results; {workers} worker of prefetch {prefetch}; peak \
+             RSS read after both jobs"
+        );
+        Self::announce("per-operation overhead and memory", &text);
+        let mut deployment = Deployment::new("noop", &self.url, &self.programs).await?;
+        let outcome = async {
+            deployment.start_spine(workers, prefetch).await?;
+            let mut runs = Vec::new();
+            for collect_results in [false, true] {
+                let job_id = deployment.job_id(if collect_results {
+                    "noop-results"
+                } else {
+                    "noop"
+                });
+                let spec = json!({
+                    "job_id": job_id,
+                    "operation": "noop",
+                    "range": {"start": 0, "end": ops},
+                    "fragment_size": fragment_size,
+                    "max_concurrent_fragments": window,
+                    "collect_results": collect_results,
+                });
+                let label = if collect_results {
+                    "noop with results"
+                } else {
+                    "noop"
+                };
+                let run = self.measured_job(&mut deployment, label, &spec).await?;
+                if collect_results {
+                    // The results are really there: the last page holds the last indices.
+                    let tail = deployment.results(&job_id, ops - 3, 10).await?;
+                    let indices: Vec<u64> = tail.iter().map(ResultLine::index).collect();
+                    ensure!(
+                        indices == vec![ops - 3, ops - 2, ops - 1]
+                            && tail.iter().all(
+                                |l| matches!(l, ResultLine::Ok { result, .. } if result.is_null())
+                            ),
+                        "the last results of {job_id} are {tail:?}"
+                    );
+                }
+                runs.push(run);
+            }
+            let memory: Vec<(String, Option<u64>)> = deployment
+                .pids()
+                .into_iter()
+                .map(|(label, pid)| (label, procfs::peak_rss_kib(pid)))
+                .collect();
+            Ok((runs, memory))
+        }
+        .await;
+        let (runs, memory) = deployment.conclude(outcome).await?;
+        for (run, (name, target)) in runs.iter().zip([
+            ("noop, no results (fragment_size 1000)", 2_000_000.0),
+            ("noop, with results (fragment_size 1000)", 500_000.0),
+        ]) {
+            let value = run.status.ops_succeeded as f64 / run.seconds;
+            self.figure(Figure::new("noop", name, value, "ops/s").target(Target::AtLeast(target)));
+        }
+        for (label, kib) in memory {
+            let Some(kib) = kib else {
+                bail!("could not read the peak RSS of {label}");
+            };
+            let limit = match label.as_str() {
+                "splitter" => 32.0,
+                "reducer" => 64.0,
+                _ => 20.0,
+            };
+            self.figure(
+                Figure::new(
+                    "memory",
+                    format!("peak RSS {label}"),
+                    kib as f64 / 1024.0,
+                    "MiB",
+                )
+                .target(Target::AtMost(limit)),
+            );
+        }
+        Ok(text)
+    }
+
+    async fn compute(&mut self) -> Result<String> {
+        let rounds = 10;
+        let threads = procfs::available_cores();
+        let (workers, prefetch, window, fragment_size) =
+            (1, (4 * threads).min(64) as u16, 64, 1000);
+        let ops = self.sizes.sha_ops;
+        let text = format!(
+            "{ops} sha256 rounds {rounds}, fragment_size {fragment_size}, \
+             max_concurrent_fragments {window}, collect_results false; {workers} worker of \
+             prefetch {prefetch}; ceiling: the same hashes on {threads} threads in the bench; \
+             results of a 100-operation job checked against the ceiling's hashes first"
+        );
+        Self::announce("compute-bound", &text);
+        let watched = self.watched(None);
+        let before = CpuSample::take(&watched);
+        let ceiling = tokio::task::spawn_blocking(move || compute::ceiling(ops, rounds, threads))
+            .await
+            .context("the compute ceiling's threads")?;
+        let after = CpuSample::take(&watched);
+        self.record_cpu("compute", "ceiling", &before, &after);
+        self.figure(Figure::new(
+            "compute",
+            format!("compute ceiling ({threads} threads, tight loop)"),
+            ceiling,
+            "ops/s",
+        ));
+        let mut deployment = Deployment::new("compute", &self.url, &self.programs).await?;
+        let outcome = async {
+            deployment.start_spine(workers, prefetch).await?;
+            check_sha256_results(&mut deployment, rounds).await?;
+            let spec = json!({
+                "job_id": deployment.job_id("sha256"),
+                "operation": "sha256",
+                "params": {"rounds": rounds},
+                "range": {"start": 0, "end": ops},
+                "fragment_size": fragment_size,
+                "max_concurrent_fragments": window,
+                "collect_results": false,
+            });
+            self.measured_job(&mut deployment, "sha256", &spec).await
+        }
+        .await;
+        let run = deployment.conclude(outcome).await?;
+        let value = run.status.ops_succeeded as f64 / run.seconds;
+        self.figure(
+            Figure::new(
+                "compute",
+                "sha256 rounds 10 (fragment_size 1000)",
+                value,
+                "ops/s",
+            )
+            .against(Some(ceiling), "compute ceiling", Target::RatioAtLeast(0.7)),
+        );
+        Ok(text)
+    }
+
+    async fn scaling(&mut self) -> Result<String> {
+        let (prefetch, sleep_ms) = (16u16, 100u64);
+        let text = format!(
+            "sleep {sleep_ms} ms, fragment_size 1, max_concurrent_fragments 2 × workers × \
+             prefetch, collect_results false; 1, 2, 4 workers of prefetch {prefetch}; each job \
+             {} s of ideal work",
+            self.sizes.scaling_seconds
+        );
+        Self::announce("scaling", &text);
+        for workers in [1usize, 2, 4] {
+            let ideal = workers as f64 * f64::from(prefetch) / (sleep_ms as f64 / 1000.0);
+            let ops = (ideal * self.sizes.scaling_seconds).round() as u64;
+            let window = 2 * workers * usize::from(prefetch);
+            let mut deployment =
+                Deployment::new(&format!("scaling{workers}"), &self.url, &self.programs).await?;
+            let outcome = async {
+                deployment.start_spine(workers, prefetch).await?;
+                let spec = json!({
+                    "job_id": deployment.job_id("sleep"),
+                    "operation": "sleep",
+                    "params": {"ms": sleep_ms},
+                    "range": {"start": 0, "end": ops},
+                    "fragment_size": 1,
+                    "max_concurrent_fragments": window,
+                    "collect_results": false,
+                });
+                self.measured_job(&mut deployment, &format!("sleep ×{workers} workers"), &spec)
+                    .await
+            }
+            .await;
+            let run = deployment.conclude(outcome).await?;
+            let value = run.status.ops_succeeded as f64 / run.seconds;
+            self.figure(
+                Figure::new(
+                    "scaling",
+                    format!("scaling, {workers} worker(s) × prefetch {prefetch}"),
+                    value,
+                    "ops/s",
+                )
+                .against(Some(ideal), "ideal", Target::RatioAtLeast(0.9)),
+            );
+        }
+        Ok(text)
+    }
+
+    async fn latency(&mut self) -> Result<String> {
+        let (workers, prefetch) = (1, 4);
+        let jobs = self.sizes.latency_jobs;
+        let text = format!(
+            "{jobs} one-operation noop jobs in sequence (default settings otherwise); {workers} \
+             worker of prefetch {prefetch}; from the JobSpec's publish confirm to the arrival of \
+             its succeeded JobStatus (private queue on job.*.succeeded)"
+        );
+        Self::announce("latency", &text);
+        let mut deployment = Deployment::new("latency", &self.url, &self.programs).await?;
+        let outcome = async {
+            deployment.start_spine(workers, prefetch).await?;
+            let watched = self.watched(Some(&deployment));
+            let before = CpuSample::take(&watched);
+            let mut samples = Vec::with_capacity(jobs);
+            for _ in 0..jobs {
+                let job_id = deployment.job_id("latency");
+                let spec = json!({
+                    "job_id": job_id,
+                    "operation": "noop",
+                    "range": {"start": 0, "end": 1},
+                });
+                let confirmed = deployment.submit(&spec).await?;
+                let (arrived, status) = deployment
+                    .wait_terminal(&job_id, Duration::from_secs(30))
+                    .await?;
+                ensure!(
+                    status.state == common::contract::JobState::Succeeded
+                        && (status.ops_total, status.ops_succeeded, status.ops_failed) == (1, 1, 0),
+                    "latency job ended {status:?}"
+                );
+                samples.push(arrived.saturating_duration_since(confirmed).as_secs_f64() * 1000.0);
+            }
+            let after = CpuSample::take(&watched);
+            Ok((samples, before, after))
+        }
+        .await;
+        let (mut samples, before, after) = deployment.conclude(outcome).await?;
+        self.record_cpu(
+            "latency",
+            &format!("{jobs} jobs in sequence"),
+            &before,
+            &after,
+        );
+        samples.sort_by(f64::total_cmp);
+        for (name, quantile, limit) in [("latency p50", 0.50, 30.0), ("latency p99", 0.99, 100.0)] {
+            self.figure(
+                Figure::new("latency", name, percentile(&samples, quantile), "ms")
+                    .target(Target::AtMost(limit)),
+            );
+        }
+        Ok(text)
+    }
+}
+
+/// A 100-operation sha256 job with its results collected: each result is the hash the
+/// compute ceiling computes for its item.
+async fn check_sha256_results(deployment: &mut Deployment, rounds: u32) -> Result<()> {
+    let job_id = deployment.job_id("sha256-check");
+    let spec = json!({
+        "job_id": job_id,
+        "operation": "sha256",
+        "params": {"rounds": rounds},
+        "range": {"start": 0, "end": 100},
+        "fragment_size": 10,
+        "collect_results": true,
+    });
+    deployment.run_job(&spec, Duration::from_secs(60)).await?;
+    let lines = deployment.results(&job_id, 0, 100).await?;
+    ensure!(lines.len() == 100, "{} results of 100", lines.len());
+    for (item, line) in (0u64..).zip(&lines) {
+        let expected = compute::expected_hex(item, rounds);
+        match line {
+            ResultLine::Ok { index, result }
+                if *index == item && result.as_str() == Some(expected.as_str()) => {}
+            other => bail!("result of item {item}: {other:?}, expected {expected}"),
+        }
+    }
+    Ok(())
+}
+
+/// Nearest-rank percentile of sorted samples.
+fn percentile(sorted: &[f64], quantile: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (quantile * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Generous: a job that takes this long is broken, not slow.
+fn job_timeout(ops: u64) -> Duration {
+    Duration::from_secs(120 + ops / 2_000)
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|rest| rest.trim_start_matches([' ', '\t', ':']).trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned())
+}
