@@ -142,7 +142,9 @@ pub struct FragmentReport {
 // One value lives per delivery, briefly: the size of the largest variant costs nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
+// Adjacently tagged, with the tag written first: serde then reads the body straight into
+// its variant instead of buffering a whole report (up to 10,000 results) to find the tag.
+#[serde(tag = "type", content = "body", rename_all = "lowercase")]
 pub enum ReducerInput {
     /// The splitter took the job.
     Accepted {

@@ -2,6 +2,7 @@
 //! fragment reaches its lifespan, its job is cancelled, or the worker shuts down.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,9 @@ const CANCEL_MEMORY: Duration = Duration::from_secs(24 * 3600);
 #[derive(Clone, Default)]
 pub struct CancelledJobs {
     jobs: Arc<Mutex<HashMap<String, Instant>>>,
+    /// Bumped on every insert, so a running fragment re-reads the set only when it changed
+    /// (checked before every operation: a lock there would cost more than a `noop`).
+    generation: Arc<AtomicU64>,
 }
 
 impl CancelledJobs {
@@ -27,23 +31,55 @@ impl CancelledJobs {
         let now = Instant::now();
         jobs.retain(|_, at| now.duration_since(*at) < CANCEL_MEMORY);
         jobs.insert(job_id, now);
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     pub fn contains(&self, job_id: &str) -> bool {
         let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         jobs.contains_key(job_id)
     }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+}
+
+/// Whether a fragment's job is cancelled, re-reading the shared set only after it changed.
+struct CancelWatch<'a> {
+    cancelled: &'a CancelledJobs,
+    seen: Option<u64>,
+    job_cancelled: bool,
+}
+
+impl<'a> CancelWatch<'a> {
+    fn new(cancelled: &'a CancelledJobs) -> Self {
+        Self {
+            cancelled,
+            seen: None,
+            job_cancelled: false,
+        }
+    }
+
+    fn is_cancelled(&mut self, job_id: &str) -> bool {
+        let generation = self.cancelled.generation();
+        if self.seen != Some(generation) {
+            self.seen = Some(generation);
+            self.job_cancelled = self.cancelled.contains(job_id);
+        }
+        self.job_cancelled
+    }
 }
 
 /// Why a fragment should stop before its next operation, if it should.
 fn should_stop(
     fragment: &Fragment,
-    cancelled: &CancelledJobs,
+    cancelled: &mut CancelWatch<'_>,
     shutdown: &CancellationToken,
+    now: Instant,
     deadline: Instant,
     done: usize,
 ) -> Option<Cut> {
-    if cancelled.contains(&fragment.job_id) {
+    if cancelled.is_cancelled(&fragment.job_id) {
         return Some(Cut::Cancelled);
     }
     if shutdown.is_cancelled() {
@@ -51,7 +87,7 @@ fn should_stop(
     }
     // At least one operation runs per fragment, so even an operation longer than the
     // lifespan makes progress.
-    if done > 0 && Instant::now() >= deadline {
+    if done > 0 && now >= deadline {
         return Some(Cut::Lifespan);
     }
     None
@@ -75,8 +111,12 @@ pub async fn run_fragment(
     let mut cut = None;
     let metrics = OpMetrics::default();
     let mut operation_seconds = Histogram::new();
+    let mut watch = CancelWatch::new(cancelled);
+    // One clock read per operation: it ends the last operation's timing, starts the next
+    // one's, and is what the lifespan is checked against.
+    let mut now = started;
     while done < total {
-        if let Some(reason) = should_stop(fragment, cancelled, shutdown, deadline, done) {
+        if let Some(reason) = should_stop(fragment, &mut watch, shutdown, now, deadline, done) {
             cut = Some(reason);
             break;
         }
@@ -90,9 +130,10 @@ pub async fn run_fragment(
                     attempt: fragment.attempt,
                     metrics: &metrics,
                 };
-                let op_started = Instant::now();
                 let outcome = operation.run(input).await.map_err(|e| e.0);
-                operation_seconds.record(op_started.elapsed().as_secs_f64());
+                let ended = Instant::now();
+                operation_seconds.record(ended.duration_since(now).as_secs_f64());
+                now = ended;
                 outcome
             }
             _ => Err(format!("fragment has no item at offset {done}")),
