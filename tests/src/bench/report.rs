@@ -15,6 +15,8 @@ pub struct Limit {
     pub value: f64,
     /// `broker ceiling`, `compute ceiling`, `ideal`, `target`.
     pub source: String,
+    /// The limit's own unit (`msg/s` for the broker ceiling of a `fragments/s` figure).
+    pub unit: String,
 }
 
 /// The target for a figure (for reference: nothing is asserted on it).
@@ -59,13 +61,26 @@ impl Figure {
         }
     }
 
-    /// Held against a measured limit, with a target on the ratio.
-    pub fn against(mut self, limit: Option<f64>, source: &str, target: Target) -> Self {
+    /// Held against a measured limit of the figure's unit, with a target on the ratio.
+    pub fn against(self, limit: Option<f64>, source: &str, target: Target) -> Self {
+        let unit = self.unit.clone();
+        self.against_in(limit, &unit, source, target)
+    }
+
+    /// Held against a measured limit of another unit (messages for fragments).
+    pub fn against_in(
+        mut self,
+        limit: Option<f64>,
+        unit: &str,
+        source: &str,
+        target: Target,
+    ) -> Self {
         self.target = target;
         if let Some(limit) = limit.filter(|l| *l > 0.0) {
             self.limit = Some(Limit {
                 value: limit,
                 source: source.to_owned(),
+                unit: unit.to_owned(),
             });
             self.ratio = Some(self.value / limit);
         }
@@ -147,7 +162,7 @@ impl Report {
                 f.name.clone(),
                 format!("{} {}", number(f.value), f.unit),
                 f.limit.as_ref().map_or("—".to_owned(), |l| {
-                    format!("{} {} ({})", number(l.value), f.unit, l.source)
+                    format!("{} {} ({})", number(l.value), l.unit, l.source)
                 }),
                 f.ratio.map_or("—".to_owned(), |r| format!("{r:.2}")),
                 target_text(f.target, &f.unit),

@@ -61,10 +61,7 @@ struct Options {
 fn parse_args() -> Result<Option<Options>> {
     let mut options = Options {
         quick: false,
-        json: PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../target/bench/pipeline.json"
-        )),
+        json: default_json_path(),
         parts: PARTS.iter().map(|p| (*p).to_owned()).collect(),
     };
     let mut args = std::env::args().skip(1);
@@ -90,6 +87,17 @@ fn parse_args() -> Result<Option<Options>> {
         }
     }
     Ok(Some(options))
+}
+
+/// `target/bench/pipeline.json` of the workspace.
+fn default_json_path() -> PathBuf {
+    let tests = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    tests
+        .parent()
+        .unwrap_or(tests)
+        .join("target")
+        .join("bench")
+        .join("pipeline.json")
 }
 
 /// Sizes of one run.
@@ -371,8 +379,9 @@ impl Bench {
             value,
             "fragments/s",
         )
-        .against(
+        .against_in(
             self.broker_ceiling,
+            "msg/s",
             "broker ceiling",
             Target::RatioAtLeast(0.6),
         );
