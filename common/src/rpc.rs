@@ -63,6 +63,16 @@ impl RpcClient {
         })
     }
 
+    /// Whether the client's channel still works (it does not after the broker went away).
+    pub fn is_open(&self) -> bool {
+        self.channel.status().connected()
+    }
+
+    /// Closes the client's channel.
+    pub async fn close(&self) {
+        let _ = self.channel.close(200, "done".into()).await;
+    }
+
     /// Sends `request` and waits for its reply.
     pub async fn call(&mut self, request: &Request) -> Result<Response, RpcError> {
         self.next_id += 1;

@@ -24,11 +24,9 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use common::broker::{Broker, Publisher};
 use common::config::BrokerArgs;
 use common::contract::{JobState, JobStatus, ResultLine};
-use common::lapin::options::{
-    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, QueueDeclareOptions,
-};
+use common::lapin::BasicProperties;
+use common::lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use common::lapin::types::{AMQPValue, FieldTable, ShortString};
-use common::lapin::{BasicProperties, Channel};
 use common::topology::{BUILTIN_OPERATIONS, KEY_CANCEL, KEY_SUBMIT, Names};
 use common::wire::{Request, Response, WorkerInfo};
 use futures::StreamExt;
@@ -152,7 +150,8 @@ fn warn_if_stale(program: &Path) {
     }
 }
 
-fn newest_source(dir: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
+/// The newest `.rs` file below `dir`, with its modification time.
+pub fn newest_source(dir: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
     let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
     for entry in std::fs::read_dir(dir).ok()?.flatten() {
         let path = entry.path();
@@ -1125,111 +1124,50 @@ impl StatusLog {
 // ---------------------------------------------------------------------------------------------
 // RPC
 
-/// A client of the reducer's RPC queue, replies through RabbitMQ's direct reply-to. A channel
-/// that broke (the broker restarted) is replaced by a new one at the next call.
+/// The reducer's RPC (`common::rpc::RpcClient`) for tests: one request at a time, and a
+/// channel that broke (the broker restarted) is replaced by a new one at the next call.
 pub struct RpcClient {
     broker: Broker,
-    /// One request at a time: replies on the channel are matched by correlation id.
-    inner: tokio::sync::Mutex<RpcInner>,
+    inner: tokio::sync::Mutex<common::rpc::RpcClient>,
 }
-
-struct RpcInner {
-    channel: Channel,
-    replies: common::lapin::Consumer,
-    next_id: u64,
-}
-
-const REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 impl RpcClient {
     pub async fn open(broker: &Broker) -> Result<Self> {
         Ok(Self {
             broker: broker.clone(),
-            inner: tokio::sync::Mutex::new(RpcInner::open(broker).await?),
+            inner: tokio::sync::Mutex::new(
+                common::rpc::RpcClient::connect(broker, RPC_TIMEOUT).await?,
+            ),
         })
     }
 
     async fn close(&self) {
-        let inner = self.inner.lock().await;
-        let _ = inner.channel.close(200, "test over".into()).await;
+        self.inner.lock().await.close().await;
     }
-}
 
-impl RpcInner {
-    async fn open(broker: &Broker) -> Result<Self> {
-        let channel = broker.channel().await?;
-        // Direct reply-to: consume the pseudo-queue (no_ack) before publishing on this channel.
-        let replies = channel
-            .basic_consume(
-                REPLY_TO.into(),
-                "batchq-tests-rpc".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        Ok(Self {
-            channel,
-            replies,
-            next_id: 0,
-        })
-    }
-}
-
-impl RpcClient {
-    /// One request and its reply, within [`RPC_TIMEOUT`].
+    /// One request and its reply, within [`RPC_TIMEOUT`]. `names` must be the namespace of
+    /// the broker the client was opened on.
     pub async fn call(&self, names: &Names, request: &Request) -> Result<Response> {
+        ensure!(
+            names == self.broker.names(),
+            "an RPC client of {} asked about {}",
+            self.broker.names().namespace(),
+            names.namespace()
+        );
         let mut inner = self.inner.lock().await;
-        if !inner.channel.status().connected() {
-            let next_id = inner.next_id;
-            *inner = tokio::time::timeout(RPC_TIMEOUT, RpcInner::open(&self.broker))
-                .await
-                .context("reopening the RPC channel timed out")?
-                .context("reopening the RPC channel")?;
-            inner.next_id = next_id;
-        }
-        inner.next_id += 1;
-        let correlation = format!("rpc-{}", inner.next_id);
-        let body = serde_json::to_vec(request)?;
-        let properties = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_reply_to(REPLY_TO.into())
-            .with_correlation_id(correlation.as_str().into());
-        let exchange = tokio::time::timeout(RPC_TIMEOUT, async {
-            inner
-                .channel
-                .basic_publish(
-                    "".into(),
-                    names.rpc_queue().into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    properties,
-                )
-                .await?;
-            loop {
-                let delivery = inner
-                    .replies
-                    .next()
-                    .await
-                    .ok_or_else(|| anyhow!("the reply consumer ended"))??;
-                let matches = delivery
-                    .properties
-                    .correlation_id()
-                    .as_ref()
-                    .is_some_and(|id| id.as_str() == correlation);
-                // A late reply to an earlier, timed-out request is skipped.
-                if matches {
-                    return Ok::<_, anyhow::Error>(serde_json::from_slice::<Response>(
-                        &delivery.data,
-                    )?);
-                }
-            }
-        });
-        exchange
+        if !inner.is_open() {
+            *inner = tokio::time::timeout(
+                RPC_TIMEOUT,
+                common::rpc::RpcClient::connect(&self.broker, RPC_TIMEOUT),
+            )
             .await
-            .with_context(|| format!("no reply to {request:?} within {RPC_TIMEOUT:?}"))?
+            .context("reopening the RPC channel timed out")?
+            .context("reopening the RPC channel")?;
+        }
+        inner
+            .call(request)
+            .await
+            .with_context(|| format!("no reply to {request:?}"))
     }
 
     pub async fn status(&self, names: &Names, job_id: &str) -> Result<Option<JobStatus>> {

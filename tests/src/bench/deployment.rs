@@ -10,7 +10,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use common::broker::{Broker, Publisher, json_properties};
@@ -97,7 +97,7 @@ impl Programs {
             };
             let newer = ["common", name]
                 .iter()
-                .filter_map(|krate| newest_source(&root.join(krate).join("src")))
+                .filter_map(|krate| batchq_tests::newest_source(&root.join(krate).join("src")))
                 .find(|(modified, _)| *modified > built);
             if let Some((_, source)) = newer {
                 eprintln!(
@@ -109,30 +109,6 @@ impl Programs {
             }
         }
     }
-}
-
-fn newest_source(dir: &Path) -> Option<(SystemTime, PathBuf)> {
-    let mut newest: Option<(SystemTime, PathBuf)> = None;
-    for entry in std::fs::read_dir(dir).ok()?.flatten() {
-        let path = entry.path();
-        let candidate = if path.is_dir() {
-            newest_source(&path)
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .map(|t| (t, path))
-        } else {
-            None
-        };
-        if let Some(c) = candidate
-            && newest.as_ref().is_none_or(|n| c.0 > n.0)
-        {
-            newest = Some(c);
-        }
-    }
-    newest
 }
 
 /// One child process.
