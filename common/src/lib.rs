@@ -11,6 +11,7 @@ pub mod measure;
 pub mod rpc;
 pub mod shutdown;
 pub mod supervise;
+pub mod telemetry;
 pub mod timefmt;
 pub mod topology;
 pub mod wire;

@@ -6,22 +6,15 @@
 //! (a finished job's) disappears after the configured time.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::contract::{JobState, JobStatus};
 use common::topology::Names;
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use metrics_exporter_prometheus::Matcher;
 use metrics_util::MetricKindMask;
 
 use crate::aggregate::Measured;
 use crate::{ReducerError, WorkerTable};
-
-/// Bucket bounds of every `_seconds` histogram: 100 µs to 10 min, about 2.5× apart.
-const SECONDS_BUCKETS: [f64; 16] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    10.0, 600.0,
-];
 
 /// Bucket bounds of the operations' own histograms, whose unit batchq does not know.
 const USER_BUCKETS: [f64; 13] = [
@@ -31,19 +24,13 @@ const USER_BUCKETS: [f64; 13] = [
 /// Serves `GET /metrics` on `addr`. Gauges not updated for `series_ttl` are dropped: that is
 /// how a finished job's series go away.
 pub fn install(addr: &str, series_ttl: Duration) -> Result<(), ReducerError> {
-    let addr: SocketAddr = addr
-        .parse()
-        .map_err(|e| ReducerError::Metrics(format!("{addr:?} is not an address: {e}")))?;
-    let bad = |e: metrics_exporter_prometheus::BuildError| ReducerError::Metrics(e.to_string());
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), &SECONDS_BUCKETS)
-        .map_err(bad)?
+    common::telemetry::prometheus_builder(addr)
+        .map_err(ReducerError::Metrics)?
         .set_buckets_for_metric(Matcher::Prefix("batchq_user_".to_owned()), &USER_BUCKETS)
-        .map_err(bad)?
+        .map_err(|e| ReducerError::Metrics(e.to_string()))?
         .idle_timeout(MetricKindMask::GAUGE, Some(series_ttl))
         .install()
-        .map_err(|e| ReducerError::Metrics(format!("cannot serve on {addr}: {e}")))?;
+        .map_err(|e| ReducerError::Metrics(format!("cannot serve metrics on {addr}: {e}")))?;
     describe();
     Ok(())
 }

@@ -37,6 +37,10 @@ pub struct SplitterConfig {
     #[arg(long = "max-message-bytes", env = "BATCHQ_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_message_bytes: usize,
 
+    /// Address of a Prometheus endpoint (`GET /metrics`) for this splitter; none unless set.
+    #[arg(long = "metrics-addr", env = "BATCHQ_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
+
     /// The broker's consumer_timeout in milliseconds; 0 if disabled on the broker. A JobSpec
     /// whose lifespan_ms exceeds a third of it is rejected.
     #[arg(long = "consumer-timeout-ms", env = "BATCHQ_CONSUMER_TIMEOUT_MS", default_value_t = common::jobspec::DEFAULT_CONSUMER_TIMEOUT_MS)]
@@ -49,6 +53,7 @@ impl SplitterConfig {
             broker,
             data_dir: data_dir.into(),
             max_message_bytes: ParseLimits::default().max_message_bytes,
+            metrics_addr: None,
             consumer_timeout_ms: ParseLimits::default().consumer_timeout_ms,
         }
     }
@@ -68,6 +73,8 @@ pub enum SplitterError {
     Store(#[from] StoreError),
     #[error("store task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("metrics endpoint: {0}")]
+    Metrics(String),
 }
 
 impl Retryable for SplitterError {
@@ -75,7 +82,7 @@ impl Retryable for SplitterError {
         match self {
             SplitterError::Broker(e) => e.is_retryable(),
             // A store that fails (disk full, corrupt file) will not heal by reconnecting.
-            SplitterError::Store(_) | SplitterError::Join(_) => false,
+            SplitterError::Store(_) | SplitterError::Join(_) | SplitterError::Metrics(_) => false,
         }
     }
 }
@@ -91,6 +98,8 @@ const OUTBOX_ROUND: usize = 512;
 pub async fn run(config: SplitterConfig, shutdown: CancellationToken) -> Result<(), SplitterError> {
     let path = config.store_path();
     let store: SharedStore = Arc::new(Mutex::new(SqliteStore::open(&path)?));
+    common::telemetry::serve_prometheus(config.metrics_addr.as_deref())
+        .map_err(SplitterError::Metrics)?;
     let broker = Broker::new(&config.broker, "batchq-splitter")?;
     let limits = ParseLimits {
         max_message_bytes: config.max_message_bytes,
@@ -214,6 +223,7 @@ async fn pump_outbox(
                 _ = outbox_ready.notified() => continue,
             }
         };
+        let batch_len = round.len() as u64;
         let mut pending = Vec::with_capacity(round.len());
         for message in round {
             if message.exchange == names.work()
@@ -245,6 +255,7 @@ async fn pump_outbox(
             );
         }
         common::broker::wait_all(pending).await?;
+        metrics::counter!("batchq_splitter_messages_published_total").increment(batch_len);
         let store = Arc::clone(store);
         tokio::task::spawn_blocking(move || {
             let mut store = store

@@ -200,6 +200,8 @@ pub struct WorkerOpts {
     pub heartbeat_ms: u64,
     /// `BATCHQ_MAX_LIFETIME` (`"3s"`, `"30m"`); `None`: the worker runs until stopped.
     pub max_lifetime: Option<String>,
+    /// `BATCHQ_METRICS_ADDR`; `None`: no Prometheus endpoint.
+    pub metrics_addr: Option<String>,
 }
 
 impl Default for WorkerOpts {
@@ -209,6 +211,7 @@ impl Default for WorkerOpts {
             operations: None,
             heartbeat_ms: 500,
             max_lifetime: None,
+            metrics_addr: None,
         }
     }
 }
@@ -518,6 +521,9 @@ impl TestEnv {
         envs.push(("BATCHQ_HEARTBEAT_MS".into(), opts.heartbeat_ms.to_string()));
         if let Some(lifetime) = &opts.max_lifetime {
             envs.push(("BATCHQ_MAX_LIFETIME".into(), lifetime.clone()));
+        }
+        if let Some(addr) = &opts.metrics_addr {
+            envs.push(("BATCHQ_METRICS_ADDR".into(), addr.clone()));
         }
         if let Some(operations) = &opts.operations {
             for op in operations {

@@ -354,3 +354,42 @@ async fn a_silent_worker_leaves_the_worker_table() -> Result<()> {
     );
     env.finish().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_serves_its_own_endpoint_when_asked() -> Result<()> {
+    let mut env = TestEnv::new("worker-endpoint").await?;
+    let port = free_port()?;
+    env.start_splitter()?;
+    env.start_reducer()?;
+    env.start_worker(WorkerOpts {
+        metrics_addr: Some(format!("127.0.0.1:{port}")),
+        ..WorkerOpts::prefetch(2)
+    })?;
+    let job_id = env
+        .submit(&json!({
+            "job_id": env.job_id("counted"),
+            "operation": "noop",
+            "range": {"start": 0, "end": 30},
+            "fragment_size": 10,
+        }))
+        .await?;
+    let status = env.wait_for_terminal(&job_id, JOB_TIMEOUT).await?;
+    assert_counts(&status, JobState::Succeeded, 30, 0);
+    let series = scrape_until(port, Duration::from_secs(10), |s| {
+        s.contains_key("batchq_worker_operations_total{operation=\"noop\"}")
+    })
+    .await?;
+    assert_eq!(
+        series
+            .get("batchq_worker_operations_total{operation=\"noop\"}")
+            .copied(),
+        Some(30.0)
+    );
+    assert_eq!(
+        series
+            .get("batchq_worker_fragments_total{operation=\"noop\"}")
+            .copied(),
+        Some(3.0)
+    );
+    env.finish().await
+}

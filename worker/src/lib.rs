@@ -57,6 +57,11 @@ pub struct WorkerConfig {
     /// seconds. Unset: no limit.
     #[arg(long = "max-lifetime", env = "BATCHQ_MAX_LIFETIME", value_parser = parse_lifetime)]
     pub max_lifetime: Option<Duration>,
+
+    /// Address of a Prometheus endpoint (`GET /metrics`) for this worker; none unless set
+    /// (workers report their measurements through the broker; the reducer serves them).
+    #[arg(long = "metrics-addr", env = "BATCHQ_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
 }
 
 impl WorkerConfig {
@@ -67,6 +72,7 @@ impl WorkerConfig {
             operations: None,
             heartbeat_ms: 2000,
             max_lifetime: None,
+            metrics_addr: None,
         }
     }
 }
@@ -172,6 +178,8 @@ pub async fn run(
             "this worker offers no operation".into(),
         ));
     }
+    common::telemetry::serve_prometheus(config.metrics_addr.as_deref())
+        .map_err(WorkerError::Config)?;
     let host = hostname();
     let state = Arc::new(WorkerState {
         id: format!(
@@ -395,6 +403,10 @@ async fn handle_fragment(
     )
     .await;
     tracing::debug!(job_id = %report.job_id, fragment = report.fragment, done = report.done, cut = ?report.cut, "fragment ended");
+    metrics::counter!("batchq_worker_fragments_total", "operation" => fragment.operation.clone())
+        .increment(1);
+    metrics::counter!("batchq_worker_operations_total", "operation" => fragment.operation.clone())
+        .increment(u64::from(report.done));
     let body = serde_json::to_vec(&common::wire::ReducerInput::Fragment(report))?;
     publisher
         .start_with(&names.events(), KEY_REDUCER, &body, json_properties(), true)
