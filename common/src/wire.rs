@@ -191,7 +191,9 @@ pub struct Settled {
     pub elapsed_us: u64,
 }
 
-/// What the reducer tells the splitter, on `{ns}.splitter`.
+/// What the reducer tells the splitter, on `{ns}.splitter`. The reducer sends them as a JSON
+/// array of up to [`SETTLEMENTS_PER_MESSAGE`] (one message per committed batch, in order); the
+/// splitter also reads a single object (what a reducer from before this batching sends).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum SplitterInput {
@@ -200,6 +202,23 @@ pub enum SplitterInput {
     /// The job ended early (its failures exceeded the share it tolerates): dispatch nothing
     /// more of it, and have workers drop its queued fragments.
     Halt { job_id: String },
+}
+
+/// Most settlements in one message to the splitter: one message per reducer batch instead of
+/// one per fragment takes a third of the broker's messages off every fragment.
+pub const SETTLEMENTS_PER_MESSAGE: usize = 256;
+
+/// Decodes a message of `{ns}.splitter`: an array of [`SplitterInput`], or a single one.
+pub fn decode_splitter_inputs(body: &[u8]) -> Result<Vec<SplitterInput>, serde_json::Error> {
+    let array = body
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'[');
+    if array {
+        serde_json::from_slice(body)
+    } else {
+        serde_json::from_slice(body).map(|one| vec![one])
+    }
 }
 
 /// Broadcast on `{ns}.control` to every live worker.
@@ -312,5 +331,29 @@ mod tests {
         assert_eq!(fragment.item(0), Some(Value::from(-7)));
         assert_eq!(fragment.item(1), Some(Value::from(-6)));
         assert_eq!(fragment.item(2), None);
+    }
+
+    #[test]
+    fn splitter_messages_are_arrays_or_one_input() {
+        let settled = SplitterInput::Settled(Settled {
+            job_id: "j".into(),
+            fragment: 4,
+            done: 3,
+            retry: vec![7],
+            elapsed_us: 12,
+        });
+        let halt = SplitterInput::Halt { job_id: "k".into() };
+        let many = serde_json::to_vec(&[settled.clone(), halt.clone()]).expect("serialise");
+        assert_eq!(
+            decode_splitter_inputs(&many).expect("an array"),
+            vec![settled.clone(), halt]
+        );
+        let one = serde_json::to_vec(&settled).expect("serialise");
+        assert_eq!(
+            decode_splitter_inputs(&one).expect("one input"),
+            vec![settled]
+        );
+        assert!(decode_splitter_inputs(b" [{\"type\": \"nope\"}]").is_err());
+        assert!(decode_splitter_inputs(b"").is_err());
     }
 }

@@ -21,7 +21,7 @@ use common::contract::JobStatus;
 use common::lapin::message::Delivery;
 use common::supervise::{Retryable, supervise};
 use common::topology::{KEY_METRICS, KEY_POISON, KEY_SETTLED, Names};
-use common::wire::{Fragment, FragmentReport, Heartbeat, ReducerInput};
+use common::wire::{Fragment, FragmentReport, Heartbeat, ReducerInput, SETTLEMENTS_PER_MESSAGE};
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{ReducerQueries, ReducerStore, SqliteQueries, SqliteStore, StoreError};
@@ -290,7 +290,7 @@ async fn fold_events(
             }
         }
         let mut pending = publish_statuses(publisher, names, &effects.status_changes).await?;
-        for settled in &effects.settled {
+        for settled in effects.settled.chunks(SETTLEMENTS_PER_MESSAGE) {
             let body = serde_json::to_vec(settled).map_err(BrokerError::from)?;
             pending.push(
                 publisher

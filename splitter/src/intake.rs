@@ -6,7 +6,7 @@ use common::lapin::BasicProperties;
 use common::lapin::message::Delivery;
 use common::lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use common::topology::{KEY_CANCEL, KEY_SUBMIT};
-use common::wire::SplitterInput;
+use common::wire::{SplitterInput, decode_splitter_inputs};
 
 use crate::window::{Command, DeadCopy};
 
@@ -51,12 +51,21 @@ pub fn job_command(delivery: &Delivery, limits: ParseLimits, at_ms: i64) -> Comm
     }
 }
 
-/// Decodes a settlement from `{ns}.splitter`; a message that is not one becomes a dead copy.
-pub fn settled(delivery: &Delivery) -> Command {
-    match serde_json::from_slice::<SplitterInput>(&delivery.data) {
-        Ok(SplitterInput::Settled(settled)) => Command::Settle(settled),
-        Ok(SplitterInput::Halt { job_id }) => Command::Halt { job_id },
-        Err(e) => Command::Dead(dead_copy(delivery, &format!("not a settlement: {e}"))),
+/// Decodes a message of settlements from `{ns}.splitter` into its commands, in order; a
+/// message that is not one becomes a dead copy.
+pub fn settled(delivery: &Delivery) -> Vec<Command> {
+    match decode_splitter_inputs(&delivery.data) {
+        Ok(inputs) => inputs
+            .into_iter()
+            .map(|input| match input {
+                SplitterInput::Settled(settled) => Command::Settle(settled),
+                SplitterInput::Halt { job_id } => Command::Halt { job_id },
+            })
+            .collect(),
+        Err(e) => vec![Command::Dead(dead_copy(
+            delivery,
+            &format!("not a settlement: {e}"),
+        ))],
     }
 }
 

@@ -188,7 +188,7 @@ async fn intake_settled(
     let channel = session.consumer_channel(BATCH as u16).await?;
     let mut consumer = consume(&channel, &names.splitter_queue(), "splitter-settled").await?;
     while let Some(batch) = next_batch(&mut consumer, BATCH, stop).await? {
-        let commands = batch.iter().map(intake::settled).collect();
+        let commands = batch.iter().flat_map(intake::settled).collect();
         commit(store, names.clone(), commands, outbox_ready).await?;
         ack_batch(&batch).await?;
     }
