@@ -45,13 +45,35 @@ mod bucket_pairs {
 /// Lowest bucket index: about 1e-12, below anything a duration in seconds measures.
 const MIN_BUCKET: i32 = -160;
 
-/// The bucket a value falls in.
+/// The bucket a value falls in: bucket `k` holds `(2^((k-1)/4), 2^(k/4)]`.
 pub fn bucket_of(value: f64) -> i32 {
-    if value.is_nan() || value <= 0.0 {
+    // The bounds of the quarter doublings above 1: 2^(1/4), 2^(2/4), 2^(3/4).
+    const QUARTERS: [f64; 3] = [
+        1.189_207_115_002_721,
+        std::f64::consts::SQRT_2,
+        1.681_792_830_507_429,
+    ];
+    // The upper bound of the lowest bucket, 2^(MIN_BUCKET/4), and the layout this relies on.
+    const _: () = assert!(BUCKETS_PER_DOUBLING == 4.0 && MIN_BUCKET % 4 == 0);
+    const LOWEST: f64 = 1.0 / (1u64 << (-MIN_BUCKET / 4)) as f64;
+    if value.is_nan() || value <= LOWEST {
         return MIN_BUCKET;
     }
-    let index = (value.log2() * BUCKETS_PER_DOUBLING).ceil();
-    (index as i32).max(MIN_BUCKET)
+    if value.is_infinite() {
+        return i32::MAX;
+    }
+    // value = m × 2^e with m in [1, 2): read e and m from the bits (the value is normal
+    // here), so that a worker timing every operation pays no log2 for it.
+    const MANTISSA: u64 = (1 << 52) - 1;
+    let bits = value.to_bits();
+    let exponent = ((bits >> 52) & 0x7ff) as i32 - 1023;
+    let mantissa = f64::from_bits((bits & MANTISSA) | (1023 << 52));
+    let quarter = if mantissa == 1.0 {
+        0
+    } else {
+        1 + QUARTERS.iter().filter(|bound| mantissa > **bound).count() as i32
+    };
+    4 * exponent + quarter
 }
 
 /// The upper bound of bucket `index`.
@@ -296,6 +318,23 @@ mod tests {
         }
         assert_eq!(bucket_of(0.0), MIN_BUCKET);
         assert_eq!(bucket_of(-1.0), MIN_BUCKET);
+        assert_eq!(bucket_of(f64::INFINITY), i32::MAX);
+    }
+
+    #[test]
+    fn bucket_of_agrees_with_log2() {
+        let by_log2 = |v: f64| ((v.log2() * BUCKETS_PER_DOUBLING).ceil() as i32).max(MIN_BUCKET);
+        let mut value = 1e-13;
+        while value < 1e7 {
+            // Exact bounds (powers of two) and everything between them.
+            assert_eq!(bucket_of(value), by_log2(value), "{value}");
+            value *= 1.0137;
+        }
+        for k in -40..40 {
+            let power = f64::from(k).exp2();
+            assert_eq!(bucket_of(power), 4 * k, "2^{k}");
+            assert_eq!(bucket_of(power * 1.000_001), 4 * k + 1, "just above 2^{k}");
+        }
     }
 
     #[test]

@@ -80,7 +80,19 @@ pub fn sha256_rounds(text: &str, rounds: u64) -> String {
     for _ in 1..rounds {
         digest = Sha256::digest(digest);
     }
-    hex::encode(digest)
+    lower_hex(&digest)
+}
+
+/// Lowercase hex of `bytes`, written straight into the string (no iterator of chars).
+fn lower_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = Vec::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        out.push(DIGITS[usize::from(byte >> 4)]);
+        out.push(DIGITS[usize::from(byte & 0x0f)]);
+    }
+    // Every byte pushed is an ASCII digit or letter.
+    String::from_utf8(out).unwrap_or_default()
 }
 
 #[async_trait]

@@ -70,11 +70,16 @@ impl<'a> CancelWatch<'a> {
     }
 }
 
+/// How often a running fragment looks at the worker's shutdown token (a mutex) and gives
+/// the runtime a turn between operations that never await: often enough that a shutdown or
+/// a heartbeat waits at most about this long, rarely enough to cost nothing per operation.
+const CHECK_EVERY: Duration = Duration::from_millis(1);
+
 /// Why a fragment should stop before its next operation, if it should.
 fn should_stop(
     fragment: &Fragment,
     cancelled: &mut CancelWatch<'_>,
-    shutdown: &CancellationToken,
+    shutting_down: bool,
     now: Instant,
     deadline: Instant,
     done: usize,
@@ -82,7 +87,7 @@ fn should_stop(
     if cancelled.is_cancelled(&fragment.job_id) {
         return Some(Cut::Cancelled);
     }
-    if shutdown.is_cancelled() {
+    if shutting_down {
         return Some(Cut::Shutdown);
     }
     // At least one operation runs per fragment, so even an operation longer than the
@@ -115,8 +120,19 @@ pub async fn run_fragment(
     // One clock read per operation: it ends the last operation's timing, starts the next
     // one's, and is what the lifespan is checked against.
     let mut now = started;
+    let mut next_check = started;
+    let mut shutting_down = false;
     while done < total {
-        if let Some(reason) = should_stop(fragment, &mut watch, shutdown, now, deadline, done) {
+        if now >= next_check {
+            if done > 0 {
+                // CPU-bound operations never await: give the runtime a turn.
+                tokio::task::yield_now().await;
+            }
+            shutting_down = shutdown.is_cancelled();
+            next_check = now + CHECK_EVERY;
+        }
+        if let Some(reason) = should_stop(fragment, &mut watch, shutting_down, now, deadline, done)
+        {
             cut = Some(reason);
             break;
         }
@@ -155,8 +171,6 @@ pub async fn run_fragment(
             }
         }
         done += 1;
-        // CPU-bound operations never await; give the runtime a chance between them.
-        tokio::task::consume_budget().await;
     }
     FragmentReport {
         job_id: fragment.job_id.clone(),
