@@ -155,7 +155,7 @@ impl Fold<'_> {
         Ok(())
     }
 
-    fn fragment(&mut self, report: FragmentReport) -> Result<(), StoreError> {
+    fn fragment(&mut self, mut report: FragmentReport) -> Result<(), StoreError> {
         let done = report.done.min(report.indices.len() as u32);
         let job = self.job(&report.job_id)?;
         let state = job.state;
@@ -165,17 +165,15 @@ impl Fold<'_> {
         // failures as final rather than run anything twice.
         let may_retry =
             report.attempt < job.max_attempts && state.is_some_and(|s| !s.is_terminal());
-        let mut outcomes = outcomes(&report, done);
-        let mut retry = Vec::new();
-        if may_retry {
-            outcomes.retain(|o| {
-                let again = o.result.is_err();
-                if again {
-                    retry.push(o.index);
-                }
-                !again
-            });
-        }
+        let errors = errors_by_offset(&mut report, done);
+        let retry = if may_retry {
+            errors
+                .keys()
+                .filter_map(|offset| report.indices.get(*offset as usize))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let (recorded, first) = self.tx.record_fragment(
             &report.job_id,
             report.fragment,
@@ -197,14 +195,10 @@ impl Fold<'_> {
             // stays a no-op) but not counted.
             return Ok(());
         }
-        let failed = outcomes.iter().filter(|o| o.result.is_err()).count() as u64;
-        let succeeded = outcomes.len() as u64 - failed;
-        let keep: Vec<Outcome> = if collect_results {
-            outcomes
-        } else {
-            // Errors are kept even when results are not: they are what a user needs to read.
-            outcomes.into_iter().filter(|o| o.result.is_err()).collect()
-        };
+        // A failure that runs again is neither succeeded nor failed yet.
+        let failed = if may_retry { 0 } else { errors.len() as u64 };
+        let succeeded = u64::from(done) - errors.len() as u64;
+        let keep = kept_outcomes(&mut report, done, errors, may_retry, collect_results);
         let job = self.job(&report.job_id)?;
         job.ops_succeeded += succeeded;
         job.ops_failed += failed;
@@ -217,7 +211,7 @@ impl Fold<'_> {
             ops_succeeded: succeeded,
             ops_failed: failed,
             fragment_seconds: report.elapsed_us as f64 / 1e6,
-            measurements: report.measurements.clone(),
+            measurements: std::mem::take(&mut report.measurements),
         };
         self.tx.put_measured(&measured)?;
         self.effects.measured.push(measured);
@@ -302,27 +296,62 @@ pub fn failure_share_exceeded(failed: u64, total: u64, tolerated_percent: f64) -
 }
 
 /// The outcome of each operation a report says ran.
-fn outcomes(report: &FragmentReport, done: u32) -> Vec<Outcome> {
-    let mut errors: BTreeMap<u32, &str> = BTreeMap::new();
-    for failure in &report.failures {
+/// A report's failures among its first `done` operations, by offset (the first one reported
+/// for an offset wins).
+fn errors_by_offset(report: &mut FragmentReport, done: u32) -> BTreeMap<u32, String> {
+    let mut errors = BTreeMap::new();
+    for failure in std::mem::take(&mut report.failures) {
         if failure.offset < done {
-            errors.insert(failure.offset, &failure.error);
+            errors.entry(failure.offset).or_insert(failure.error);
         }
     }
-    (0..done)
-        .filter_map(|offset| {
-            let index = report.indices.get(offset as usize)?;
-            let result = match errors.get(&offset) {
-                Some(error) => Err((*error).to_owned()),
-                None => Ok(report
-                    .results
-                    .get(offset as usize)
-                    .cloned()
-                    .unwrap_or(Value::Null)),
-            };
-            Some(Outcome { index, result })
+    errors
+}
+
+/// What the store keeps of a counted fragment: every outcome when its job collects results,
+/// else only the errors (they are what a user needs to read). A failure that runs again is
+/// not an outcome yet. Costs nothing per operation unless results are kept.
+fn kept_outcomes(
+    report: &mut FragmentReport,
+    done: u32,
+    errors: BTreeMap<u32, String>,
+    may_retry: bool,
+    collect_results: bool,
+) -> Vec<Outcome> {
+    let indices = &report.indices;
+    let error_outcome = |(offset, error): (u32, String)| {
+        Some(Outcome {
+            index: indices.get(offset as usize)?,
+            result: Err(error),
         })
-        .collect()
+    };
+    if !collect_results {
+        if may_retry {
+            return Vec::new();
+        }
+        return errors.into_iter().filter_map(error_outcome).collect();
+    }
+    let mut results = std::mem::take(&mut report.results).into_iter();
+    let mut errors = errors.into_iter().peekable();
+    let mut kept = Vec::with_capacity(done as usize);
+    for offset in 0..done {
+        let result = results.next().unwrap_or(Value::Null);
+        let Some(index) = indices.get(offset as usize) else {
+            continue;
+        };
+        match errors.next_if(|(failed, _)| *failed == offset) {
+            Some(_) if may_retry => {}
+            Some((_, error)) => kept.push(Outcome {
+                index,
+                result: Err(error),
+            }),
+            None => kept.push(Outcome {
+                index,
+                result: Ok(result),
+            }),
+        }
+    }
+    kept
 }
 
 #[cfg(test)]
