@@ -17,13 +17,34 @@ use serde_json::{Map, Value};
 
 use crate::store::{DispatchState, FragmentRow, JobRow, OutboxMessage, SplitterTx, StoreError};
 
-/// Most operations in one fragment when the JobSpec gives no `fragment_size`: bounds the
-/// size of a fragment's messages (its items, its report with results).
+/// Most operations in one fragment when the JobSpec gives no `fragment_size` and the
+/// fragment's messages carry something per operation (its items, its report's results):
+/// bounds their size.
 pub const MAX_DEFAULT_FRAGMENT_SIZE: u64 = 10_000;
+
+/// Most operations in one fragment when the JobSpec gives no `fragment_size` and neither the
+/// fragment (a range) nor its report (results not collected) grows with it: only failures
+/// would, so this still bounds a report in which every operation failed (a few MB).
+pub const MAX_DEFAULT_RANGE_FRAGMENT_SIZE: u64 = 100_000;
+
+/// The largest fragment the default sizing cuts for a job of this shape.
+pub fn largest_default_size(range: bool, collect_results: bool) -> u64 {
+    if range && !collect_results {
+        MAX_DEFAULT_RANGE_FRAGMENT_SIZE
+    } else {
+        MAX_DEFAULT_FRAGMENT_SIZE
+    }
+}
 
 /// Operations in a job's first fragments when the JobSpec gives no `fragment_size` and
 /// nothing is known yet of what an operation costs.
 pub const FIRST_FRAGMENT_SIZE: u64 = 8;
+
+/// Fragments of a job out at once while the cost of its operation is still unknown (no
+/// `fragment_size` given, nothing settled yet). Filling a wide window with first-size
+/// fragments cost a broker round trip each for a few operations; the window opens as soon as
+/// one of these settles, after at most `FIRST_FRAGMENT_SIZE` operations' time.
+pub const PROBE_FRAGMENTS: u64 = 4;
 
 /// One thing the splitter was told, decoded from a delivery.
 #[derive(Debug)]
@@ -70,18 +91,19 @@ pub fn first_fragment_size(ops_total: u64, max_concurrent: u32) -> u32 {
 }
 
 /// The size that makes a fragment run for about half its lifespan at `op_cost_ns` per
-/// operation, within `[1, MAX_DEFAULT_FRAGMENT_SIZE]` and no larger than lets the job fill its
-/// window. Half, so a fragment ends well before its lifespan even when operations vary.
+/// operation, within `[1, largest]` and no larger than lets the job fill its window. Half, so
+/// a fragment ends well before its lifespan even when operations vary.
 pub fn fragment_size_for_cost(
     op_cost_ns: u64,
     lifespan_ms: u64,
     ops_total: u64,
     max_concurrent: u32,
+    largest: u64,
 ) -> u32 {
     let target_ns = lifespan_ms.saturating_mul(1_000_000) / 2;
     (target_ns / op_cost_ns.max(1))
         .min(spread_size(ops_total, max_concurrent))
-        .clamp(1, MAX_DEFAULT_FRAGMENT_SIZE) as u32
+        .clamp(1, largest.max(1)) as u32
 }
 
 /// Folds one fragment's observed cost per operation into the job's moving average (the new
@@ -102,6 +124,9 @@ struct Batch<'a> {
     names: &'a Names,
     /// Jobs read or changed in this batch, with whether their count out changed.
     jobs: BTreeMap<String, (JobRow, bool)>,
+    /// Each loaded job's fragments out as the reducer last heard it (0 for a job new in this
+    /// batch): a note is sent only when the count differs.
+    told_in_flight: BTreeMap<String, u64>,
 }
 
 /// Applies `commands` in order inside the caller's transaction.
@@ -114,6 +139,7 @@ pub fn apply(
         tx,
         names,
         jobs: BTreeMap::new(),
+        told_in_flight: BTreeMap::new(),
     };
     for command in commands {
         match command {
@@ -137,6 +163,7 @@ impl Batch<'_> {
         if !self.jobs.contains_key(job_id) {
             match self.tx.job(job_id)? {
                 Some(job) => {
+                    self.told_in_flight.insert(job_id.to_owned(), job.in_flight);
                     self.jobs.insert(job_id.to_owned(), (job, false));
                 }
                 None => return Ok(None),
@@ -339,6 +366,7 @@ impl Batch<'_> {
                     job.lifespan_ms,
                     job.ops_total,
                     job.max_concurrent,
+                    largest_default_size(job.range_base.is_some(), job.collect_results),
                 );
             }
         }
@@ -428,9 +456,11 @@ impl Batch<'_> {
         for (_, (mut job, mut changed)) in jobs {
             match job.state {
                 DispatchState::Active => {
-                    while job.in_flight < u64::from(job.max_concurrent)
-                        && job.cursor < job.ops_total
-                    {
+                    let mut window = u64::from(job.max_concurrent);
+                    if job.adaptive && job.op_cost_ns.is_none() {
+                        window = window.min(PROBE_FRAGMENTS);
+                    }
+                    while job.in_flight < window && job.cursor < job.ops_total {
                         let end = job
                             .cursor
                             .saturating_add(u64::from(job.fragment_size))
@@ -452,7 +482,10 @@ impl Batch<'_> {
                 }
                 _ => {}
             }
-            if changed && job.state != DispatchState::Rejected {
+            // A settled fragment replaced by a new one leaves the count as it was: in a
+            // steady window that spares the broker one message per fragment.
+            let told = self.told_in_flight.get(&job.job_id).copied().unwrap_or(0);
+            if changed && job.state != DispatchState::Rejected && job.in_flight != told {
                 job.progress_seq += 1;
                 self.tell_reducer(&ReducerInput::Progress {
                     job_id: job.job_id.clone(),
@@ -492,15 +525,34 @@ mod tests {
     fn size_fills_half_a_lifespan() {
         // 2 ms per operation, 60 s lifespan: 30 s / 2 ms = 15,000, capped.
         assert_eq!(
-            fragment_size_for_cost(2_000_000, 60_000, 10_000_000, 16),
+            fragment_size_for_cost(2_000_000, 60_000, 10_000_000, 16, 10_000),
             10_000
         );
         // 20 ms per operation, 1 s lifespan: 500 ms / 20 ms = 25.
-        assert_eq!(fragment_size_for_cost(20_000_000, 1_000, 1_000_000, 16), 25);
+        assert_eq!(
+            fragment_size_for_cost(20_000_000, 1_000, 1_000_000, 16, 10_000),
+            25
+        );
         // Slower than half a lifespan: one operation per fragment.
-        assert_eq!(fragment_size_for_cost(5_000_000_000, 1_000, 1_000, 16), 1);
+        assert_eq!(
+            fragment_size_for_cost(5_000_000_000, 1_000, 1_000, 16, 10_000),
+            1
+        );
         // Never so large that the job cannot fill its window of 4.
-        assert_eq!(fragment_size_for_cost(1_000, 60_000, 100, 4), 25);
+        assert_eq!(fragment_size_for_cost(1_000, 60_000, 100, 4, 10_000), 25);
+        // Where nothing per operation travels, the bound is larger.
+        assert_eq!(
+            fragment_size_for_cost(
+                1_000,
+                60_000,
+                100_000_000,
+                16,
+                largest_default_size(true, false)
+            ),
+            100_000
+        );
+        assert_eq!(largest_default_size(true, true), 10_000);
+        assert_eq!(largest_default_size(false, false), 10_000);
     }
 
     #[test]
@@ -514,5 +566,68 @@ mod tests {
         }
         let cost = cost.unwrap_or_default();
         assert!((18_000_000..=20_000_000).contains(&cost), "{cost}");
+    }
+
+    #[test]
+    fn an_adaptive_job_probes_with_a_few_fragments_then_fills_its_window() {
+        use crate::store::{SplitterStore, SqliteStore};
+        use common::jobspec::{ParseLimits, parse_job_spec};
+
+        // 8 operations in 8 µs settle first: 1 µs each, so fragments as large as the default
+        // sizing allows for the job's shape, and no larger than 1,000,000 / 64 = 15,625 (the
+        // job must still fill its window).
+        for (collect_results, sized) in [(true, 10_000), (false, 15_625)] {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let mut store = SqliteStore::open(&dir.path().join("s.db")).expect("store");
+            let names = Names::new("t");
+            // Drains the outbox, returning the fragments it held.
+            let sent = |store: &mut SqliteStore| -> Vec<Fragment> {
+                let outbox = store.outbox(10_000).expect("outbox");
+                if let Some(last) = outbox.last() {
+                    store.outbox_confirmed(last.seq).expect("confirmed");
+                }
+                outbox
+                    .iter()
+                    .filter(|m| m.exchange == names.work())
+                    .map(|m| serde_json::from_slice(&m.body).expect("a fragment"))
+                    .collect()
+            };
+            let body = serde_json::json!({
+                "job_id": "j", "operation": "noop", "range": {"start": 0, "end": 1_000_000},
+                "max_concurrent_fragments": 64, "collect_results": collect_results,
+            });
+            let spec = parse_job_spec(
+                body.to_string().as_bytes(),
+                None,
+                None,
+                ParseLimits::default(),
+            )
+            .expect("a valid job");
+            let submit = vec![Command::Submit { spec, at_ms: 0 }];
+            store
+                .transaction(|tx| apply(tx, &names, submit))
+                .expect("submitted");
+            let probes = sent(&mut store);
+            assert_eq!(probes.len(), PROBE_FRAGMENTS as usize);
+            assert!(probes.iter().all(|f| f.indices.len() == 8), "{probes:?}");
+
+            let settle = vec![Command::Settle(Settled {
+                job_id: "j".into(),
+                fragment: 0,
+                done: 8,
+                retry: Vec::new(),
+                elapsed_us: 8,
+            })];
+            store
+                .transaction(|tx| apply(tx, &names, settle))
+                .expect("settled");
+            let window = sent(&mut store);
+            assert_eq!(window.len(), 64 - (PROBE_FRAGMENTS as usize - 1));
+            assert!(
+                window.iter().all(|f| f.indices.len() == sized),
+                "collect_results {collect_results}: {:?}",
+                window.first().map(|f| f.indices.len())
+            );
+        }
     }
 }

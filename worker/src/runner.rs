@@ -184,7 +184,9 @@ pub async fn run_fragment(
         results,
         cut,
         started_at_ms,
-        elapsed_us: started.elapsed().as_micros() as u64,
+        // Never 0 once something ran: the splitter reads 0 as "no cost observed" (a fragment
+        // that ran nothing), and eight `noop`s can finish within a microsecond.
+        elapsed_us: (started.elapsed().as_micros() as u64).max(u64::from(done > 0)),
         measurements: FragmentMeasurements {
             operation_seconds,
             user: metrics.into_inner(),
