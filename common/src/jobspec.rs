@@ -439,6 +439,21 @@ pub fn item_text(item: &Value) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// Calls `f` with `text(item)`; an integer (every item of a range job) is written on the
+/// stack, so an operation run millions of times allocates nothing for it.
+pub fn with_item_text<R>(item: &Value, f: impl FnOnce(&str) -> R) -> R {
+    if let Value::Number(n) = item {
+        let mut buffer = itoa::Buffer::new();
+        if let Some(i) = n.as_i64() {
+            return f(buffer.format(i));
+        }
+        if let Some(u) = n.as_u64() {
+            return f(buffer.format(u));
+        }
+    }
+    f(&item_text(item))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -782,5 +797,20 @@ mod tests {
         assert_eq!(item_text(&item), r#"{"b":2,"a":1}"#);
         assert_eq!(item_text(&Value::from(42)), "42");
         assert_eq!(item_text(&Value::from("hi")), "hi");
+        for item in [
+            Value::from(42),
+            Value::from(-7),
+            Value::from(u64::MAX),
+            Value::from(i64::MIN),
+            Value::from(1.5),
+            Value::from("hi"),
+            serde_json::json!({"b": [1, 2]}),
+        ] {
+            assert_eq!(
+                with_item_text(&item, str::to_owned),
+                item_text(&item),
+                "{item}"
+            );
+        }
     }
 }

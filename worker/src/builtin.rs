@@ -4,7 +4,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use common::jobspec::item_text;
+use common::jobspec::{item_text, with_item_text};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
@@ -86,13 +86,12 @@ pub fn sha256_rounds(text: &str, rounds: u64) -> String {
 /// Lowercase hex of `bytes`, written straight into the string (no iterator of chars).
 fn lower_hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = Vec::with_capacity(bytes.len() * 2);
+    let mut out = String::with_capacity(bytes.len() * 2);
     for byte in bytes {
-        out.push(DIGITS[usize::from(byte >> 4)]);
-        out.push(DIGITS[usize::from(byte & 0x0f)]);
+        out.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        out.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
     }
-    // Every byte pushed is an ASCII digit or letter.
-    String::from_utf8(out).unwrap_or_default()
+    out
 }
 
 #[async_trait]
@@ -105,11 +104,10 @@ impl Operation for Sha256Op {
         if rounds == 0 {
             return Err(OpError::new("params.rounds: must be at least 1, got 0"));
         }
-        let text = item_text(input.item);
         let hex = if rounds <= SHA256_INLINE_ROUNDS {
-            sha256_rounds(&text, rounds)
+            with_item_text(input.item, |text| sha256_rounds(text, rounds))
         } else {
-            let text = text.into_owned();
+            let text = item_text(input.item).into_owned();
             tokio::task::spawn_blocking(move || sha256_rounds(&text, rounds))
                 .await
                 .map_err(|e| OpError::new(format!("hashing task failed: {e}")))?
