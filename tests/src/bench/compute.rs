@@ -48,6 +48,69 @@ fn hash_span(from: u64, to: u64, rounds: u32) -> u64 {
     checksum
 }
 
+/// The worker's own cost per operation, without the broker: the `sha256` operation run by
+/// the worker's fragment runner (the code a worker runs for each delivered fragment: item,
+/// operation, timing, cancellation checks) in the bench process, on `threads` threads, one
+/// fragment of `items / threads` operations each. Returns operations per second.
+pub fn runner(items: u64, rounds: u32, threads: usize) -> Result<f64, String> {
+    let threads = threads.max(1) as u64;
+    let registry = worker::Registry::with_builtins();
+    let operation = registry
+        .get("sha256")
+        .ok_or("the worker has no sha256 operation")?;
+    let mut params = serde_json::Map::new();
+    params.insert("rounds".into(), rounds.into());
+    let started = Instant::now();
+    let done: Result<Vec<u64>, String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let fragment = common::wire::Fragment {
+                    job_id: "bench".into(),
+                    fragment: t,
+                    operation: "sha256".into(),
+                    params: params.clone(),
+                    attempt: 1,
+                    indices: common::wire::Indices::Span(
+                        items * t / threads,
+                        items * (t + 1) / threads,
+                    ),
+                    payload: common::wire::Payload::Range { base: 0 },
+                    lifespan_ms: 3_600_000,
+                    collect_results: false,
+                };
+                let operation = operation.clone();
+                scope.spawn(move || -> Result<u64, String> {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|e| e.to_string())?;
+                    let report = runtime.block_on(worker::runner::run_fragment(
+                        &fragment,
+                        operation.as_ref(),
+                        "bench",
+                        &worker::runner::CancelledJobs::default(),
+                        &tokio_util::sync::CancellationToken::new(),
+                    ));
+                    Ok(u64::from(report.done))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| "a runner thread panicked".to_owned())?
+            })
+            .collect()
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    let done: u64 = done?.into_iter().sum();
+    if done != items {
+        return Err(format!("the runner ran {done} of {items} operations"));
+    }
+    Ok(items as f64 / seconds.max(1e-9))
+}
+
 /// Lowercase hex of the `sha256` operation's result for `item` (for checking a job's results).
 pub fn expected_hex(item: u64, rounds: u32) -> String {
     let mut digest = Sha256::digest(item.to_string().as_bytes());
@@ -78,5 +141,6 @@ mod tests {
         let _ = write!(cursor, "{}", u64::MAX);
         assert_eq!(cursor.position(), 20);
         assert!(ceiling(100, 2, 2) > 0.0);
+        assert!(runner(100, 2, 2).expect("the runner runs every operation") > 0.0);
     }
 }
