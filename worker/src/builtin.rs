@@ -51,6 +51,9 @@ impl Operation for Noop {
     async fn run(&self, _input: OpInput<'_>) -> Result<Value, OpError> {
         Ok(Value::Null)
     }
+    fn run_now(&self, _input: OpInput<'_>) -> Option<Result<Value, OpError>> {
+        Some(Ok(Value::Null))
+    }
 }
 
 /// Sleeps `params.ms` milliseconds; the result is `null`.
@@ -100,19 +103,35 @@ impl Operation for Sha256Op {
         "sha256"
     }
     async fn run(&self, input: OpInput<'_>) -> Result<Value, OpError> {
-        let rounds = int_param(input.params, "rounds", Some(1))?;
-        if rounds == 0 {
-            return Err(OpError::new("params.rounds: must be at least 1, got 0"));
+        if let Some(outcome) = self.run_now(input) {
+            return outcome;
         }
-        let hex = if rounds <= SHA256_INLINE_ROUNDS {
-            with_item_text(input.item, |text| sha256_rounds(text, rounds))
-        } else {
-            let text = item_text(input.item).into_owned();
-            tokio::task::spawn_blocking(move || sha256_rounds(&text, rounds))
-                .await
-                .map_err(|e| OpError::new(format!("hashing task failed: {e}")))?
-        };
+        let rounds = sha256_param(input.params)?;
+        let text = item_text(input.item).into_owned();
+        let hex = tokio::task::spawn_blocking(move || sha256_rounds(&text, rounds))
+            .await
+            .map_err(|e| OpError::new(format!("hashing task failed: {e}")))?;
         Ok(Value::String(hex))
+    }
+    /// Up to `SHA256_INLINE_ROUNDS` rounds hash at once; more move off the async threads.
+    fn run_now(&self, input: OpInput<'_>) -> Option<Result<Value, OpError>> {
+        match sha256_param(input.params) {
+            Err(e) => Some(Err(e)),
+            Ok(rounds) if rounds <= SHA256_INLINE_ROUNDS => {
+                Some(Ok(Value::String(with_item_text(input.item, |text| {
+                    sha256_rounds(text, rounds)
+                }))))
+            }
+            Ok(_) => None,
+        }
+    }
+}
+
+/// The `rounds` parameter of `sha256`: at least 1, 1 when absent.
+fn sha256_param(params: &Map<String, Value>) -> Result<u64, OpError> {
+    match int_param(params, "rounds", Some(1))? {
+        0 => Err(OpError::new("params.rounds: must be at least 1, got 0")),
+        rounds => Ok(rounds),
     }
 }
 
@@ -310,6 +329,29 @@ mod tests {
         assert_eq!(out, Value::String(sha256_rounds("42", 1)));
         let bad = params(json!({"rounds": "x"}));
         assert!(Sha256Op.run(input(&item, &bad)).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn run_now_agrees_with_run() {
+        let item = json!(7);
+        for rounds in [json!(1), json!(10), json!(0), json!("x")] {
+            let p = params(json!({ "rounds": rounds }));
+            let now = Sha256Op
+                .run_now(input(&item, &p))
+                .expect("inline rounds run at once");
+            assert_eq!(now, Sha256Op.run(input(&item, &p)).await, "rounds {rounds}");
+        }
+        // Beyond the inline rounds the hashing must be awaited (it leaves the async threads).
+        let many = params(json!({ "rounds": SHA256_INLINE_ROUNDS + 1 }));
+        assert_eq!(Sha256Op.run_now(input(&item, &many)), None);
+        assert_eq!(
+            Sha256Op.run(input(&item, &many)).await,
+            Ok(Value::String(sha256_rounds("7", SHA256_INLINE_ROUNDS + 1)))
+        );
+        let none = Map::new();
+        assert_eq!(Noop.run_now(input(&item, &none)), Some(Ok(Value::Null)));
+        let ms = params(json!({"ms": 1}));
+        assert_eq!(Sleep.run_now(input(&item, &ms)), None, "sleep must wait");
     }
 
     #[tokio::test]

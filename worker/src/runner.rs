@@ -146,7 +146,11 @@ pub async fn run_fragment(
                     attempt: fragment.attempt,
                     metrics: &metrics,
                 };
-                let outcome = operation.run(input).await.map_err(|e| e.0);
+                let outcome = match operation.run_now(input) {
+                    Some(outcome) => outcome,
+                    None => operation.run(input).await,
+                }
+                .map_err(|e| e.0);
                 let ended = Instant::now();
                 operation_seconds.record(ended.duration_since(now).as_secs_f64());
                 now = ended;
