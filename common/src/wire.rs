@@ -208,17 +208,62 @@ pub enum SplitterInput {
 /// one per fragment takes a third of the broker's messages off every fragment.
 pub const SETTLEMENTS_PER_MESSAGE: usize = 256;
 
-/// Decodes a message of `{ns}.splitter`: an array of [`SplitterInput`], or a single one.
-pub fn decode_splitter_inputs(body: &[u8]) -> Result<Vec<SplitterInput>, serde_json::Error> {
+/// Most bytes of one message of settlements (a settlement's `retry` list can hold a whole
+/// fragment's indices): well under any broker's message size limit. A single settlement
+/// larger than this still travels, alone.
+pub const SETTLEMENT_MESSAGE_BYTES: usize = 1 << 20;
+
+/// Encodes `inputs` as JSON arrays of at most [`SETTLEMENTS_PER_MESSAGE`] inputs and about
+/// [`SETTLEMENT_MESSAGE_BYTES`] each (never empty, order kept): the bodies of the messages
+/// to the splitter.
+pub fn encode_splitter_inputs(inputs: &[SplitterInput]) -> Result<Vec<Vec<u8>>, serde_json::Error> {
+    let mut bodies = Vec::new();
+    let mut body = Vec::new();
+    let mut count = 0;
+    for input in inputs {
+        let encoded = serde_json::to_vec(input)?;
+        if count > 0
+            && (count == SETTLEMENTS_PER_MESSAGE
+                || body.len() + encoded.len() + 1 > SETTLEMENT_MESSAGE_BYTES)
+        {
+            body.push(b']');
+            bodies.push(std::mem::take(&mut body));
+            count = 0;
+        }
+        body.push(if count == 0 { b'[' } else { b',' });
+        body.extend_from_slice(&encoded);
+        count += 1;
+    }
+    if count > 0 {
+        body.push(b']');
+        bodies.push(body);
+    }
+    Ok(bodies)
+}
+
+/// One element of a message of `{ns}.splitter`: the input, or why it is not one (with its
+/// JSON text, to keep on the dead-letter queue).
+pub type DecodedInput = Result<SplitterInput, (String, Vec<u8>)>;
+
+/// Decodes a message of `{ns}.splitter`: an array of [`SplitterInput`], or a single one (what
+/// a reducer from before this batching sends). Each element is decoded on its own, so one
+/// that is not understood does not take the others with it. `Err` when the body is neither.
+pub fn decode_splitter_inputs(body: &[u8]) -> Result<Vec<DecodedInput>, serde_json::Error> {
     let array = body
         .iter()
         .find(|b| !b.is_ascii_whitespace())
         .is_some_and(|b| *b == b'[');
-    if array {
-        serde_json::from_slice(body)
-    } else {
-        serde_json::from_slice(body).map(|one| vec![one])
+    if !array {
+        return serde_json::from_slice(body).map(|one| vec![Ok(one)]);
     }
+    let elements: Vec<Box<serde_json::value::RawValue>> = serde_json::from_slice(body)?;
+    Ok(elements
+        .into_iter()
+        .map(|element| {
+            serde_json::from_str(element.get())
+                .map_err(|e| (e.to_string(), element.get().as_bytes().to_vec()))
+        })
+        .collect())
 }
 
 /// Broadcast on `{ns}.control` to every live worker.
@@ -335,25 +380,70 @@ mod tests {
 
     #[test]
     fn splitter_messages_are_arrays_or_one_input() {
-        let settled = SplitterInput::Settled(Settled {
-            job_id: "j".into(),
-            fragment: 4,
-            done: 3,
-            retry: vec![7],
-            elapsed_us: 12,
-        });
+        let settled = |fragment, retry: Vec<u64>| {
+            SplitterInput::Settled(Settled {
+                job_id: "j".into(),
+                fragment,
+                done: 3,
+                retry,
+                elapsed_us: 12,
+            })
+        };
         let halt = SplitterInput::Halt { job_id: "k".into() };
-        let many = serde_json::to_vec(&[settled.clone(), halt.clone()]).expect("serialise");
-        assert_eq!(
-            decode_splitter_inputs(&many).expect("an array"),
-            vec![settled.clone(), halt]
-        );
-        let one = serde_json::to_vec(&settled).expect("serialise");
+        let inputs = vec![settled(4, vec![7]), halt.clone()];
+        let bodies = encode_splitter_inputs(&inputs).expect("encoded");
+        assert_eq!(bodies.len(), 1);
+        let decoded = decode_splitter_inputs(&bodies[0]).expect("an array");
+        assert_eq!(decoded, vec![Ok(settled(4, vec![7])), Ok(halt)]);
+
+        // A single object, as reducers sent before the batching.
+        let one = serde_json::to_vec(&settled(1, Vec::new())).expect("serialise");
         assert_eq!(
             decode_splitter_inputs(&one).expect("one input"),
-            vec![settled]
+            vec![Ok(settled(1, Vec::new()))]
         );
-        assert!(decode_splitter_inputs(b" [{\"type\": \"nope\"}]").is_err());
+
+        // An element not understood is refused alone, with its text.
+        let mixed = br#"[{"type": "nope"}, {"type": "halt", "job_id": "k"}]"#;
+        let decoded = decode_splitter_inputs(mixed).expect("an array");
+        assert!(matches!(&decoded[0], Err((_, text)) if text == br#"{"type": "nope"}"#));
+        assert_eq!(decoded[1], Ok(SplitterInput::Halt { job_id: "k".into() }));
         assert!(decode_splitter_inputs(b"").is_err());
+        assert!(decode_splitter_inputs(b"[1, 2").is_err());
+    }
+
+    #[test]
+    fn settlements_are_split_by_count_and_size() {
+        let small: Vec<SplitterInput> = (0..600)
+            .map(|fragment| SplitterInput::Halt {
+                job_id: format!("job-{fragment}"),
+            })
+            .collect();
+        let bodies = encode_splitter_inputs(&small).expect("encoded");
+        let counts: Vec<usize> = bodies
+            .iter()
+            .map(|b| decode_splitter_inputs(b).expect("an array").len())
+            .collect();
+        assert_eq!(counts, vec![256, 256, 88]);
+
+        // Retry lists of 100,000 indices: about 0.7 MB each, so one per message.
+        let big = |fragment| {
+            SplitterInput::Settled(Settled {
+                job_id: "j".into(),
+                fragment,
+                done: 100_000,
+                retry: (0..100_000).collect(),
+                elapsed_us: 1,
+            })
+        };
+        let inputs: Vec<SplitterInput> = (0..3).map(big).collect();
+        let bodies = encode_splitter_inputs(&inputs).expect("encoded");
+        assert_eq!(bodies.len(), 3);
+        let mut decoded = Vec::new();
+        for body in &bodies {
+            decoded.extend(decode_splitter_inputs(body).expect("an array"));
+        }
+        assert_eq!(decoded, inputs.into_iter().map(Ok).collect::<Vec<_>>());
+        assert!(encode_splitter_inputs(&[]).expect("encoded").is_empty());
     }
 }

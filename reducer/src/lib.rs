@@ -21,7 +21,7 @@ use common::contract::JobStatus;
 use common::lapin::message::Delivery;
 use common::supervise::{Retryable, supervise};
 use common::topology::{KEY_METRICS, KEY_POISON, KEY_SETTLED, Names};
-use common::wire::{Fragment, FragmentReport, Heartbeat, ReducerInput, SETTLEMENTS_PER_MESSAGE};
+use common::wire::{Fragment, FragmentReport, Heartbeat, ReducerInput, encode_splitter_inputs};
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{ReducerQueries, ReducerStore, SqliteQueries, SqliteStore, StoreError};
@@ -290,8 +290,7 @@ async fn fold_events(
             }
         }
         let mut pending = publish_statuses(publisher, names, &effects.status_changes).await?;
-        for settled in effects.settled.chunks(SETTLEMENTS_PER_MESSAGE) {
-            let body = serde_json::to_vec(settled).map_err(BrokerError::from)?;
+        for body in encode_splitter_inputs(&effects.settled).map_err(BrokerError::from)? {
             pending.push(
                 publisher
                     .start_with(&names.events(), KEY_SETTLED, &body, json_properties(), true)

@@ -51,15 +51,21 @@ pub fn job_command(delivery: &Delivery, limits: ParseLimits, at_ms: i64) -> Comm
     }
 }
 
-/// Decodes a message of settlements from `{ns}.splitter` into its commands, in order; a
-/// message that is not one becomes a dead copy.
+/// Decodes a message of settlements from `{ns}.splitter` into its commands, in order. A
+/// message that is not one becomes a dead copy; so does each element of it that is not
+/// understood, alone (the others are applied).
 pub fn settled(delivery: &Delivery) -> Vec<Command> {
     match decode_splitter_inputs(&delivery.data) {
         Ok(inputs) => inputs
             .into_iter()
             .map(|input| match input {
-                SplitterInput::Settled(settled) => Command::Settle(settled),
-                SplitterInput::Halt { job_id } => Command::Halt { job_id },
+                Ok(SplitterInput::Settled(settled)) => Command::Settle(settled),
+                Ok(SplitterInput::Halt { job_id }) => Command::Halt { job_id },
+                Err((error, text)) => {
+                    let mut dead = dead_copy(delivery, &format!("not a settlement: {error}"));
+                    dead.body = text;
+                    Command::Dead(dead)
+                }
             })
             .collect(),
         Err(e) => vec![Command::Dead(dead_copy(

@@ -93,6 +93,8 @@ type SharedStore = Arc<Mutex<SqliteStore>>;
 const BATCH: usize = 256;
 /// Outbox messages published per round of confirms.
 const OUTBOX_ROUND: usize = 512;
+/// Most settlements applied in one transaction.
+const COMMANDS_PER_COMMIT: usize = 1024;
 
 /// Runs the splitter until `shutdown` fires (or a fault that reconnecting cannot mend).
 pub async fn run(config: SplitterConfig, shutdown: CancellationToken) -> Result<(), SplitterError> {
@@ -188,8 +190,15 @@ async fn intake_settled(
     let channel = session.consumer_channel(BATCH as u16).await?;
     let mut consumer = consume(&channel, &names.splitter_queue(), "splitter-settled").await?;
     while let Some(batch) = next_batch(&mut consumer, BATCH, stop).await? {
-        let commands = batch.iter().flat_map(intake::settled).collect();
-        commit(store, names.clone(), commands, outbox_ready).await?;
+        // A message holds up to 256 settlements: commit them in bounded transactions, so a
+        // burst does not hold the store (and the intake of jobs) for long. Applying one again
+        // after a crash between commits changes nothing.
+        let mut commands: Vec<Command> = batch.iter().flat_map(intake::settled).collect();
+        while !commands.is_empty() {
+            let rest = commands.split_off(commands.len().min(COMMANDS_PER_COMMIT));
+            commit(store, names.clone(), commands, outbox_ready).await?;
+            commands = rest;
+        }
         ack_batch(&batch).await?;
     }
     Ok(())
