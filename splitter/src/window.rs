@@ -43,7 +43,9 @@ pub const FIRST_FRAGMENT_SIZE: u64 = 8;
 /// Fragments of a job out at once while the cost of its operation is still unknown (no
 /// `fragment_size` given, nothing settled yet). Filling a wide window with first-size
 /// fragments cost a broker round trip each for a few operations; the window opens as soon as
-/// one of these settles, after at most `FIRST_FRAGMENT_SIZE` operations' time.
+/// one of these settles, after at most `FIRST_FRAGMENT_SIZE` operations' time. Settlements
+/// can carry no cost (a poison fragment's, or a worker's that timed nothing): after twice this
+/// many fragments the window opens at the first size anyway.
 pub const PROBE_FRAGMENTS: u64 = 4;
 
 /// One thing the splitter was told, decoded from a delivery.
@@ -457,7 +459,10 @@ impl Batch<'_> {
             match job.state {
                 DispatchState::Active => {
                     let mut window = u64::from(job.max_concurrent);
-                    if job.adaptive && job.op_cost_ns.is_none() {
+                    if job.adaptive
+                        && job.op_cost_ns.is_none()
+                        && job.next_fragment < 2 * PROBE_FRAGMENTS
+                    {
                         window = window.min(PROBE_FRAGMENTS);
                     }
                     while job.in_flight < window && job.cursor < job.ops_total {
@@ -629,5 +634,63 @@ mod tests {
                 window.first().map(|f| f.indices.len())
             );
         }
+    }
+
+    #[test]
+    fn probes_that_report_no_cost_do_not_hold_the_window_shut() {
+        use crate::store::{SplitterStore, SqliteStore};
+        use common::jobspec::{ParseLimits, parse_job_spec};
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut store = SqliteStore::open(&dir.path().join("s.db")).expect("store");
+        let names = Names::new("t");
+        let sent = |store: &mut SqliteStore| -> Vec<Fragment> {
+            let outbox = store.outbox(10_000).expect("outbox");
+            if let Some(last) = outbox.last() {
+                store.outbox_confirmed(last.seq).expect("confirmed");
+            }
+            outbox
+                .iter()
+                .filter(|m| m.exchange == names.work())
+                .map(|m| serde_json::from_slice(&m.body).expect("a fragment"))
+                .collect()
+        };
+        let spec = parse_job_spec(
+            br#"{"job_id": "j", "operation": "noop", "range": {"start": 0, "end": 100000},
+                 "max_concurrent_fragments": 16}"#,
+            None,
+            None,
+            ParseLimits::default(),
+        )
+        .expect("a valid job");
+        let submit = vec![Command::Submit { spec, at_ms: 0 }];
+        store
+            .transaction(|tx| apply(tx, &names, submit))
+            .expect("submitted");
+        let mut out = sent(&mut store);
+        let mut released = vec![out.len()];
+        // Every settlement says its operations ran in 0 µs (a poison fragment's, say).
+        for _ in 0..2 {
+            let settle = out
+                .iter()
+                .map(|f| {
+                    Command::Settle(Settled {
+                        job_id: "j".into(),
+                        fragment: f.fragment,
+                        done: f.indices.len() as u32,
+                        retry: Vec::new(),
+                        elapsed_us: 0,
+                    })
+                })
+                .collect();
+            store
+                .transaction(|tx| apply(tx, &names, settle))
+                .expect("settled");
+            out = sent(&mut store);
+            released.push(out.len());
+        }
+        // Two rounds of probes, then the whole window at the first size.
+        assert_eq!(released, vec![4, 4, 16]);
+        assert!(out.iter().all(|f| f.indices.len() == 8));
     }
 }
