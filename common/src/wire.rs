@@ -106,6 +106,8 @@ pub enum Cut {
     Shutdown,
     /// Its job was cancelled.
     Cancelled,
+    /// Its report reached the most a report may carry: the rest runs as a fragment of its own.
+    Size,
 }
 
 /// A failed operation of a fragment report: its offset within the fragment and the error.

@@ -75,6 +75,66 @@ impl<'a> CancelWatch<'a> {
 /// a heartbeat waits at most about this long, rarely enough to cost nothing per operation.
 const CHECK_EVERY: Duration = Duration::from_millis(1);
 
+/// Most bytes of one operation's error kept in a report: its first kilobyte and its end (the
+/// end is where `exec` puts stderr's last line).
+pub const MAX_ERROR_BYTES: usize = 4096;
+
+/// About the most bytes of results and errors one report carries. Past it the fragment stops
+/// at the operation boundary (`Cut::Size`) and the splitter releases the rest as a fragment of
+/// its own, so that no report outgrows a broker's message size limit (16 MiB by default in
+/// RabbitMQ 4) however many operations fail with long errors or return long results.
+pub const REPORT_BUDGET_BYTES: usize = 8 << 20;
+
+/// `error`, at most [`MAX_ERROR_BYTES`] (plus a marker): its head and its tail when longer.
+fn bounded_error(error: String) -> String {
+    const HEAD: usize = 1024;
+    if error.len() <= MAX_ERROR_BYTES {
+        return error;
+    }
+    let mut head_end = HEAD;
+    while !error.is_char_boundary(head_end) {
+        head_end -= 1;
+    }
+    let mut tail_start = error.len() - (MAX_ERROR_BYTES - HEAD);
+    while !error.is_char_boundary(tail_start) {
+        tail_start += 1;
+    }
+    format!(
+        "{} … ({} bytes cut) … {}",
+        &error[..head_end],
+        tail_start - head_end,
+        &error[tail_start..]
+    )
+}
+
+/// Counts the bytes written to it.
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// About the bytes `value` takes in a report (exact for strings, no allocation).
+fn json_size(value: &Value) -> usize {
+    match value {
+        Value::Null | Value::Bool(_) => 5,
+        Value::Number(_) => 20,
+        Value::String(s) => s.len() + 2,
+        other => {
+            let mut count = ByteCount(0);
+            // Writing to a counter cannot fail.
+            let _ = serde_json::to_writer(&mut count, other);
+            count.0
+        }
+    }
+}
+
 /// Why a fragment should stop before its next operation, if it should.
 fn should_stop(
     fragment: &Fragment,
@@ -122,7 +182,12 @@ pub async fn run_fragment(
     let mut now = started;
     let mut next_check = started;
     let mut shutting_down = false;
+    let mut report_bytes = 0usize;
     while done < total {
+        if report_bytes >= REPORT_BUDGET_BYTES {
+            cut = Some(Cut::Size);
+            break;
+        }
         if now >= next_check {
             if done > 0 {
                 // CPU-bound operations never await: give the runtime a turn.
@@ -161,10 +226,13 @@ pub async fn run_fragment(
         match outcome {
             Ok(result) => {
                 if fragment.collect_results {
+                    report_bytes += json_size(&result);
                     results.push(result);
                 }
             }
             Err(error) => {
+                let error = bounded_error(error);
+                report_bytes += error.len() + 24;
                 failures.push(Failure {
                     offset: done as u32,
                     error,
@@ -275,5 +343,76 @@ mod tests {
         assert_eq!(report.failures.len(), 2);
         assert_eq!(report.failures[1].offset, 1);
         assert!(report.failures[0].error.contains("params.ms"));
+    }
+
+    /// Fails with an error of `params.error_bytes` bytes, or returns a string of
+    /// `params.result_bytes` bytes.
+    struct Sized;
+
+    #[async_trait::async_trait]
+    impl Operation for Sized {
+        fn name(&self) -> &str {
+            "sized"
+        }
+        async fn run(&self, input: OpInput<'_>) -> Result<Value, crate::OpError> {
+            let bytes = |name: &str| input.params.get(name).and_then(Value::as_u64);
+            if let Some(n) = bytes("error_bytes") {
+                let mut error = "é".repeat(n as usize / 2);
+                error.push_str("last line");
+                return Err(crate::OpError(error));
+            }
+            Ok(Value::String(
+                "r".repeat(bytes("result_bytes").unwrap_or(0) as usize),
+            ))
+        }
+    }
+
+    #[tokio::test]
+    async fn long_errors_keep_their_head_and_end() {
+        let f = fragment("sized", 2, 60_000, json!({"error_bytes": 100_001}));
+        let report = run_fragment(
+            &f,
+            &Sized,
+            "w",
+            &CancelledJobs::default(),
+            &CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(report.failures.len(), 2);
+        let error = &report.failures[0].error;
+        assert!(error.len() <= MAX_ERROR_BYTES + 64, "{}", error.len());
+        assert!(error.starts_with("éé"), "{error:.20}");
+        assert!(error.ends_with("éélast line"), "the end is kept");
+        assert!(error.contains("bytes cut"));
+        let short = bounded_error("short".into());
+        assert_eq!(short, "short");
+    }
+
+    #[tokio::test]
+    async fn a_report_stops_growing_at_its_budget() {
+        // 1 MiB results: the budget of 8 MiB is reached after the eighth.
+        let f = fragment("sized", 20, 60_000, json!({"result_bytes": 1 << 20}));
+        let report = run_fragment(
+            &f,
+            &Sized,
+            "w",
+            &CancelledJobs::default(),
+            &CancellationToken::new(),
+        )
+        .await;
+        assert_eq!((report.done, report.cut), (8, Some(Cut::Size)));
+        assert_eq!(report.results.len(), 8);
+        // Results not collected: nothing grows, everything runs.
+        let mut f = fragment("sized", 20, 60_000, json!({"result_bytes": 1 << 20}));
+        f.collect_results = false;
+        let report = run_fragment(
+            &f,
+            &Sized,
+            "w",
+            &CancelledJobs::default(),
+            &CancellationToken::new(),
+        )
+        .await;
+        assert_eq!((report.done, report.cut), (20, None));
     }
 }
