@@ -193,9 +193,9 @@ pub struct Settled {
     pub elapsed_us: u64,
 }
 
-/// What the reducer tells the splitter, on `{ns}.splitter`. The reducer sends them as a JSON
-/// array of up to [`SETTLEMENTS_PER_MESSAGE`] (one message per committed batch, in order); the
-/// splitter also reads a single object (what a reducer from before this batching sends).
+/// What the reducer tells the splitter, on `{ns}.splitter`. The reducer sends a committed
+/// batch's as JSON arrays ([`encode_splitter_inputs`], in order); the splitter also reads a
+/// single object (what a reducer from before this batching sends).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum SplitterInput {
@@ -226,7 +226,7 @@ pub fn encode_splitter_inputs(inputs: &[SplitterInput]) -> Result<Vec<Vec<u8>>, 
         let encoded = serde_json::to_vec(input)?;
         if count > 0
             && (count == SETTLEMENTS_PER_MESSAGE
-                || body.len() + encoded.len() + 1 > SETTLEMENT_MESSAGE_BYTES)
+                || body.len() + encoded.len() + 2 > SETTLEMENT_MESSAGE_BYTES)
         {
             body.push(b']');
             bodies.push(std::mem::take(&mut body));

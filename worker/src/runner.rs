@@ -88,7 +88,8 @@ pub const REPORT_BUDGET_BYTES: usize = 8 << 20;
 /// `error`, at most [`MAX_ERROR_BYTES`] (plus a marker): its head and its tail when longer.
 fn bounded_error(error: String) -> String {
     const HEAD: usize = 1024;
-    if error.len() <= MAX_ERROR_BYTES {
+    // Cut only where it saves more than the marker adds.
+    if error.len() <= MAX_ERROR_BYTES + 64 {
         return error;
     }
     let mut head_end = HEAD;
@@ -120,12 +121,22 @@ impl std::io::Write for ByteCount {
     }
 }
 
-/// About the bytes `value` takes in a report (exact for strings, no allocation).
+/// At most the bytes `text` takes as a JSON string: escapes counted at their longest
+/// (`\u00XX`), without writing anything.
+fn json_str_size(text: &str) -> usize {
+    let escaped = text
+        .bytes()
+        .filter(|b| *b < 0x20 || *b == b'"' || *b == b'\\')
+        .count();
+    text.len() + 2 + 5 * escaped
+}
+
+/// About the bytes `value` takes in a report (never less for a string, no allocation).
 fn json_size(value: &Value) -> usize {
     match value {
         Value::Null | Value::Bool(_) => 5,
         Value::Number(_) => 20,
-        Value::String(s) => s.len() + 2,
+        Value::String(s) => json_str_size(s),
         other => {
             let mut count = ByteCount(0);
             // Writing to a counter cannot fail.
@@ -232,7 +243,7 @@ pub async fn run_fragment(
             }
             Err(error) => {
                 let error = bounded_error(error);
-                report_bytes += error.len() + 24;
+                report_bytes += json_str_size(&error) + 24;
                 failures.push(Failure {
                     offset: done as u32,
                     error,
@@ -386,6 +397,15 @@ mod tests {
         assert!(error.contains("bytes cut"));
         let short = bounded_error("short".into());
         assert_eq!(short, "short");
+        // Just over the bound, cutting would add more than it removes: kept whole.
+        let barely = "x".repeat(MAX_ERROR_BYTES + 10);
+        assert_eq!(bounded_error(barely.clone()), barely);
+        // A string's size counts its escapes.
+        for text in ["plain", "a\"b\\c", "\u{0}\u{1f}\n", "é"] {
+            let written = serde_json::to_string(text).expect("json").len();
+            assert!(json_str_size(text) >= written, "{text:?}");
+        }
+        assert_eq!(json_str_size("plain"), 7);
     }
 
     #[tokio::test]
