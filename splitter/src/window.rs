@@ -573,36 +573,22 @@ mod tests {
         assert!((18_000_000..=20_000_000).contains(&cost), "{cost}");
     }
 
-    #[test]
-    fn an_adaptive_job_probes_with_a_few_fragments_then_fills_its_window() {
-        use crate::store::{SplitterStore, SqliteStore};
-        use common::jobspec::{ParseLimits, parse_job_spec};
+    /// A splitter store in a temporary folder, with a job submitted to it.
+    struct Submitted {
+        _dir: tempfile::TempDir,
+        store: crate::store::SqliteStore,
+        names: Names,
+    }
 
-        // 8 operations in 8 µs settle first: 1 µs each, so fragments as large as the default
-        // sizing allows for the job's shape, and no larger than 1,000,000 / 64 = 15,625 (the
-        // job must still fill its window).
-        for (collect_results, sized) in [(true, 10_000), (false, 15_625)] {
+    impl Submitted {
+        fn new(spec: &serde_json::Value) -> Self {
+            use crate::store::{SplitterStore, SqliteStore};
+            use common::jobspec::{ParseLimits, parse_job_spec};
             let dir = tempfile::tempdir().expect("temp dir");
             let mut store = SqliteStore::open(&dir.path().join("s.db")).expect("store");
             let names = Names::new("t");
-            // Drains the outbox, returning the fragments it held.
-            let sent = |store: &mut SqliteStore| -> Vec<Fragment> {
-                let outbox = store.outbox(10_000).expect("outbox");
-                if let Some(last) = outbox.last() {
-                    store.outbox_confirmed(last.seq).expect("confirmed");
-                }
-                outbox
-                    .iter()
-                    .filter(|m| m.exchange == names.work())
-                    .map(|m| serde_json::from_slice(&m.body).expect("a fragment"))
-                    .collect()
-            };
-            let body = serde_json::json!({
-                "job_id": "j", "operation": "noop", "range": {"start": 0, "end": 1_000_000},
-                "max_concurrent_fragments": 64, "collect_results": collect_results,
-            });
             let spec = parse_job_spec(
-                body.to_string().as_bytes(),
+                spec.to_string().as_bytes(),
                 None,
                 None,
                 ParseLimits::default(),
@@ -612,21 +598,62 @@ mod tests {
             store
                 .transaction(|tx| apply(tx, &names, submit))
                 .expect("submitted");
-            let probes = sent(&mut store);
+            Self {
+                _dir: dir,
+                store,
+                names,
+            }
+        }
+
+        fn apply(&mut self, commands: Vec<Command>) {
+            use crate::store::SplitterStore;
+            let names = &self.names;
+            self.store
+                .transaction(|tx| apply(tx, names, commands))
+                .expect("applied");
+        }
+
+        /// Drains the outbox, returning the fragments it held.
+        fn sent(&mut self) -> Vec<Fragment> {
+            use crate::store::SplitterStore;
+            let outbox = self.store.outbox(10_000).expect("outbox");
+            if let Some(last) = outbox.last() {
+                self.store.outbox_confirmed(last.seq).expect("confirmed");
+            }
+            outbox
+                .iter()
+                .filter(|m| m.exchange == self.names.work())
+                .map(|m| serde_json::from_slice(&m.body).expect("a fragment"))
+                .collect()
+        }
+    }
+
+    fn settled(fragment: &Fragment, elapsed_us: u64) -> Command {
+        Command::Settle(Settled {
+            job_id: fragment.job_id.clone(),
+            fragment: fragment.fragment,
+            done: fragment.indices.len() as u32,
+            retry: Vec::new(),
+            elapsed_us,
+        })
+    }
+
+    #[test]
+    fn an_adaptive_job_probes_with_a_few_fragments_then_fills_its_window() {
+        // 8 operations in 8 µs settle first: 1 µs each, so fragments as large as the default
+        // sizing allows for the job's shape, and no larger than 1,000,000 / 64 = 15,625 (the
+        // job must still fill its window).
+        for (collect_results, sized) in [(true, 10_000), (false, 15_625)] {
+            let mut job = Submitted::new(&serde_json::json!({
+                "job_id": "j", "operation": "noop", "range": {"start": 0, "end": 1_000_000},
+                "max_concurrent_fragments": 64, "collect_results": collect_results,
+            }));
+            let probes = job.sent();
             assert_eq!(probes.len(), PROBE_FRAGMENTS as usize);
             assert!(probes.iter().all(|f| f.indices.len() == 8), "{probes:?}");
 
-            let settle = vec![Command::Settle(Settled {
-                job_id: "j".into(),
-                fragment: 0,
-                done: 8,
-                retry: Vec::new(),
-                elapsed_us: 8,
-            })];
-            store
-                .transaction(|tx| apply(tx, &names, settle))
-                .expect("settled");
-            let window = sent(&mut store);
+            job.apply(vec![settled(&probes[0], 8)]);
+            let window = job.sent();
             assert_eq!(window.len(), 64 - (PROBE_FRAGMENTS as usize - 1));
             assert!(
                 window.iter().all(|f| f.indices.len() == sized),
@@ -638,55 +665,16 @@ mod tests {
 
     #[test]
     fn probes_that_report_no_cost_do_not_hold_the_window_shut() {
-        use crate::store::{SplitterStore, SqliteStore};
-        use common::jobspec::{ParseLimits, parse_job_spec};
-
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mut store = SqliteStore::open(&dir.path().join("s.db")).expect("store");
-        let names = Names::new("t");
-        let sent = |store: &mut SqliteStore| -> Vec<Fragment> {
-            let outbox = store.outbox(10_000).expect("outbox");
-            if let Some(last) = outbox.last() {
-                store.outbox_confirmed(last.seq).expect("confirmed");
-            }
-            outbox
-                .iter()
-                .filter(|m| m.exchange == names.work())
-                .map(|m| serde_json::from_slice(&m.body).expect("a fragment"))
-                .collect()
-        };
-        let spec = parse_job_spec(
-            br#"{"job_id": "j", "operation": "noop", "range": {"start": 0, "end": 100000},
-                 "max_concurrent_fragments": 16}"#,
-            None,
-            None,
-            ParseLimits::default(),
-        )
-        .expect("a valid job");
-        let submit = vec![Command::Submit { spec, at_ms: 0 }];
-        store
-            .transaction(|tx| apply(tx, &names, submit))
-            .expect("submitted");
-        let mut out = sent(&mut store);
+        let mut job = Submitted::new(&serde_json::json!({
+            "job_id": "j", "operation": "noop", "range": {"start": 0, "end": 100_000},
+            "max_concurrent_fragments": 16,
+        }));
+        let mut out = job.sent();
         let mut released = vec![out.len()];
         // Every settlement says its operations ran in 0 µs (a poison fragment's, say).
         for _ in 0..2 {
-            let settle = out
-                .iter()
-                .map(|f| {
-                    Command::Settle(Settled {
-                        job_id: "j".into(),
-                        fragment: f.fragment,
-                        done: f.indices.len() as u32,
-                        retry: Vec::new(),
-                        elapsed_us: 0,
-                    })
-                })
-                .collect();
-            store
-                .transaction(|tx| apply(tx, &names, settle))
-                .expect("settled");
-            out = sent(&mut store);
+            job.apply(out.iter().map(|f| settled(f, 0)).collect());
+            out = job.sent();
             released.push(out.len());
         }
         // Two rounds of probes, then the whole window at the first size.

@@ -284,6 +284,18 @@ mod tests {
     use common::wire::{Indices, Payload};
     use serde_json::{Map, json};
 
+    /// Runs `f` with `operation`, nothing cancelled, no shutdown.
+    async fn run(f: &Fragment, operation: &dyn Operation) -> FragmentReport {
+        run_fragment(
+            f,
+            operation,
+            "w",
+            &CancelledJobs::default(),
+            &CancellationToken::new(),
+        )
+        .await
+    }
+
     fn fragment(operation: &str, n: u64, lifespan_ms: u64, params: Value) -> Fragment {
         Fragment {
             job_id: "job".into(),
@@ -301,14 +313,7 @@ mod tests {
     #[tokio::test]
     async fn runs_every_operation() {
         let f = fragment("noop", 5, 60_000, json!({}));
-        let report = run_fragment(
-            &f,
-            &Noop,
-            "w",
-            &CancelledJobs::default(),
-            &CancellationToken::new(),
-        )
-        .await;
+        let report = run(&f, &Noop).await;
         assert_eq!(report.done, 5);
         assert_eq!(report.results, vec![Value::Null; 5]);
         assert_eq!(report.cut, None);
@@ -318,14 +323,7 @@ mod tests {
     #[tokio::test]
     async fn stops_at_lifespan_after_progress() {
         let f = fragment("sleep", 10, 100, json!({"ms": 40}));
-        let report = run_fragment(
-            &f,
-            &Sleep,
-            "w",
-            &CancelledJobs::default(),
-            &CancellationToken::new(),
-        )
-        .await;
+        let report = run(&f, &Sleep).await;
         assert_eq!(report.cut, Some(Cut::Lifespan));
         assert!((2..=4).contains(&report.done), "done {}", report.done);
     }
@@ -342,14 +340,7 @@ mod tests {
     #[tokio::test]
     async fn failures_carry_offsets() {
         let f = fragment("sleep", 2, 60_000, json!({"ms": "soon"}));
-        let report = run_fragment(
-            &f,
-            &Sleep,
-            "w",
-            &CancelledJobs::default(),
-            &CancellationToken::new(),
-        )
-        .await;
+        let report = run(&f, &Sleep).await;
         assert_eq!(report.done, 2);
         assert_eq!(report.failures.len(), 2);
         assert_eq!(report.failures[1].offset, 1);
@@ -381,14 +372,7 @@ mod tests {
     #[tokio::test]
     async fn long_errors_keep_their_head_and_end() {
         let f = fragment("sized", 2, 60_000, json!({"error_bytes": 100_001}));
-        let report = run_fragment(
-            &f,
-            &Sized,
-            "w",
-            &CancelledJobs::default(),
-            &CancellationToken::new(),
-        )
-        .await;
+        let report = run(&f, &Sized).await;
         assert_eq!(report.failures.len(), 2);
         let error = &report.failures[0].error;
         assert!(error.len() <= MAX_ERROR_BYTES + 64, "{}", error.len());
@@ -412,27 +396,13 @@ mod tests {
     async fn a_report_stops_growing_at_its_budget() {
         // 1 MiB results: the budget of 8 MiB is reached after the eighth.
         let f = fragment("sized", 20, 60_000, json!({"result_bytes": 1 << 20}));
-        let report = run_fragment(
-            &f,
-            &Sized,
-            "w",
-            &CancelledJobs::default(),
-            &CancellationToken::new(),
-        )
-        .await;
+        let report = run(&f, &Sized).await;
         assert_eq!((report.done, report.cut), (8, Some(Cut::Size)));
         assert_eq!(report.results.len(), 8);
         // Results not collected: nothing grows, everything runs.
         let mut f = fragment("sized", 20, 60_000, json!({"result_bytes": 1 << 20}));
         f.collect_results = false;
-        let report = run_fragment(
-            &f,
-            &Sized,
-            "w",
-            &CancelledJobs::default(),
-            &CancellationToken::new(),
-        )
-        .await;
+        let report = run(&f, &Sized).await;
         assert_eq!((report.done, report.cut), (20, None));
     }
 }
