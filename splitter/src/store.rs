@@ -125,7 +125,22 @@ pub trait SplitterTx {
         fragment: u64,
     ) -> Result<Option<FragmentRow>, StoreError>;
     fn push_outbox(&mut self, message: OutboxMessage) -> Result<(), StoreError>;
+    /// The cost per operation last observed for `operation` with these `params` (their JSON
+    /// text), by any job.
+    fn operation_cost(&mut self, operation: &str, params: &str) -> Result<Option<u64>, StoreError>;
+    /// Remembers an observed cost per operation, and forgets costs not observed for
+    /// [`COST_MEMORY_MS`].
+    fn remember_operation_cost(
+        &mut self,
+        operation: &str,
+        params: &str,
+        cost_ns: u64,
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
 }
+
+/// How long an operation's observed cost is remembered for the jobs that follow.
+pub const COST_MEMORY_MS: i64 = 30 * 24 * 3600 * 1000;
 
 /// A store the splitter can run transactions and drain its outbox on.
 pub trait SplitterStore: Send + 'static {
@@ -178,6 +193,13 @@ CREATE TABLE IF NOT EXISTS fragments (
     indices TEXT NOT NULL,
     attempt INTEGER NOT NULL,
     PRIMARY KEY (job_id, fragment)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS operation_costs (
+    operation TEXT NOT NULL,
+    params TEXT NOT NULL,
+    cost_ns INTEGER NOT NULL,
+    observed_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (operation, params)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -310,6 +332,38 @@ impl SplitterTx for SqliteTx<'_> {
                 job.fragment_size,
                 job.op_cost_ns.map(to_i64),
             ])?;
+        Ok(())
+    }
+
+    fn operation_cost(&mut self, operation: &str, params: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .tx
+            .prepare_cached(
+                "SELECT cost_ns FROM operation_costs WHERE operation = ?1 AND params = ?2",
+            )?
+            .query_row([operation, params], |r| r.get::<_, i64>(0))
+            .optional()?
+            .map(|cost| cost.max(0) as u64))
+    }
+
+    fn remember_operation_cost(
+        &mut self,
+        operation: &str,
+        params: &str,
+        cost_ns: u64,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO operation_costs (operation, params, cost_ns, observed_at_ms)
+                 VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (operation, params)
+                 DO UPDATE SET cost_ns = ?3, observed_at_ms = ?4",
+            )?
+            .execute(params![operation, params, to_i64(cost_ns), now_ms])?;
+        self.tx
+            .prepare_cached("DELETE FROM operation_costs WHERE observed_at_ms < ?1")?
+            .execute([now_ms.saturating_sub(COST_MEMORY_MS)])?;
         Ok(())
     }
 

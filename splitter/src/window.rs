@@ -209,9 +209,27 @@ impl Batch<'_> {
             return Ok(());
         }
         let ops_total = spec.input.len();
-        let fragment_size = spec
-            .fragment_size
-            .unwrap_or_else(|| first_fragment_size(ops_total, spec.max_concurrent_fragments));
+        let params =
+            serde_json::to_string(&spec.params).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let range = matches!(spec.input, JobInput::Range { .. });
+        // A job without fragment_size starts from the cost the same operation with the same
+        // params had in an earlier job, if any (the first settlement corrects it), and else
+        // probes with small fragments.
+        let known_cost = match spec.fragment_size {
+            Some(_) => None,
+            None => self.tx.operation_cost(&spec.operation, &params)?,
+        };
+        let fragment_size = match (spec.fragment_size, known_cost) {
+            (Some(size), _) => size,
+            (None, Some(cost)) => fragment_size_for_cost(
+                cost,
+                spec.lifespan_ms,
+                ops_total,
+                spec.max_concurrent_fragments,
+                largest_default_size(range, spec.collect_results),
+            ),
+            (None, None) => first_fragment_size(ops_total, spec.max_concurrent_fragments),
+        };
         let (range_base, items) = match spec.input {
             JobInput::Range { start, .. } => (Some(start), None),
             JobInput::Items(items) => (None, Some(items)),
@@ -220,8 +238,7 @@ impl Batch<'_> {
             job_id: spec.job_id.clone(),
             state: DispatchState::Active,
             operation: spec.operation.clone(),
-            params: serde_json::to_string(&spec.params)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            params,
             range_base,
             ops_total,
             fragment_size,
@@ -234,7 +251,7 @@ impl Batch<'_> {
             in_flight: 0,
             progress_seq: 0,
             adaptive: spec.fragment_size.is_none(),
-            op_cost_ns: None,
+            op_cost_ns: known_cost,
         };
         self.tx.insert_job(&job)?;
         if let Some(items) = items {
@@ -360,9 +377,13 @@ impl Batch<'_> {
         };
         job.in_flight = job.in_flight.saturating_sub(1);
         *changed = true;
-        if job.adaptive {
-            job.op_cost_ns = observe_cost(job.op_cost_ns, settled.elapsed_us, settled.done);
-            if let Some(cost) = job.op_cost_ns {
+        // Every job observes the cost of its operation, for the jobs that follow; a job
+        // without fragment_size also sizes its next fragments by it.
+        let before = job.op_cost_ns;
+        job.op_cost_ns = observe_cost(job.op_cost_ns, settled.elapsed_us, settled.done);
+        let mut learned = None;
+        if let Some(cost) = job.op_cost_ns {
+            if job.adaptive {
                 job.fragment_size = fragment_size_for_cost(
                     cost,
                     job.lifespan_ms,
@@ -371,11 +392,26 @@ impl Batch<'_> {
                     largest_default_size(job.range_base.is_some(), job.collect_results),
                 );
             }
+            // Written when it moved by an eighth or more: a steady job does not rewrite it
+            // with every settlement.
+            let moved = before.is_none_or(|b| cost.abs_diff(b) >= b / 8);
+            if moved {
+                learned = Some((job.operation.clone(), job.params.clone(), cost));
+            }
         }
         let remind = job.state == DispatchState::Cancelling && job.in_flight > 0;
         let done = settled.done as usize;
+        let job = job.clone();
+        if let Some((operation, params, cost)) = learned {
+            self.tx.remember_operation_cost(
+                &operation,
+                &params,
+                cost,
+                common::timefmt::now_ms(),
+            )?;
+        }
         if job.state == DispatchState::Active {
-            let mut job = job.clone();
+            let mut job = job;
             if done < fragment.indices.len() {
                 // The fragment stopped early (lifespan, a worker shutting down): what it did
                 // not run continues as a new fragment of its own, at once.
@@ -680,5 +716,47 @@ mod tests {
         // Two rounds of probes, then the whole window at the first size.
         assert_eq!(released, vec![4, 4, 16]);
         assert!(out.iter().all(|f| f.indices.len() == 8));
+    }
+
+    #[test]
+    fn a_later_job_of_the_same_operation_starts_at_its_known_cost() {
+        let spec = |job_id: &str, rounds: u64| {
+            serde_json::json!({
+                "job_id": job_id, "operation": "sha256", "params": {"rounds": rounds},
+                "range": {"start": 0, "end": 1_000_000}, "collect_results": false,
+            })
+        };
+        let mut store = Submitted::new(&spec("first", 10));
+        let probes = store.sent();
+        assert_eq!(probes.len(), PROBE_FRAGMENTS as usize);
+        // 8 operations in 8 µs: 1 µs each.
+        store.apply(vec![settled(&probes[0], 8)]);
+        store.sent();
+
+        let second = spec("second", 10);
+        let parsed = |spec: &serde_json::Value| {
+            common::jobspec::parse_job_spec(
+                spec.to_string().as_bytes(),
+                None,
+                None,
+                common::jobspec::ParseLimits::default(),
+            )
+            .expect("a valid job")
+        };
+        store.apply(vec![Command::Submit {
+            spec: parsed(&second),
+            at_ms: 0,
+        }]);
+        let window = store.sent();
+        // No probes: the default window (16) at once, each 1,000,000 / 16 operations.
+        assert_eq!(window.len(), 16);
+        assert!(window.iter().all(|f| f.indices.len() == 62_500));
+
+        // Other params are another cost: that job probes.
+        store.apply(vec![Command::Submit {
+            spec: parsed(&spec("third", 1000)),
+            at_ms: 0,
+        }]);
+        assert_eq!(store.sent().len(), PROBE_FRAGMENTS as usize);
     }
 }

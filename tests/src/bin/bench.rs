@@ -497,7 +497,9 @@ impl Bench {
              collect_results false; {workers} worker of prefetch {prefetch}; ceiling: the same \
              hashes on {threads} threads in the bench, then the worker's runner on them, then \
              the job, {} time(s) (figures: the medians); results of a 100-operation job checked \
-             against the ceiling's hashes first",
+             against the ceiling's hashes first (that job also shows the splitter what the \
+             operation costs, so the measured jobs start at full width, without probes, as a \
+             repeated job does)",
             self.sizes.repeats
         );
         Self::announce("compute-bound", &text);
@@ -544,7 +546,11 @@ impl Bench {
                 .map(|r| r.2.status.ops_succeeded as f64 / r.2.seconds)
                 .collect::<Vec<_>>(),
         );
-        let fragments = runs.first().map_or(0, |r| r.2.status.fragments_done);
+        let fragments: Vec<String> = runs
+            .iter()
+            .map(|r| r.2.status.fragments_done.to_string())
+            .collect();
+        let fragments = fragments.join("/");
         self.figure(Figure::new(
             "compute",
             format!("compute ceiling ({threads} threads, tight loop)"),
