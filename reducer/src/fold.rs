@@ -186,6 +186,14 @@ impl Fold<'_> {
             retry: recorded.retry,
             elapsed_us: report.elapsed_us,
         }));
+        if state == Some(JobState::Failed) {
+            // The halt sent when the job failed may not have been published (a crash between
+            // commit and publish redelivers its batch, which fails nothing again): every later
+            // report of the failed job repeats it. The splitter ignores a halt it has applied.
+            self.effects.settled.push(SplitterInput::Halt {
+                job_id: report.job_id.clone(),
+            });
+        }
         if !first {
             return Ok(());
         }
@@ -485,10 +493,23 @@ mod tests {
             error.contains("[0] boom 0; [1] boom 1; [2] boom 2"),
             "{error}"
         );
-        // A late report of the failed job changes no count.
-        store
-            .transaction(|tx| apply(tx, vec![report(2, 1, Indices::Span(11, 12), &[])], 6))
-            .expect("apply");
+        // A late report of the failed job changes no count, and repeats the halt; so does the
+        // failing report redelivered (as after a crash before its batch was published).
+        for late in [
+            report(2, 1, Indices::Span(11, 12), &[]),
+            report(1, 1, Indices::Span(10, 11), &[0]),
+        ] {
+            let effects = store
+                .transaction(|tx| apply(tx, vec![late], 6))
+                .expect("apply");
+            assert!(
+                effects
+                    .settled
+                    .contains(&SplitterInput::Halt { job_id: "j".into() }),
+                "{:?}",
+                effects.settled
+            );
+        }
         let job = super::tests::job(&mut store);
         assert_eq!((job.ops_succeeded, job.ops_failed), (0, 100));
     }
