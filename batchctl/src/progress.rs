@@ -5,10 +5,10 @@ use std::collections::VecDeque;
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail};
+use anyhow::anyhow;
 use common::broker::{Broker, BrokerError};
 use common::contract::{JobState, JobStatus};
-use common::rpc::RpcClient;
+use common::rpc::{RpcClient, RpcError};
 use common::wire::{Request, Response};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -19,6 +19,11 @@ use time::format_description::well_known::Rfc3339;
 const UNKNOWN_GRACE: Duration = Duration::from_secs(60);
 /// Pause between two plain progress lines, so a log gets a line a second, not one per status.
 const LINE_EVERY: Duration = Duration::from_secs(1);
+/// How long a watch keeps trying to get the broker (or the reducer behind it) back after
+/// losing it, before it gives up with the error.
+const RECONNECT_FOR: Duration = Duration::from_secs(120);
+/// Pause between two attempts to reconnect.
+const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 
 /// Where progress goes: a live bar on a terminal, a plain line a second elsewhere (a log, CI).
 enum Output {
@@ -232,6 +237,14 @@ impl Display {
         }
     }
 
+    /// A line of its own beside the progress (above the bar on a terminal).
+    fn note(&self, text: &str) {
+        match &self.output {
+            Output::Bar(bar) => bar.println(text),
+            Output::Lines { .. } => eprintln!("{text}"),
+        }
+    }
+
     fn finish(&self) {
         if let Output::Bar(bar) = &self.output {
             bar.finish();
@@ -242,55 +255,161 @@ impl Display {
     }
 }
 
-/// Shows `job_id`'s progress until it ends; returns its final state.
+/// Why one watching session ended without the job's end.
+enum Interrupted {
+    /// The broker or the reducer went away: worth reconnecting.
+    Lost(anyhow::Error),
+    /// Anything else (an unknown job, a reducer that answers with an error): final.
+    Fatal(anyhow::Error),
+}
+
+impl From<BrokerError> for Interrupted {
+    fn from(e: BrokerError) -> Self {
+        Self::Lost(e.into())
+    }
+}
+
+impl From<RpcError> for Interrupted {
+    fn from(e: RpcError) -> Self {
+        match e {
+            // No answer: the reducer may be reconnecting after the broker came back.
+            RpcError::Broker(_) | RpcError::NoAnswer { .. } => Self::Lost(e.into()),
+            RpcError::Malformed(_) => Self::Fatal(e.into()),
+        }
+    }
+}
+
+/// What a watch carries across reconnections.
+struct Watching<'a> {
+    broker: &'a Broker,
+    job_id: &'a str,
+    timeout: Duration,
+    just_submitted: bool,
+    started: Instant,
+    display: Display,
+    latest: Option<JobStatus>,
+}
+
+/// Shows `job_id`'s progress until it ends; returns its final state. Losing the broker (a
+/// restart, a network cut) is not the end: the watch says so on a line of its own, reconnects
+/// and goes on, for up to [`RECONNECT_FOR`] without the broker.
 pub async fn watch(
     broker: &Broker,
     job_id: &str,
     timeout: Duration,
     just_submitted: bool,
 ) -> anyhow::Result<JobState> {
-    // Subscribe before the first query, so no change falls between the two.
-    let channel = broker.channel().await?;
-    let mut updates = common::consume::subscribe(
-        &channel,
-        &broker.names().status(),
-        &format!("job.{job_id}.*"),
-        "",
-    )
-    .await?;
-    let mut rpc = RpcClient::connect(broker, timeout).await?;
-    let started = Instant::now();
-    let mut display = Display::new();
-    let mut poll = tokio::time::interval(Duration::from_secs(1));
-    let mut latest: Option<JobStatus> = None;
+    let mut watching = Watching {
+        broker,
+        job_id,
+        timeout,
+        just_submitted,
+        started: Instant::now(),
+        display: Display::new(),
+        latest: None,
+    };
+    let mut lost_since: Option<Instant> = None;
     loop {
-        let update = tokio::select! {
-            delivery = updates.next() => match delivery {
-                Some(Ok(d)) => serde_json::from_slice::<JobStatus>(&d.data).ok(),
-                Some(Err(e)) => return Err(BrokerError::from(e).into()),
-                None => bail!("the status subscription ended"),
-            },
-            _ = poll.tick() => match rpc.call(&Request::Status { job_id: job_id.to_owned() }).await? {
-                Response::Status(status) => Some(status),
-                Response::NotFound { .. } if just_submitted && started.elapsed() < UNKNOWN_GRACE => None,
-                Response::NotFound { .. } => bail!("unknown job {job_id}"),
-                Response::Error { message } => bail!("the reducer failed to answer: {message}"),
-                other => return Err(anyhow!("unexpected reply from the reducer: {other:?}")),
-            },
+        match watching.session(&mut lost_since).await {
+            Ok(state) => return Ok(state),
+            Err(Interrupted::Fatal(e)) => return Err(e),
+            Err(Interrupted::Lost(e)) => {
+                let since = match lost_since {
+                    Some(since) => since,
+                    None => {
+                        watching
+                            .display
+                            .note(&format!("batchctl: lost the broker ({e}); reconnecting"));
+                        *lost_since.insert(Instant::now())
+                    }
+                };
+                if since.elapsed() >= RECONNECT_FOR {
+                    return Err(e.context(format!(
+                        "gave up reconnecting after {} s",
+                        RECONNECT_FOR.as_secs()
+                    )));
+                }
+                tokio::time::sleep(RECONNECT_EVERY).await;
+            }
+        }
+    }
+}
+
+impl Watching<'_> {
+    /// Subscribes, queries once a second, and shows what changes, until the job ends or the
+    /// connection breaks. `lost_since` is cleared once the broker answers again.
+    async fn session(&mut self, lost_since: &mut Option<Instant>) -> Result<JobState, Interrupted> {
+        // Subscribe before the first query, so no change falls between the two.
+        let channel = self.broker.channel().await?;
+        let mut updates = common::consume::subscribe(
+            &channel,
+            &self.broker.names().status(),
+            &format!("job.{}.*", self.job_id),
+            "",
+        )
+        .await?;
+        let mut rpc = RpcClient::connect(self.broker, self.timeout).await?;
+        let mut poll = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let update = tokio::select! {
+                delivery = updates.next() => match delivery {
+                    Some(Ok(d)) => serde_json::from_slice::<JobStatus>(&d.data).ok(),
+                    Some(Err(e)) => return Err(BrokerError::from(e).into()),
+                    None => return Err(Interrupted::Lost(anyhow!("the status subscription ended"))),
+                },
+                _ = poll.tick() => self.query(&mut rpc).await?,
+            };
+            if lost_since.take().is_some() {
+                self.display.note("batchctl: reconnected");
+            }
+            let Some(status) = update else { continue };
+            if let Some(state) = self.show(status) {
+                return Ok(state);
+            }
+        }
+    }
+
+    async fn query(&mut self, rpc: &mut RpcClient) -> Result<Option<JobStatus>, Interrupted> {
+        let request = Request::Status {
+            job_id: self.job_id.to_owned(),
         };
-        let Some(status) = update else { continue };
+        Ok(match rpc.call(&request).await? {
+            Response::Status(status) => Some(status),
+            Response::NotFound { .. }
+                if self.just_submitted && self.started.elapsed() < UNKNOWN_GRACE =>
+            {
+                None
+            }
+            Response::NotFound { .. } => {
+                return Err(Interrupted::Fatal(anyhow!("unknown job {}", self.job_id)));
+            }
+            Response::Error { message } => {
+                return Err(Interrupted::Fatal(anyhow!(
+                    "the reducer failed to answer: {message}"
+                )));
+            }
+            other => {
+                return Err(Interrupted::Fatal(anyhow!(
+                    "unexpected reply from the reducer: {other:?}"
+                )));
+            }
+        })
+    }
+
+    /// Shows `status` if it is news; the job's final state once it has ended.
+    fn show(&mut self, status: JobStatus) -> Option<JobState> {
         // Counts only grow: an older record arriving late must not move the display back.
-        let newer = latest.as_ref().is_none_or(|l| {
+        let newer = self.latest.as_ref().is_none_or(|l| {
             status.state.is_terminal()
                 || (!l.state.is_terminal()
                     && status.ops_succeeded + status.ops_failed >= l.ops_succeeded + l.ops_failed)
         });
         if !newer {
-            continue;
+            return None;
         }
-        display.show(&status);
+        self.display.show(&status);
         if status.state.is_terminal() {
-            display.finish();
+            self.display.finish();
             eprintln!(
                 "job {} {}: {} succeeded, {} failed of {} operations{}",
                 status.job_id,
@@ -304,9 +423,10 @@ pub async fn watch(
                     .map(|e| format!(" ({e})"))
                     .unwrap_or_default()
             );
-            return Ok(status.state);
+            return Some(status.state);
         }
-        latest = Some(status);
+        self.latest = Some(status);
+        None
     }
 }
 

@@ -686,15 +686,24 @@ impl TestEnv {
 
     /// Runs `batchctl` in this namespace and returns (exit status, stdout, stderr).
     pub async fn batchctl(&self, args: &[&str]) -> Result<(ExitStatus, String, String)> {
+        self.batchctl_within(args, Duration::from_secs(30)).await
+    }
+
+    /// [`TestEnv::batchctl`] for a command that may take up to `limit`.
+    pub async fn batchctl_within(
+        &self,
+        args: &[&str],
+        limit: Duration,
+    ) -> Result<(ExitStatus, String, String)> {
         let mut command = tokio::process::Command::new(bin_path(Bin::Batchctl));
         command
             .args(args)
             .envs(self.base_env())
             .stdin(Stdio::null())
             .kill_on_drop(true);
-        let output = tokio::time::timeout(Duration::from_secs(30), command.output())
+        let output = tokio::time::timeout(limit, command.output())
             .await
-            .context("batchctl did not finish within 30 s")??;
+            .with_context(|| format!("batchctl did not finish within {limit:?}"))??;
         Ok((
             output.status,
             String::from_utf8_lossy(&output.stdout).into_owned(),

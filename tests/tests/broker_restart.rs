@@ -4,8 +4,8 @@
 //! during a second job, its Erlang VM is SIGKILLed and booted again on the same data. Every
 //! process must ride both out on its own (reconnect, re-declare, resume consuming) and each job
 //! must end `succeeded` with exact counts and complete, correct results: a broker restart
-//! costs time, never operations. Meanwhile `batchctl` retries briefly and then fails in one
-//! line.
+//! costs time, never operations. Meanwhile `batchctl status` retries briefly and then fails
+//! in one line, and a `batchctl watch` started before the orderly restart rides it out.
 
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,8 @@ use serde_json::{Value, json};
 const OPS: u64 = 4000;
 const FRAGMENT: u64 = 10;
 const ROUNDS: u32 = 3;
+/// `sleep` 100 ms operations, four at a time: ~10 s, long enough to span the orderly restart.
+const WATCHED_OPS: u64 = 400;
 
 /// A sha256 job over `0..ops` in fragments of [`FRAGMENT`], 8 out at once.
 fn sha_job(env: &TestEnv, name: &str, ops: u64) -> Value {
@@ -80,13 +82,56 @@ async fn broker_restarts_mid_job_cost_time_not_operations() -> Result<()> {
     // By now every queue of the namespace exists (the workers declare their work queues).
     env.wait_for_workers(2, Duration::from_secs(20)).await?;
 
-    // 1. An orderly broker restart (a rolling upgrade, say) in the middle of a job.
-    let orderly = env.submit(&sha_job(&env, "orderly", OPS / 2)).await?;
-    let before_orderly = wait_well_in_flight(&env, &orderly, OPS / 2).await?;
-    let stopped_at = Instant::now();
-    let (stop_took, reboot_orderly) = node.restart_gracefully().await?;
-    let orderly_status = check_job(&env, &orderly, OPS / 2).await?;
+    // 1. An orderly broker restart (a rolling upgrade, say) in the middle of a job, while
+    //    `batchctl watch` follows a slower job: the watch rides the restart out.
+    let watched = env
+        .submit(&json!({
+            "job_id": env.job_id("watched"),
+            "operation": "sleep",
+            "params": {"ms": 100},
+            "range": {"start": 0, "end": WATCHED_OPS},
+            "fragment_size": 1,
+            "max_concurrent_fragments": 4,
+            "collect_results": false,
+        }))
+        .await?;
+    let watch_args = ["watch", watched.as_str()];
+    let watch = env.batchctl_within(&watch_args, Duration::from_secs(180));
+    let orderly_restart = async {
+        // The watch has subscribed well before the broker goes.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let orderly = env.submit(&sha_job(&env, "orderly", OPS / 2)).await?;
+        let before_orderly = wait_well_in_flight(&env, &orderly, OPS / 2).await?;
+        let stopped_at = Instant::now();
+        let (stop_took, reboot_orderly) = node.restart_gracefully().await?;
+        let orderly_status = check_job(&env, &orderly, OPS / 2).await?;
+        anyhow::Ok((
+            before_orderly,
+            stopped_at,
+            stop_took,
+            reboot_orderly,
+            orderly_status,
+        ))
+    };
+    let (watch, orderly_restart) = tokio::join!(watch, orderly_restart);
+    let (before_orderly, stopped_at, stop_took, reboot_orderly, orderly_status) = orderly_restart?;
     let orderly_done = stopped_at.elapsed();
+    let (code, _, stderr) = watch?;
+    assert_eq!(
+        code.code(),
+        Some(0),
+        "the watch exits 0 for a succeeded job: {stderr}"
+    );
+    assert!(
+        stderr.contains("batchctl: lost the broker") && stderr.contains("batchctl: reconnected"),
+        "the watch says it lost the broker and got it back: {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "job {watched} succeeded: {WATCHED_OPS} succeeded, 0 failed"
+        )),
+        "{stderr}"
+    );
     eprintln!(
         "orderly restart at {} of {} operations: stop {stop_took:.1?}, boot \
          {reboot_orderly:.1?}, job done {orderly_done:.1?} after the stop",
