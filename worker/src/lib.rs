@@ -201,6 +201,7 @@ pub async fn run(
     let retire = shutdown.child_token();
     let lifetime = config.max_lifetime.map(|lifetime| {
         let retire = retire.clone();
+        let lifetime = jittered_lifetime(lifetime, rand::random::<f64>());
         tokio::spawn(async move {
             tokio::select! {
                 _ = retire.cancelled() => {}
@@ -218,6 +219,12 @@ pub async fn run(
     outcome?;
     tracing::info!(worker = %state.id, "worker stopped");
     Ok(())
+}
+
+/// `lifetime` plus up to a tenth of it (`draw` in `[0, 1)` picks how much), so that workers
+/// started together (a deployment, a scale-up) do not all retire at the same moment.
+fn jittered_lifetime(lifetime: Duration, draw: f64) -> Duration {
+    lifetime + lifetime.mul_f64(draw.clamp(0.0, 1.0) / 10.0)
 }
 
 fn hostname() -> String {
@@ -580,6 +587,14 @@ mod tests {
         }
         let cli = Cli::try_parse_from(["worker", "--max-lifetime", "30m"]).expect("valid flags");
         assert_eq!(cli.config.max_lifetime, Some(Duration::from_secs(1800)));
+        let lifetime = Duration::from_secs(1800);
+        assert_eq!(jittered_lifetime(lifetime, 0.0), lifetime);
+        assert_eq!(
+            jittered_lifetime(lifetime, 0.5),
+            Duration::from_secs(1890),
+            "half of the tenth"
+        );
+        assert!(jittered_lifetime(lifetime, 0.999_999) < Duration::from_secs(1980));
         assert!(Cli::try_parse_from(["worker", "--max-lifetime", "soon"]).is_err());
     }
 }
