@@ -474,14 +474,13 @@ mod tests {
             Indices::Span(0, 10),
             &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
         )]);
-        let effects = run(vec![report(1, 1, Indices::Span(10, 11), &[0])]);
-        assert!(
+        let halts = |effects: &Effects| {
             effects
                 .settled
-                .contains(&SplitterInput::Halt { job_id: "j".into() }),
-            "{:?}",
-            effects.settled
-        );
+                .contains(&SplitterInput::Halt { job_id: "j".into() })
+        };
+        let effects = run(vec![report(1, 1, Indices::Span(10, 11), &[0])]);
+        assert!(halts(&effects), "{:?}", effects.settled);
         let job = job(&mut store);
         assert_eq!(job.state, Some(JobState::Failed));
         // 11 ran and failed; the 89 never run count as failed too.
@@ -502,13 +501,7 @@ mod tests {
             let effects = store
                 .transaction(|tx| apply(tx, vec![late], 6))
                 .expect("apply");
-            assert!(
-                effects
-                    .settled
-                    .contains(&SplitterInput::Halt { job_id: "j".into() }),
-                "{:?}",
-                effects.settled
-            );
+            assert!(halts(&effects), "{:?}", effects.settled);
         }
         let job = super::tests::job(&mut store);
         assert_eq!((job.ops_succeeded, job.ops_failed), (0, 100));
