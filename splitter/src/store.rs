@@ -86,6 +86,21 @@ pub struct JobRow {
     pub op_cost_ns: Option<u64>,
 }
 
+impl JobRow {
+    /// The size of this job's next fragments from its observed cost, when it has no
+    /// `fragment_size` of its own and a cost is known.
+    pub fn sized_fragment(&self) -> Option<u32> {
+        let cost = self.op_cost_ns.filter(|_| self.adaptive)?;
+        Some(crate::window::fragment_size_for_cost(
+            cost,
+            self.lifespan_ms,
+            self.ops_total,
+            self.max_concurrent,
+            crate::window::largest_default_size(self.range_base.is_some(), self.collect_results),
+        ))
+    }
+}
+
 /// A fragment that is out: released and not yet settled.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FragmentRow {

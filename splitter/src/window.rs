@@ -126,9 +126,18 @@ struct Batch<'a> {
     names: &'a Names,
     /// Jobs read or changed in this batch, with whether their count out changed.
     jobs: BTreeMap<String, (JobRow, bool)>,
-    /// Each loaded job's fragments out as the reducer last heard it (0 for a job new in this
-    /// batch): a note is sent only when the count differs.
-    told_in_flight: BTreeMap<String, u64>,
+    /// What each loaded job's row held when this batch read it (nothing for a job new in
+    /// this batch), to tell what changed by the batch's end.
+    loaded: BTreeMap<String, Loaded>,
+}
+
+/// A job's row as a batch first read it.
+#[derive(Default)]
+struct Loaded {
+    /// Fragments out: what the reducer last heard (a note is sent only when it differs).
+    in_flight: u64,
+    /// The cost per operation observed so far: the cost table holds about this much.
+    op_cost_ns: Option<u64>,
 }
 
 /// Applies `commands` in order inside the caller's transaction.
@@ -141,7 +150,7 @@ pub fn apply(
         tx,
         names,
         jobs: BTreeMap::new(),
-        told_in_flight: BTreeMap::new(),
+        loaded: BTreeMap::new(),
     };
     for command in commands {
         match command {
@@ -165,7 +174,11 @@ impl Batch<'_> {
         if !self.jobs.contains_key(job_id) {
             match self.tx.job(job_id)? {
                 Some(job) => {
-                    self.told_in_flight.insert(job_id.to_owned(), job.in_flight);
+                    let loaded = Loaded {
+                        in_flight: job.in_flight,
+                        op_cost_ns: job.op_cost_ns,
+                    };
+                    self.loaded.insert(job_id.to_owned(), loaded);
                     self.jobs.insert(job_id.to_owned(), (job, false));
                 }
                 None => return Ok(None),
@@ -211,7 +224,6 @@ impl Batch<'_> {
         let ops_total = spec.input.len();
         let params =
             serde_json::to_string(&spec.params).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let range = matches!(spec.input, JobInput::Range { .. });
         // A job without fragment_size starts from the cost the same operation with the same
         // params had in an earlier job, if any (the first settlement corrects it), and else
         // probes with small fragments.
@@ -219,17 +231,9 @@ impl Batch<'_> {
             Some(_) => None,
             None => self.tx.operation_cost(&spec.operation, &params)?,
         };
-        let fragment_size = match (spec.fragment_size, known_cost) {
-            (Some(size), _) => size,
-            (None, Some(cost)) => fragment_size_for_cost(
-                cost,
-                spec.lifespan_ms,
-                ops_total,
-                spec.max_concurrent_fragments,
-                largest_default_size(range, spec.collect_results),
-            ),
-            (None, None) => first_fragment_size(ops_total, spec.max_concurrent_fragments),
-        };
+        let fragment_size = spec
+            .fragment_size
+            .unwrap_or_else(|| first_fragment_size(ops_total, spec.max_concurrent_fragments));
         let (range_base, items) = match spec.input {
             JobInput::Range { start, .. } => (Some(start), None),
             JobInput::Items(items) => (None, Some(items)),
@@ -253,6 +257,10 @@ impl Batch<'_> {
             adaptive: spec.fragment_size.is_none(),
             op_cost_ns: known_cost,
         };
+        let job = JobRow {
+            fragment_size: job.sized_fragment().unwrap_or(job.fragment_size),
+            ..job
+        };
         self.tx.insert_job(&job)?;
         if let Some(items) = items {
             self.tx.insert_items(&job.job_id, &items)?;
@@ -266,7 +274,7 @@ impl Batch<'_> {
             tolerated_failure_percent: spec.tolerated_failure_percent,
             max_attempts: spec.max_attempts,
         })?;
-        tracing::info!(job_id = %job.job_id, ops_total, fragment_size, "job accepted");
+        tracing::info!(job_id = %job.job_id, ops_total, fragment_size = job.fragment_size, "job accepted");
         self.jobs.insert(job.job_id.clone(), (job, true));
         Ok(())
     }
@@ -377,41 +385,16 @@ impl Batch<'_> {
         };
         job.in_flight = job.in_flight.saturating_sub(1);
         *changed = true;
-        // Every job observes the cost of its operation, for the jobs that follow; a job
-        // without fragment_size also sizes its next fragments by it.
-        let before = job.op_cost_ns;
+        // Every job observes the cost of its operation (for the jobs that follow, see
+        // `finish`); a job without fragment_size also sizes its next fragments by it.
         job.op_cost_ns = observe_cost(job.op_cost_ns, settled.elapsed_us, settled.done);
-        let mut learned = None;
-        if let Some(cost) = job.op_cost_ns {
-            if job.adaptive {
-                job.fragment_size = fragment_size_for_cost(
-                    cost,
-                    job.lifespan_ms,
-                    job.ops_total,
-                    job.max_concurrent,
-                    largest_default_size(job.range_base.is_some(), job.collect_results),
-                );
-            }
-            // Written when it moved by an eighth or more: a steady job does not rewrite it
-            // with every settlement.
-            let moved = before.is_none_or(|b| cost.abs_diff(b) >= b / 8);
-            if moved {
-                learned = Some((job.operation.clone(), job.params.clone(), cost));
-            }
+        if let Some(size) = job.sized_fragment() {
+            job.fragment_size = size;
         }
         let remind = job.state == DispatchState::Cancelling && job.in_flight > 0;
         let done = settled.done as usize;
-        let job = job.clone();
-        if let Some((operation, params, cost)) = learned {
-            self.tx.remember_operation_cost(
-                &operation,
-                &params,
-                cost,
-                common::timefmt::now_ms(),
-            )?;
-        }
         if job.state == DispatchState::Active {
-            let mut job = job;
+            let mut job = job.clone();
             if done < fragment.indices.len() {
                 // The fragment stopped early (lifespan, a worker shutting down): what it did
                 // not run continues as a new fragment of its own, at once.
@@ -523,10 +506,23 @@ impl Batch<'_> {
                 }
                 _ => {}
             }
+            let loaded = self.loaded.remove(&job.job_id).unwrap_or_default();
+            // The cost table is written when the job's cost moved by an eighth or more in this
+            // batch: a steady job does not rewrite it with every settlement.
+            if let Some(cost) = job.op_cost_ns
+                && loaded.op_cost_ns.is_none_or(|b| cost.abs_diff(b) >= b / 8)
+            {
+                self.tx.remember_operation_cost(
+                    &job.operation,
+                    &job.params,
+                    cost,
+                    common::timefmt::now_ms(),
+                )?;
+            }
             // A settled fragment replaced by a new one leaves the count as it was: in a
             // steady window that spares the broker one message per fragment.
-            let told = self.told_in_flight.get(&job.job_id).copied().unwrap_or(0);
-            if changed && job.state != DispatchState::Rejected && job.in_flight != told {
+            if changed && job.state != DispatchState::Rejected && job.in_flight != loaded.in_flight
+            {
                 job.progress_seq += 1;
                 self.tell_reducer(&ReducerInput::Progress {
                     job_id: job.job_id.clone(),
