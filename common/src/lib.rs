@@ -10,6 +10,7 @@ pub mod jobspec;
 pub mod measure;
 pub mod rpc;
 pub mod shutdown;
+pub mod store;
 pub mod supervise;
 pub mod telemetry;
 pub mod timefmt;

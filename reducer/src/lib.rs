@@ -85,7 +85,7 @@ impl ReducerConfig {
 pub enum ReducerError {
     #[error(transparent)]
     Broker(#[from] BrokerError),
-    #[error(transparent)]
+    #[error("reducer store: {0}")]
     Store(#[from] StoreError),
     #[error("store task failed: {0}")]
     Join(#[from] tokio::task::JoinError),

@@ -13,18 +13,7 @@ use serde_json::Value;
 
 use crate::aggregate::Measured;
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("reducer store: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("reducer store holds a malformed record: {0}")]
-    Corrupt(String),
-    #[error("reducer store: cannot create {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
-}
+pub use common::store::StoreError;
 
 /// A job as the reducer keeps it.
 #[derive(Debug, Clone, PartialEq)]

@@ -69,7 +69,7 @@ impl SplitterConfig {
 pub enum SplitterError {
     #[error(transparent)]
     Broker(#[from] BrokerError),
-    #[error(transparent)]
+    #[error("splitter store: {0}")]
     Store(#[from] StoreError),
     #[error("store task failed: {0}")]
     Join(#[from] tokio::task::JoinError),

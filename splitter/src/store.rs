@@ -11,18 +11,7 @@ use common::wire::Indices;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("splitter store: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("splitter store holds a malformed record: {0}")]
-    Corrupt(String),
-    #[error("splitter store: cannot create {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
-}
+pub use common::store::StoreError;
 
 /// Where a job is, as far as dispatching goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,268 @@
+//! What the splitter's and the reducer's stores share: one error shape that says whether a
+//! failed store operation may pass by itself (a full disk, an I/O error, a locked or
+//! unreachable database) or never will (a malformed record, a schema from a newer batchq).
+//!
+//! A service holds the unacknowledged batch and retries a transient fault in the process
+//! (see [`retry`]): redelivering the batch by restarting would count against
+//! the broker's patience and gain nothing.
+
+use rusqlite::ErrorCode;
+
+/// A store operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("malformed record: {0}")]
+    Corrupt(String),
+    #[error("cannot create {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "the store's schema version {found} is newer than this binary knows ({supported}): \
+         it was written by a newer batchq; run that version or restore a backup"
+    )]
+    NewerSchema { found: i64, supported: i64 },
+    #[error("schema upgrade failed: {0}")]
+    Migration(String),
+}
+
+impl StoreError {
+    /// Whether trying the same operation again later may succeed without anyone changing the
+    /// program: the disk may get space, the lock may be released, the volume may come back.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Sqlite(e) => sqlite_is_transient(e),
+            // A data directory that cannot be created now (a volume not mounted yet, a
+            // permission being fixed) may be creatable later.
+            StoreError::Io { .. } => true,
+            StoreError::Corrupt(_) | StoreError::NewerSchema { .. } | StoreError::Migration(_) => {
+                false
+            }
+        }
+    }
+
+    /// A short name of the cause, for a log line, a metric label and `batchctl health`.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => match e.code {
+                ErrorCode::DiskFull => "disk full",
+                ErrorCode::SystemIoFailure => "I/O error",
+                ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => "database locked",
+                ErrorCode::CannotOpen => "cannot open the database",
+                ErrorCode::ReadOnly => "database read-only",
+                ErrorCode::OutOfMemory => "out of memory",
+                ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase => "database corrupt",
+                _ => "database error",
+            },
+            StoreError::Sqlite(_) => "database error",
+            StoreError::Io { .. } => "cannot create the data directory",
+            StoreError::Corrupt(_) => "malformed record",
+            StoreError::NewerSchema { .. } => "newer schema",
+            StoreError::Migration(_) => "schema upgrade failed",
+        }
+    }
+}
+
+fn sqlite_is_transient(error: &rusqlite::Error) -> bool {
+    match error {
+        rusqlite::Error::SqliteFailure(e, _) => matches!(
+            e.code,
+            ErrorCode::DiskFull
+                | ErrorCode::SystemIoFailure
+                | ErrorCode::DatabaseBusy
+                | ErrorCode::DatabaseLocked
+                | ErrorCode::CannotOpen
+                | ErrorCode::ReadOnly
+                | ErrorCode::OutOfMemory
+                | ErrorCode::FileLockingProtocolFailed
+        ),
+        _ => false,
+    }
+}
+
+/// The state of one component's store, shared with whoever reports health.
+#[derive(Debug, Clone, Default)]
+pub struct StoreHealth {
+    fault: std::sync::Arc<std::sync::Mutex<Option<StoreFault>>>,
+}
+
+/// A transient fault the component is waiting out.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StoreFault {
+    /// Short cause (`disk full`, `database locked`, ...).
+    pub cause: String,
+    /// The last error in full.
+    pub error: String,
+    /// When the fault began (ms since the epoch).
+    pub since_ms: i64,
+    /// Failed attempts so far.
+    pub attempts: u64,
+}
+
+impl StoreHealth {
+    /// The fault being waited out, if any.
+    pub fn fault(&self) -> Option<StoreFault> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<StoreFault>> {
+        self.fault.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes a failed attempt; says so in a WARN line when the fault begins or its cause
+    /// changes, not at every attempt.
+    fn failed(&self, component: &str, error: &StoreError) {
+        metrics::counter!("batchq_store_errors_total", "component" => component.to_owned(), "cause" => error.cause())
+            .increment(1);
+        let mut fault = self.lock();
+        match fault.as_mut() {
+            Some(f) if f.cause == error.cause() => {
+                f.attempts += 1;
+                f.error = error.to_string();
+            }
+            _ => {
+                tracing::warn!(
+                    %component,
+                    cause = error.cause(),
+                    error = %error,
+                    "store fault: holding the unacknowledged messages and retrying until it passes"
+                );
+                *fault = Some(StoreFault {
+                    cause: error.cause().to_owned(),
+                    error: error.to_string(),
+                    since_ms: crate::timefmt::now_ms(),
+                    attempts: 1,
+                });
+            }
+        }
+    }
+
+    fn succeeded(&self, component: &str) {
+        let mut fault = self.lock();
+        if let Some(f) = fault.take() {
+            tracing::warn!(
+                %component,
+                cause = %f.cause,
+                attempts = f.attempts,
+                lasted_ms = crate::timefmt::now_ms() - f.since_ms,
+                "store fault passed; carrying on"
+            );
+        }
+    }
+}
+
+const FIRST_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+/// Longest pause between two attempts at a store operation that failed transiently.
+pub const MAX_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs `attempt` until it succeeds, fails for good, or `shutdown` fires (then the last
+/// error is returned). Transient faults are retried with a doubling pause (100 ms to 5 s),
+/// noted in `health`, in `batchq_store_errors_total` and, once per change, in the log.
+pub async fn retry<T, F, Fut>(
+    component: &str,
+    health: &StoreHealth,
+    shutdown: &tokio_util::sync::CancellationToken,
+    mut attempt: F,
+) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut pause = FIRST_RETRY;
+    loop {
+        match attempt().await {
+            Ok(value) => {
+                health.succeeded(component);
+                return Ok(value);
+            }
+            Err(e) if e.is_transient() => {
+                health.failed(component, &e);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Err(e),
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(MAX_RETRY);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(code: std::os::raw::c_int) -> StoreError {
+        StoreError::Sqlite(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(code),
+            None,
+        ))
+    }
+
+    #[test]
+    fn a_full_disk_and_a_locked_database_may_pass() {
+        assert!(failure(rusqlite::ffi::SQLITE_FULL).is_transient());
+        assert_eq!(failure(rusqlite::ffi::SQLITE_FULL).cause(), "disk full");
+        assert!(failure(rusqlite::ffi::SQLITE_IOERR).is_transient());
+        assert!(failure(rusqlite::ffi::SQLITE_BUSY).is_transient());
+        assert!(failure(rusqlite::ffi::SQLITE_CANTOPEN).is_transient());
+    }
+
+    #[test]
+    fn corruption_and_a_newer_schema_never_pass() {
+        assert!(!failure(rusqlite::ffi::SQLITE_CORRUPT).is_transient());
+        assert!(!failure(rusqlite::ffi::SQLITE_CONSTRAINT).is_transient());
+        assert!(!StoreError::Corrupt("x".into()).is_transient());
+        assert!(
+            !StoreError::NewerSchema {
+                found: 9,
+                supported: 2
+            }
+            .is_transient()
+        );
+    }
+
+    #[tokio::test]
+    async fn retry_waits_out_a_full_disk_and_reports_it_while_it_lasts() {
+        let health = StoreHealth::default();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let mut failures_left = 2;
+        let seen = health.clone();
+        let value = retry("test", &health, &shutdown, || {
+            let outcome = if failures_left > 0 {
+                failures_left -= 1;
+                if failures_left == 0 {
+                    // The second failure is still the same fault, seen by a reader meanwhile.
+                    let fault = seen.fault().expect("a fault is reported while it lasts");
+                    assert_eq!((fault.cause.as_str(), fault.attempts), ("disk full", 1));
+                }
+                Err(failure(rusqlite::ffi::SQLITE_FULL))
+            } else {
+                Ok(42)
+            };
+            async move { outcome }
+        })
+        .await
+        .expect("the fault passes");
+        assert_eq!(value, 42);
+        assert_eq!(health.fault(), None, "a passed fault is no longer reported");
+    }
+
+    #[tokio::test]
+    async fn retry_gives_a_lasting_error_back_at_once() {
+        let health = StoreHealth::default();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let mut attempts = 0;
+        let outcome: Result<(), _> = retry("test", &health, &shutdown, || {
+            attempts += 1;
+            async { Err(StoreError::Corrupt("bad row".into())) }
+        })
+        .await;
+        assert!(matches!(outcome, Err(StoreError::Corrupt(_))));
+        assert_eq!(attempts, 1);
+        assert_eq!(health.fault(), None);
+    }
+}
