@@ -239,13 +239,12 @@ impl Broker {
 
     /// Declares the namespace's whole fixed topology.
     pub async fn declare_topology(&self) -> Result<(), BrokerError> {
-        let channel = self.channel().await?;
+        let connection = self.connection().await?;
         answered(
             "the topology's declarations",
-            crate::topology::declare(&channel, &self.names),
+            crate::topology::declare(&connection, &self.names),
         )
         .await?;
-        let _ = channel.close(200, "topology declared".into()).await;
         Ok(())
     }
 }

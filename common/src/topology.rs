@@ -7,8 +7,9 @@ use deadpool_lapin::lapin::options::{
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
     QueueDeleteOptions,
 };
+use deadpool_lapin::lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use deadpool_lapin::lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use deadpool_lapin::lapin::{Channel, ExchangeKind};
+use deadpool_lapin::lapin::{Channel, Connection, ErrorKind, ExchangeKind};
 
 /// Routing keys on `{ns}.jobs`.
 pub const KEY_SUBMIT: &str = "submit";
@@ -23,9 +24,11 @@ pub const KEY_POISON: &str = "poison";
 /// Routing key on `{ns}.metrics`.
 pub const KEY_METRICS: &str = "batch";
 
-/// Returns of one fragment (or job message) to its queue after which the broker gives up on
-/// it (`x-delivery-limit`): a message that kills its consumer this often is poison, not bad
-/// luck.
+/// Returns of one fragment to its work queue after which the broker gives up on it
+/// (`x-delivery-limit`): a fragment that kills its worker this often is poison, not bad luck.
+/// The queues that batchq's own splitter and reducer consume have no such limit: their
+/// consumers hold a message for as long as a store fault lasts, and a healthy message must
+/// not be dead-lettered because they restarted (see [`declare`]).
 pub const DELIVERY_LIMIT: i64 = 5;
 /// Deliveries a fragment gets before its work queue dead-letters it: the first, plus one per
 /// return the delivery limit allows.
@@ -156,6 +159,7 @@ fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
 }
 
+/// A work queue's arguments: quorum, with a delivery limit past which a fragment is poison.
 fn quorum_args(names: &Names, extra: &[(&str, AMQPValue)]) -> FieldTable {
     let mut entries = vec![
         ("x-queue-type", text("quorum")),
@@ -167,6 +171,49 @@ fn quorum_args(names: &Names, extra: &[(&str, AMQPValue)]) -> FieldTable {
     ];
     entries.extend_from_slice(extra);
     table(&entries)
+}
+
+/// The arguments of a queue that batchq's splitter or reducer consumes: quorum, and no
+/// delivery limit. Those consumers never give a message back for a reason the message
+/// carries: what they cannot use they keep on `{ns}.dead` themselves and ack, and a store
+/// fault is waited out while the message is held. A limit would only dead-letter healthy
+/// messages after a few restarts or lost connections.
+fn internal_queue_args() -> FieldTable {
+    table(&[
+        ("x-queue-type", text("quorum")),
+        ("x-overflow", text("reject-publish")),
+    ])
+}
+
+/// Declares a queue of batchq's splitter or reducer. One declared by batchq 0.1 carries a
+/// delivery limit and a dead-letter exchange, and the broker refuses to re-declare it with
+/// other arguments (406, which closes the channel): it is then used as it is, with a warning
+/// that points to the upgrade step, on a fresh channel.
+async fn declare_internal_queue(
+    connection: &Connection,
+    channel: &mut Channel,
+    name: String,
+) -> Result<(), deadpool_lapin::lapin::Error> {
+    match declare_queue(channel, name.clone(), internal_queue_args()).await {
+        Err(e) if is_precondition_failed(&e) => {
+            tracing::warn!(
+                queue = %name,
+                "queue was declared by an older batchq with a delivery limit; using it as it \
+                 is until it is re-created (docs/operations.md, \"Upgrading\")"
+            );
+            *channel = connection.create_channel().await?;
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+fn is_precondition_failed(error: &deadpool_lapin::lapin::Error) -> bool {
+    matches!(
+        error.kind(),
+        ErrorKind::ProtocolError(e)
+            if *e.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+    )
 }
 
 async fn declare_exchange(
@@ -215,9 +262,15 @@ async fn bind(
         .await
 }
 
-/// Declares every exchange and fixed queue of the namespace. Idempotent; every binary and
-/// `batchctl` call it at start, so a user may publish before any batchq process has run.
-pub async fn declare(channel: &Channel, names: &Names) -> Result<(), deadpool_lapin::lapin::Error> {
+/// Declares every exchange and fixed queue of the namespace, on channels of `connection`.
+/// Idempotent; every binary and `batchctl` call it at start, so a user may publish before any
+/// batchq process has run.
+pub async fn declare(
+    connection: &Connection,
+    names: &Names,
+) -> Result<(), deadpool_lapin::lapin::Error> {
+    let mut channel = connection.create_channel().await?;
+    let channel = &mut channel;
     declare_exchange(channel, names.jobs(), ExchangeKind::Direct).await?;
     declare_exchange(channel, names.status(), ExchangeKind::Topic).await?;
     declare_exchange(channel, names.metrics(), ExchangeKind::Topic).await?;
@@ -226,16 +279,15 @@ pub async fn declare(channel: &Channel, names: &Names) -> Result<(), deadpool_la
     declare_exchange(channel, names.dead(), ExchangeKind::Fanout).await?;
     declare_exchange(channel, names.control(), ExchangeKind::Fanout).await?;
 
-    // Jobs that crash the splitter again and again end on `{ns}.dead`.
-    declare_queue(channel, names.jobs(), quorum_args(names, &[])).await?;
+    declare_internal_queue(connection, channel, names.jobs()).await?;
     bind(channel, names.jobs(), names.jobs(), KEY_SUBMIT).await?;
     bind(channel, names.jobs(), names.jobs(), KEY_CANCEL).await?;
 
-    declare_queue(channel, names.reducer_queue(), quorum_args(names, &[])).await?;
+    declare_internal_queue(connection, channel, names.reducer_queue()).await?;
     bind(channel, names.reducer_queue(), names.events(), KEY_REDUCER).await?;
     bind(channel, names.reducer_queue(), names.events(), KEY_POISON).await?;
 
-    declare_queue(channel, names.splitter_queue(), quorum_args(names, &[])).await?;
+    declare_internal_queue(connection, channel, names.splitter_queue()).await?;
     bind(channel, names.splitter_queue(), names.events(), KEY_SETTLED).await?;
 
     declare_queue(
@@ -285,6 +337,7 @@ pub async fn declare(channel: &Channel, names: &Names) -> Result<(), deadpool_la
         .await?;
         bind(channel, name.clone(), name, "").await?;
     }
+    let _ = channel.close(200, "topology declared".into()).await;
     Ok(())
 }
 

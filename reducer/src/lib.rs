@@ -19,6 +19,7 @@ use common::config::BrokerArgs;
 use common::consume::{ack_batch, consume, next_batch};
 use common::contract::JobStatus;
 use common::lapin::message::Delivery;
+use common::store::StoreHealth;
 use common::supervise::{Retryable, supervise};
 use common::topology::{KEY_METRICS, KEY_POISON, KEY_SETTLED, Names};
 use common::wire::{Fragment, FragmentReport, Heartbeat, ReducerInput, encode_splitter_inputs};
@@ -112,11 +113,87 @@ pub type WorkerTable = Arc<Mutex<HashMap<String, (Heartbeat, i64)>>>;
 
 struct Shared {
     store: Mutex<SqliteStore>,
+    /// The read-only connection of the fold loop's status ticks and the queue poller, opened
+    /// on first use.
+    queries: Mutex<Option<SqliteQueries>>,
+    /// The store fault being waited out, if any, for `batchctl health`.
+    health: StoreHealth,
     path: PathBuf,
     workers: WorkerTable,
     /// Whether the Prometheus endpoint is served (then queues are polled for its gauges).
     prometheus: bool,
     metrics_interval: Duration,
+}
+
+impl Shared {
+    /// Runs `f` in one store transaction on the blocking pool. Once: see [`Shared::write`].
+    async fn transaction_once<R, F>(self: &Arc<Self>, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut dyn store::ReducerTx) -> Result<R, StoreError> + Send + 'static,
+    {
+        let shared = Arc::clone(self);
+        blocking(move || {
+            let mut store = shared.store.lock().unwrap_or_else(|p| p.into_inner());
+            store.transaction(f)
+        })
+        .await
+    }
+
+    /// Runs the transaction `make()` builds, building it afresh and trying again while the
+    /// store fails transiently (a full disk, a locked database): the caller holds its
+    /// unacknowledged messages meanwhile, and nothing is redelivered or dead-lettered.
+    async fn write<R, F>(
+        self: &Arc<Self>,
+        stop: &CancellationToken,
+        mut make: impl FnMut() -> F,
+    ) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut dyn store::ReducerTx) -> Result<R, StoreError> + Send + 'static,
+    {
+        common::store::retry("reducer", &self.health, stop, || {
+            self.transaction_once(make())
+        })
+        .await
+    }
+
+    /// Runs `f` on the read-only connection on the blocking pool, waiting out transient
+    /// faults as [`Shared::write`] does.
+    async fn read<R, F>(self: &Arc<Self>, stop: &CancellationToken, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: Fn(&mut SqliteQueries) -> Result<R, StoreError> + Clone + Send + 'static,
+    {
+        common::store::retry("reducer", &self.health, stop, || {
+            let shared = Arc::clone(self);
+            let f = f.clone();
+            blocking(move || {
+                let mut queries = shared.queries.lock().unwrap_or_else(|p| p.into_inner());
+                if queries.is_none() {
+                    *queries = Some(SqliteQueries::open(&shared.path)?);
+                }
+                match queries.as_mut() {
+                    Some(q) => f(q),
+                    None => Err(StoreError::Corrupt("read connection missing".into())),
+                }
+            })
+        })
+        .await
+    }
+}
+
+/// `f` on the blocking pool. A panic in it goes on unwinding in the caller.
+async fn blocking<R: Send + 'static>(
+    f: impl FnOnce() -> Result<R, StoreError> + Send + 'static,
+) -> Result<R, StoreError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result,
+        Err(join) => match join.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(_) => Err(StoreError::Corrupt("the store task was cancelled".into())),
+        },
+    }
 }
 
 /// How often the queue gauges are refreshed.
@@ -134,6 +211,8 @@ pub async fn run(config: ReducerConfig, shutdown: CancellationToken) -> Result<(
     }
     let shared = Arc::new(Shared {
         store: Mutex::new(SqliteStore::open(&path)?),
+        queries: Mutex::new(None),
+        health: StoreHealth::default(),
         path: path.clone(),
         workers: WorkerTable::default(),
         prometheus,
@@ -215,6 +294,10 @@ fn poison_report(fragment: Fragment) -> FragmentReport {
 /// confirmed, then the batch acked with one multiple-ack. Between batches, once a second, the
 /// status of every running job. One task does both, so a job's terminal status is always the
 /// last one published for it.
+///
+/// A store fault that may pass holds the batch, unacknowledged, until it passes (see
+/// [`Shared::write`]); only a fault that never passes ends the reducer. A shutdown while a
+/// fault lasts leaves the batch to the broker, which hands it to the next reducer.
 async fn fold_events(
     session: &common::broker::Session,
     names: &Names,
@@ -228,20 +311,38 @@ async fn fold_events(
     let mut metric_ticker = tokio::time::interval(shared.metrics_interval);
     metric_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut interval_start_ms = common::timefmt::now_ms();
-    let mut queries = SqliteQueries::open(&shared.path)?;
+    let stopped = |e: StoreError| {
+        if stop.is_cancelled() {
+            Ok(())
+        } else {
+            Err(ReducerError::Store(e))
+        }
+    };
     loop {
         let batch = tokio::select! {
             _ = ticker.tick() => {
-                let active = queries.active_jobs()?;
-                if shared.prometheus {
-                    monitor::record_jobs(&queries.jobs_by_state()?, &active);
+                let prometheus = shared.prometheus;
+                let read = shared.read(stop, move |q| {
+                    let active = q.active_jobs()?;
+                    let by_state = if prometheus { Some(q.jobs_by_state()?) } else { None };
+                    Ok((active, by_state))
+                });
+                let (active, by_state) = match read.await {
+                    Ok(read) => read,
+                    Err(e) => return stopped(e),
+                };
+                if let Some(by_state) = by_state {
+                    monitor::record_jobs(&by_state, &active);
                 }
                 let pending = publish_statuses(publisher, names, &active).await?;
                 common::broker::wait_all(pending).await?;
                 continue;
             }
             _ = metric_ticker.tick() => {
-                interval_start_ms = publish_metric_batch(publisher, names, shared, interval_start_ms).await?;
+                interval_start_ms = match publish_metric_batch(publisher, names, shared, interval_start_ms, stop).await {
+                    Err(ReducerError::Store(e)) => return stopped(e),
+                    other => other?,
+                };
                 continue;
             }
             batch = next_batch(&mut consumer, BATCH, stop) => batch?,
@@ -268,15 +369,22 @@ async fn fold_events(
             }
         }
         let now = common::timefmt::now_ms();
-        let worker_shared = Arc::clone(shared);
-        let effects = tokio::task::spawn_blocking(move || {
-            let mut store = worker_shared
-                .store
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            store.transaction(|tx| fold::apply(tx, inputs, now))
-        })
-        .await??;
+        // The first attempt folds what was just decoded; a retry after a store fault decodes
+        // the held deliveries again (a rolled-back transaction consumed its inputs), so the
+        // common case copies nothing.
+        let mut decoded = Some(inputs);
+        let folded = shared
+            .write(stop, || {
+                let inputs = decoded
+                    .take()
+                    .unwrap_or_else(|| batch.iter().filter_map(|d| decode(d).ok()).collect());
+                move |tx: &mut dyn store::ReducerTx| fold::apply(tx, inputs, now)
+            })
+            .await;
+        let effects = match folded {
+            Ok(effects) => effects,
+            Err(e) => return stopped(e),
+        };
         if shared.prometheus {
             monitor::record(&effects.measured);
             let ended: Vec<JobStatus> = effects
@@ -286,7 +394,10 @@ async fn fold_events(
                 .cloned()
                 .collect();
             if !ended.is_empty() {
-                monitor::record_jobs(&queries.jobs_by_state()?, &ended);
+                match shared.read(stop, |q| q.jobs_by_state()).await {
+                    Ok(by_state) => monitor::record_jobs(&by_state, &ended),
+                    Err(e) => return stopped(e),
+                }
             }
         }
         let mut pending = publish_statuses(publisher, names, &effects.status_changes).await?;
@@ -309,14 +420,14 @@ async fn publish_metric_batch(
     names: &Names,
     shared: &Arc<Shared>,
     interval_start_ms: i64,
+    stop: &CancellationToken,
 ) -> Result<i64, ReducerError> {
     let now = common::timefmt::now_ms();
-    let store_shared = Arc::clone(shared);
-    let sealed = tokio::task::spawn_blocking(move || {
-        let mut store = store_shared.store.lock().unwrap_or_else(|p| p.into_inner());
-        store.transaction(|tx| tx.seal_metric_batch())
-    })
-    .await??;
+    let sealed = shared
+        .write(stop, || {
+            |tx: &mut dyn store::ReducerTx| tx.seal_metric_batch()
+        })
+        .await?;
     let Some((seq, measured)) = sealed else {
         return Ok(now);
     };
@@ -329,12 +440,11 @@ async fn publish_metric_batch(
             .wait()
             .await?;
     }
-    let store_shared = Arc::clone(shared);
-    tokio::task::spawn_blocking(move || {
-        let mut store = store_shared.store.lock().unwrap_or_else(|p| p.into_inner());
-        store.transaction(|tx| tx.metric_batch_published(seq))
-    })
-    .await??;
+    shared
+        .write(stop, || {
+            move |tx: &mut dyn store::ReducerTx| tx.metric_batch_published(seq)
+        })
+        .await?;
     Ok(now)
 }
 
@@ -349,7 +459,6 @@ async fn poll_queues(
         stop.cancelled().await;
         return Ok(());
     }
-    let mut queries = SqliteQueries::open(&shared.path)?;
     let mut ticker = tokio::time::interval(QUEUE_POLL_INTERVAL);
     loop {
         tokio::select! {
@@ -359,12 +468,12 @@ async fn poll_queues(
         let (live, held) = monitor::live_workers(&shared.workers, common::timefmt::now_ms());
         metrics::gauge!("batchq_workers_live").set(live as f64);
         let mut operations: std::collections::BTreeSet<String> = held.keys().cloned().collect();
-        operations.extend(
-            queries
-                .active_jobs()?
-                .into_iter()
-                .filter_map(|j| j.operation),
-        );
+        let active = match shared.read(stop, |q| q.active_jobs()).await {
+            Ok(active) => active,
+            Err(_) if stop.is_cancelled() => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        operations.extend(active.into_iter().filter_map(|j| j.operation));
         monitor::record_queues(session, names, &operations, &held).await?;
     }
 }

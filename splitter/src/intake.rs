@@ -75,6 +75,20 @@ pub fn settled(delivery: &Delivery) -> Vec<Command> {
     }
 }
 
+/// A message of ours (re-encoded from what it said) for `{ns}.dead`, with the reason.
+pub fn internal_dead_copy(routing_key: &str, body: Vec<u8>, reason: &str) -> DeadCopy {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ShortString::from(REASON_HEADER),
+        AMQPValue::LongString(LongString::from(reason)),
+    );
+    DeadCopy {
+        routing_key: routing_key.to_owned(),
+        body,
+        properties: common::broker::json_properties().with_headers(headers),
+    }
+}
+
 /// The original message, properties and all, with the reason added to its headers.
 fn dead_copy(delivery: &Delivery, reason: &str) -> DeadCopy {
     let mut headers: FieldTable = delivery.properties.headers().clone().unwrap_or_default();

@@ -3,6 +3,7 @@
 //! settles one.
 
 pub mod intake;
+pub mod outbox;
 pub mod store;
 pub mod window;
 
@@ -10,13 +11,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use clap::Args;
-use common::broker::{Broker, BrokerError, Publisher, Session};
+use common::broker::{Broker, BrokerError, Session};
 use common::config::BrokerArgs;
 use common::consume::{ack_batch, consume, next_batch};
 use common::jobspec::ParseLimits;
-use common::lapin::BasicProperties;
+use common::store::StoreHealth;
 use common::supervise::{Retryable, supervise};
-use common::topology::{Names, declare_work_queue};
+use common::topology::Names;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -87,19 +88,70 @@ impl Retryable for SplitterError {
     }
 }
 
-type SharedStore = Arc<Mutex<SqliteStore>>;
+/// The splitter's store, shared by its intake loops and its outbox pump, with the fault
+/// they are waiting out.
+#[derive(Clone)]
+pub(crate) struct SharedStore {
+    store: Arc<Mutex<SqliteStore>>,
+    pub(crate) health: StoreHealth,
+}
+
+impl SharedStore {
+    fn new(store: SqliteStore) -> Self {
+        Self {
+            store: Arc::new(Mutex::new(store)),
+            health: StoreHealth::default(),
+        }
+    }
+
+    /// Runs `f` on the store on the blocking pool, once. A panic in it goes on unwinding in
+    /// the caller.
+    async fn once<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut SqliteStore) -> Result<R, StoreError> + Send + 'static,
+    {
+        let store = Arc::clone(&self.store);
+        let task = tokio::task::spawn_blocking(move || {
+            let mut store = store
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            f(&mut store)
+        });
+        match task.await {
+            Ok(result) => result,
+            Err(join) => match join.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(_) => Err(StoreError::Corrupt("the store task was cancelled".into())),
+            },
+        }
+    }
+
+    /// Runs what `make()` builds on the store, building it afresh and trying again while the
+    /// store fails transiently (a full disk, a locked database). The caller holds its
+    /// unacknowledged messages meanwhile: nothing is redelivered or dead-lettered.
+    pub(crate) async fn run<R, F>(
+        &self,
+        stop: &CancellationToken,
+        mut make: impl FnMut() -> F,
+    ) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut SqliteStore) -> Result<R, StoreError> + Send + 'static,
+    {
+        common::store::retry("splitter", &self.health, stop, || self.once(make())).await
+    }
+}
 
 /// Deliveries taken per transaction.
 const BATCH: usize = 256;
-/// Outbox messages published per round of confirms.
-const OUTBOX_ROUND: usize = 512;
 /// Most settlements applied in one transaction.
 const COMMANDS_PER_COMMIT: usize = 1024;
 
 /// Runs the splitter until `shutdown` fires (or a fault that reconnecting cannot mend).
 pub async fn run(config: SplitterConfig, shutdown: CancellationToken) -> Result<(), SplitterError> {
     let path = config.store_path();
-    let store: SharedStore = Arc::new(Mutex::new(SqliteStore::open(&path)?));
+    let store = SharedStore::new(SqliteStore::open(&path)?);
     common::telemetry::serve_prometheus(config.metrics_addr.as_deref())
         .map_err(SplitterError::Metrics)?;
     let broker = Broker::new(&config.broker, "batchq-splitter")?;
@@ -133,27 +185,36 @@ async fn session(
     let result = tokio::select! {
         r = intake_jobs(&session, broker.names(), store, outbox_ready, limits, &stop) => r,
         r = intake_settled(&session, broker.names(), store, outbox_ready, &stop) => r,
-        r = pump_outbox(broker, &publisher, store, outbox_ready, &stop) => r,
+        r = outbox::pump(broker, &publisher, store, outbox_ready, &stop) => r,
     };
     stop.cancel();
-    result
+    // A store fault still being waited out when the splitter was told to stop: its messages
+    // go back to the broker unacknowledged, for the next splitter.
+    match result {
+        Err(SplitterError::Store(e)) if stop.is_cancelled() && shutdown.is_cancelled() => {
+            tracing::info!(error = %e, "stopped while the store was failing");
+            Ok(())
+        }
+        other => other,
+    }
 }
 
-/// Applies `commands` in one transaction on the blocking pool and wakes the outbox pump.
+/// Applies the commands `make()` decodes in one transaction on the blocking pool (trying
+/// again while the store fails transiently), then wakes the outbox pump.
 async fn commit(
     store: &SharedStore,
-    names: Names,
-    commands: Vec<Command>,
+    names: &Names,
     outbox_ready: &Notify,
+    stop: &CancellationToken,
+    mut make: impl FnMut() -> Vec<Command>,
 ) -> Result<(), SplitterError> {
-    let store = Arc::clone(store);
-    tokio::task::spawn_blocking(move || {
-        let mut store = store
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        store.transaction(|tx| apply(tx, &names, commands))
-    })
-    .await??;
+    store
+        .run(stop, || {
+            let names = names.clone();
+            let commands = make();
+            move |store: &mut SqliteStore| store.transaction(|tx| apply(tx, &names, commands))
+        })
+        .await?;
     outbox_ready.notify_one();
     Ok(())
 }
@@ -170,11 +231,14 @@ async fn intake_jobs(
     let mut consumer = consume(&channel, &names.jobs(), "splitter-jobs").await?;
     while let Some(batch) = next_batch(&mut consumer, BATCH, stop).await? {
         let at_ms = common::timefmt::now_ms();
-        let commands = batch
-            .iter()
-            .map(|d| intake::job_command(d, limits, at_ms))
-            .collect();
-        commit(store, names.clone(), commands, outbox_ready).await?;
+        // Decoded again for each attempt: a JobSpec can be large, and a retry is rare.
+        commit(store, names, outbox_ready, stop, || {
+            batch
+                .iter()
+                .map(|d| intake::job_command(d, limits, at_ms))
+                .collect()
+        })
+        .await?;
         ack_batch(&batch).await?;
     }
     Ok(())
@@ -193,85 +257,12 @@ async fn intake_settled(
         // A message holds up to 256 settlements: commit them in bounded transactions, so a
         // burst does not hold the store (and the intake of jobs) for long. Applying one again
         // after a crash between commits changes nothing.
-        let mut commands: Vec<Command> = batch.iter().flat_map(intake::settled).collect();
-        while !commands.is_empty() {
-            let rest = commands.split_off(commands.len().min(COMMANDS_PER_COMMIT));
-            commit(store, names.clone(), commands, outbox_ready).await?;
-            commands = rest;
+        let commands: Vec<Command> = batch.iter().flat_map(intake::settled).collect();
+        let mut chunks = commands.chunks(COMMANDS_PER_COMMIT);
+        for chunk in chunks.by_ref() {
+            commit(store, names, outbox_ready, stop, || chunk.to_vec()).await?;
         }
         ack_batch(&batch).await?;
     }
     Ok(())
-}
-
-/// Publishes committed outbox messages in rounds: publish a round, await all its confirms,
-/// then forget it. A crash in between re-publishes the round: duplicates, never losses.
-async fn pump_outbox(
-    broker: &Broker,
-    publisher: &Publisher,
-    store: &SharedStore,
-    outbox_ready: &Notify,
-    stop: &CancellationToken,
-) -> Result<(), SplitterError> {
-    let names = broker.names().clone();
-    let mut declared_work_queues = std::collections::HashSet::new();
-    loop {
-        let round = {
-            let store = Arc::clone(store);
-            tokio::task::spawn_blocking(move || {
-                let mut store = store
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
-                store.outbox(OUTBOX_ROUND)
-            })
-            .await??
-        };
-        let Some(last_seq) = round.last().map(|m| m.seq) else {
-            tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
-                _ = outbox_ready.notified() => continue,
-            }
-        };
-        let batch_len = round.len() as u64;
-        let mut pending = Vec::with_capacity(round.len());
-        for message in round {
-            if message.exchange == names.work()
-                && !declared_work_queues.contains(&message.routing_key)
-            {
-                // A fragment for an operation nobody offers yet waits, visibly, in its queue.
-                common::broker::answered(
-                    &format!(
-                        "the declaration of {}",
-                        names.work_queue(&message.routing_key)
-                    ),
-                    declare_work_queue(publisher.channel(), &names, &message.routing_key),
-                )
-                .await?;
-                declared_work_queues.insert(message.routing_key.clone());
-            }
-            let properties: BasicProperties = serde_json::from_str(&message.properties)
-                .map_err(|e| StoreError::Corrupt(format!("outbox properties: {e}")))?;
-            pending.push(
-                publisher
-                    .start_with(
-                        &message.exchange,
-                        &message.routing_key,
-                        &message.body,
-                        properties,
-                        message.mandatory,
-                    )
-                    .await?,
-            );
-        }
-        common::broker::wait_all(pending).await?;
-        metrics::counter!("batchq_splitter_messages_published_total").increment(batch_len);
-        let store = Arc::clone(store);
-        tokio::task::spawn_blocking(move || {
-            let mut store = store
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            store.outbox_confirmed(last_seq)
-        })
-        .await??;
-    }
 }

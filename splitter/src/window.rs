@@ -11,8 +11,8 @@ use common::broker::{json_properties, transient_json_properties};
 use common::jobspec::{JobInput, JobSpec, Rejection};
 use common::lapin::BasicProperties;
 use common::lapin::types::ShortString;
-use common::topology::{KEY_REDUCER, Names, retry_delay_ms};
-use common::wire::{Control, Fragment, Indices, Payload, ReducerInput, Settled};
+use common::topology::{KEY_REDUCER, KEY_SETTLED, Names, retry_delay_ms};
+use common::wire::{Control, Fragment, Indices, Payload, ReducerInput, Settled, SplitterInput};
 use serde_json::{Map, Value};
 
 use crate::store::{DispatchState, FragmentRow, JobRow, OutboxMessage, SplitterTx, StoreError};
@@ -49,7 +49,7 @@ pub const FIRST_FRAGMENT_SIZE: u64 = 8;
 pub const PROBE_FRAGMENTS: u64 = 4;
 
 /// One thing the splitter was told, decoded from a delivery.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Command {
     Submit {
         spec: JobSpec,
@@ -73,7 +73,7 @@ pub enum Command {
 }
 
 /// A copy of a refused message for `{ns}.dead`, with the reason in its headers.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct DeadCopy {
     pub routing_key: String,
     pub body: Vec<u8>,
@@ -318,6 +318,19 @@ impl Batch<'_> {
         self.dead(dead)
     }
 
+    /// An input that names something this store does not know (a job it never recorded):
+    /// no reason to stop the splitter, whose other inputs are fine. Said in the log and kept
+    /// on `{ns}.dead` with the reason.
+    fn unusable(&mut self, input: &SplitterInput, reason: String) -> Result<(), StoreError> {
+        tracing::warn!(%reason, "keeping an unusable settlement on the dead-letter queue");
+        let body = encode(input)?;
+        self.dead(crate::intake::internal_dead_copy(
+            KEY_SETTLED,
+            body,
+            &reason,
+        ))
+    }
+
     fn dead(&mut self, dead: DeadCopy) -> Result<(), StoreError> {
         let exchange = self.names.dead();
         self.push(exchange, dead.routing_key, dead.body, dead.properties, true)
@@ -346,7 +359,12 @@ impl Batch<'_> {
 
     fn halt(&mut self, job_id: &str) -> Result<(), StoreError> {
         let Some((job, _)) = self.load(job_id)? else {
-            return Err(StoreError::Corrupt(format!("halt of unknown job {job_id}")));
+            return self.unusable(
+                &SplitterInput::Halt {
+                    job_id: job_id.to_owned(),
+                },
+                format!("halt of unknown job {job_id}"),
+            );
         };
         if job.state != DispatchState::Active {
             return Ok(());
@@ -378,10 +396,11 @@ impl Batch<'_> {
             return Ok(());
         };
         let Some((job, changed)) = self.load(&settled.job_id)? else {
-            return Err(StoreError::Corrupt(format!(
-                "fragment {} of unknown job {}",
+            let reason = format!(
+                "settlement of fragment {} of unknown job {}",
                 settled.fragment, settled.job_id
-            )));
+            );
+            return self.unusable(&SplitterInput::Settled(settled), reason);
         };
         job.in_flight = job.in_flight.saturating_sub(1);
         *changed = true;

@@ -973,6 +973,17 @@ impl TestEnv {
         }
     }
 
+    /// Everything a process has logged, over all its incarnations, in order.
+    pub fn log_text(&self, id: ProcId) -> String {
+        self.procs[id.0]
+            .logs
+            .iter()
+            .map(|log| {
+                String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned()
+            })
+            .collect()
+    }
+
     /// The last lines of every process log, for a failure report.
     pub fn logs_tail(&self) -> String {
         let mut out = String::new();
