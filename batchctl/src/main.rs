@@ -73,6 +73,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Whether the splitter and the reducer are alive and their stores work; exits 1 when
+    /// one is not.
+    Health {
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a real job end to end on this machine: splitter, reducer and workers in this
     /// process, a sha256 job over a range, with live progress.
     Demo(demo::DemoArgs),
@@ -163,6 +169,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&workers)?);
             } else {
                 print!("{}", table::workers(&workers));
+            }
+        }
+        Command::Health { json } => {
+            let report = match rpc(&broker, timeout, &Request::Health).await? {
+                Response::Health(report) => report,
+                other => return Err(unexpected(other)),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", table::health(&report));
+            }
+            if !report.services.iter().all(|s| s.is_ok()) {
+                return Ok(ExitCode::from(1));
             }
         }
         Command::Demo(args) => return demo::run(cli.broker, args).await,

@@ -1,6 +1,7 @@
 //! Aligned text tables and summaries for people; `--json` prints the records instead.
 
 use common::contract::JobStatus;
+use common::health::HealthReport;
 use common::wire::WorkerInfo;
 use serde::Serialize;
 
@@ -159,6 +160,44 @@ pub fn workers(workers: &[WorkerInfo]) -> String {
         ],
         &rows,
     )
+}
+
+pub fn health(report: &HealthReport) -> String {
+    let rows: Vec<Vec<String>> = report
+        .services
+        .iter()
+        .map(|s| {
+            let detail = match &s.store_fault {
+                Some(f) => format!(
+                    "{} since {} ({} attempts): {}",
+                    f.cause,
+                    common::timefmt::format_ms(f.since_ms),
+                    f.attempts,
+                    f.error
+                ),
+                None => String::new(),
+            };
+            vec![
+                s.role.clone(),
+                s.instance.clone().unwrap_or_else(|| "-".to_owned()),
+                s.state.clone(),
+                s.last_heartbeat.clone().unwrap_or_else(|| "-".to_owned()),
+                detail,
+            ]
+        })
+        .collect();
+    let mut out = render(
+        &[
+            ("ROLE", Align::Left),
+            ("INSTANCE", Align::Left),
+            ("STATE", Align::Left),
+            ("LAST HEARTBEAT", Align::Left),
+            ("DETAIL", Align::Left),
+        ],
+        &rows,
+    );
+    out.push_str(&format!("live workers: {}\n", report.workers_live));
+    out
 }
 
 #[cfg(test)]

@@ -83,13 +83,14 @@ fn sqlite_is_transient(error: &rusqlite::Error) -> bool {
     }
 }
 
-/// The state of one component's store, shared with whoever reports health.
+/// The state of one component's store, shared with whoever reports health: the faults its
+/// tasks (an intake loop, an outbox pump) are waiting out.
 #[derive(Debug, Clone, Default)]
 pub struct StoreHealth {
-    fault: std::sync::Arc<std::sync::Mutex<Option<StoreFault>>>,
+    faults: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<&'static str, StoreFault>>>,
 }
 
-/// A transient fault the component is waiting out.
+/// A transient fault a task is waiting out.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StoreFault {
     /// Short cause (`disk full`, `database locked`, ...).
@@ -103,22 +104,24 @@ pub struct StoreFault {
 }
 
 impl StoreHealth {
-    /// The fault being waited out, if any.
+    /// The longest-lasting fault being waited out, if any.
     pub fn fault(&self) -> Option<StoreFault> {
-        self.lock().clone()
+        self.lock().values().min_by_key(|f| f.since_ms).cloned()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<StoreFault>> {
-        self.fault.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<&'static str, StoreFault>> {
+        self.faults.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Notes a failed attempt; says so in a WARN line when the fault begins or its cause
-    /// changes, not at every attempt.
-    fn failed(&self, component: &str, error: &StoreError) {
+    /// Notes a failed attempt of `task`; says so in a WARN line when its fault begins or its
+    /// cause changes, not at every attempt.
+    fn failed(&self, component: &str, task: &'static str, error: &StoreError) {
         metrics::counter!("batchq_store_errors_total", "component" => component.to_owned(), "cause" => error.cause())
             .increment(1);
-        let mut fault = self.lock();
-        match fault.as_mut() {
+        let mut faults = self.lock();
+        match faults.get_mut(task) {
             Some(f) if f.cause == error.cause() => {
                 f.attempts += 1;
                 f.error = error.to_string();
@@ -126,25 +129,30 @@ impl StoreHealth {
             _ => {
                 tracing::warn!(
                     %component,
+                    %task,
                     cause = error.cause(),
                     error = %error,
                     "store fault: holding the unacknowledged messages and retrying until it passes"
                 );
-                *fault = Some(StoreFault {
-                    cause: error.cause().to_owned(),
-                    error: error.to_string(),
-                    since_ms: crate::timefmt::now_ms(),
-                    attempts: 1,
-                });
+                faults.insert(
+                    task,
+                    StoreFault {
+                        cause: error.cause().to_owned(),
+                        error: error.to_string(),
+                        since_ms: crate::timefmt::now_ms(),
+                        attempts: 1,
+                    },
+                );
             }
         }
     }
 
-    fn succeeded(&self, component: &str) {
-        let mut fault = self.lock();
-        if let Some(f) = fault.take() {
+    fn succeeded(&self, component: &str, task: &'static str) {
+        let mut faults = self.lock();
+        if let Some(f) = faults.remove(task) {
             tracing::warn!(
                 %component,
+                %task,
                 cause = %f.cause,
                 attempts = f.attempts,
                 lasted_ms = crate::timefmt::now_ms() - f.since_ms,
@@ -160,9 +168,11 @@ pub const MAX_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs `attempt` until it succeeds, fails for good, or `shutdown` fires (then the last
 /// error is returned). Transient faults are retried with a doubling pause (100 ms to 5 s),
-/// noted in `health`, in `batchq_store_errors_total` and, once per change, in the log.
+/// noted in `health` under `task`, in `batchq_store_errors_total` and, once per change, in
+/// the log.
 pub async fn retry<T, F, Fut>(
     component: &str,
+    task: &'static str,
     health: &StoreHealth,
     shutdown: &tokio_util::sync::CancellationToken,
     mut attempt: F,
@@ -175,11 +185,11 @@ where
     loop {
         match attempt().await {
             Ok(value) => {
-                health.succeeded(component);
+                health.succeeded(component, task);
                 return Ok(value);
             }
             Err(e) if e.is_transient() => {
-                health.failed(component, &e);
+                health.failed(component, task, &e);
                 tokio::select! {
                     _ = shutdown.cancelled() => return Err(e),
                     _ = tokio::time::sleep(pause) => {}
@@ -231,7 +241,7 @@ mod tests {
         let shutdown = tokio_util::sync::CancellationToken::new();
         let mut failures_left = 2;
         let seen = health.clone();
-        let value = retry("test", &health, &shutdown, || {
+        let value = retry("test", "task", &health, &shutdown, || {
             let outcome = if failures_left > 0 {
                 failures_left -= 1;
                 if failures_left == 0 {
@@ -256,7 +266,7 @@ mod tests {
         let health = StoreHealth::default();
         let shutdown = tokio_util::sync::CancellationToken::new();
         let mut attempts = 0;
-        let outcome: Result<(), _> = retry("test", &health, &shutdown, || {
+        let outcome: Result<(), _> = retry("test", "task", &health, &shutdown, || {
             attempts += 1;
             async { Err(StoreError::Corrupt("bad row".into())) }
         })

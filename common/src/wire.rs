@@ -324,6 +324,8 @@ pub enum Request {
         limit: u32,
     },
     Workers,
+    /// Whether the splitter and the reducer are alive and their stores work.
+    Health,
 }
 
 /// One page of results; `next` is where the following page starts, if any.
@@ -341,6 +343,7 @@ pub enum Response {
     Results(ResultsPage),
     Jobs { jobs: Vec<JobStatus> },
     Workers { workers: Vec<WorkerInfo> },
+    Health(crate::health::HealthReport),
     NotFound { job_id: String },
     Error { message: String },
 }

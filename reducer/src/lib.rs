@@ -18,6 +18,7 @@ use common::broker::{Broker, BrokerError, PendingConfirm, Publisher, json_proper
 use common::config::BrokerArgs;
 use common::consume::{ack_batch, consume, next_batch};
 use common::contract::JobStatus;
+use common::health::{AnyBeat, ServiceBeat};
 use common::lapin::message::Delivery;
 use common::store::StoreHealth;
 use common::supervise::{Retryable, supervise};
@@ -110,6 +111,8 @@ const STATUS_INTERVAL: Duration = Duration::from_millis(1000);
 
 /// Live workers by id, from their heartbeats.
 pub type WorkerTable = Arc<Mutex<HashMap<String, (Heartbeat, i64)>>>;
+/// Splitters by instance, from their beats, with when each was heard.
+pub type ServiceTable = Arc<Mutex<HashMap<String, (ServiceBeat, i64)>>>;
 
 struct Shared {
     store: Mutex<SqliteStore>,
@@ -120,6 +123,8 @@ struct Shared {
     health: StoreHealth,
     path: PathBuf,
     workers: WorkerTable,
+    services: ServiceTable,
+    started_at_ms: i64,
     /// Whether the Prometheus endpoint is served (then queues are polled for its gauges).
     prometheus: bool,
     metrics_interval: Duration,
@@ -145,14 +150,14 @@ impl Shared {
     /// unacknowledged messages meanwhile, and nothing is redelivered or dead-lettered.
     async fn write<R, F>(
         self: &Arc<Self>,
-        stop: &CancellationToken,
+        (stop, task): (&CancellationToken, &'static str),
         mut make: impl FnMut() -> F,
     ) -> Result<R, StoreError>
     where
         R: Send + 'static,
         F: FnOnce(&mut dyn store::ReducerTx) -> Result<R, StoreError> + Send + 'static,
     {
-        common::store::retry("reducer", &self.health, stop, || {
+        common::store::retry("reducer", task, &self.health, stop, || {
             self.transaction_once(make())
         })
         .await
@@ -160,12 +165,16 @@ impl Shared {
 
     /// Runs `f` on the read-only connection on the blocking pool, waiting out transient
     /// faults as [`Shared::write`] does.
-    async fn read<R, F>(self: &Arc<Self>, stop: &CancellationToken, f: F) -> Result<R, StoreError>
+    async fn read<R, F>(
+        self: &Arc<Self>,
+        (stop, task): (&CancellationToken, &'static str),
+        f: F,
+    ) -> Result<R, StoreError>
     where
         R: Send + 'static,
         F: Fn(&mut SqliteQueries) -> Result<R, StoreError> + Clone + Send + 'static,
     {
-        common::store::retry("reducer", &self.health, stop, || {
+        common::store::retry("reducer", task, &self.health, stop, || {
             let shared = Arc::clone(self);
             let f = f.clone();
             blocking(move || {
@@ -215,6 +224,8 @@ pub async fn run(config: ReducerConfig, shutdown: CancellationToken) -> Result<(
         health: StoreHealth::default(),
         path: path.clone(),
         workers: WorkerTable::default(),
+        services: ServiceTable::default(),
+        started_at_ms: common::timefmt::now_ms(),
         prometheus,
         metrics_interval: Duration::from_millis(config.metrics_interval_ms),
     });
@@ -240,8 +251,8 @@ async fn session(
     let stop = shutdown.child_token();
     let result = tokio::select! {
         r = fold_events(&session, &names, &publisher, shared, &stop) => r,
-        r = rpc::serve(&session, &names, shared.path.clone(), Arc::clone(&shared.workers), &stop) => r,
-        r = track_workers(&session, &names, Arc::clone(&shared.workers), &stop) => r,
+        r = rpc::serve(&session, &names, shared.path.clone(), rpc::Tables { workers: Arc::clone(&shared.workers), services: Arc::clone(&shared.services), health: shared.health.clone(), started_at_ms: shared.started_at_ms }, &stop) => r,
+        r = track_heartbeats(&session, &names, shared, &stop) => r,
         r = poll_queues(&session, &names, shared, &stop) => r,
     };
     stop.cancel();
@@ -322,7 +333,7 @@ async fn fold_events(
         let batch = tokio::select! {
             _ = ticker.tick() => {
                 let prometheus = shared.prometheus;
-                let read = shared.read(stop, move |q| {
+                let read = shared.read((stop, "status ticks"), move |q| {
                     let active = q.active_jobs()?;
                     let by_state = if prometheus { Some(q.jobs_by_state()?) } else { None };
                     Ok((active, by_state))
@@ -374,7 +385,7 @@ async fn fold_events(
         // common case copies nothing.
         let mut decoded = Some(inputs);
         let folded = shared
-            .write(stop, || {
+            .write((stop, "fold"), || {
                 let inputs = decoded
                     .take()
                     .unwrap_or_else(|| batch.iter().filter_map(|d| decode(d).ok()).collect());
@@ -394,7 +405,7 @@ async fn fold_events(
                 .cloned()
                 .collect();
             if !ended.is_empty() {
-                match shared.read(stop, |q| q.jobs_by_state()).await {
+                match shared.read((stop, "fold"), |q| q.jobs_by_state()).await {
                     Ok(by_state) => monitor::record_jobs(&by_state, &ended),
                     Err(e) => return stopped(e),
                 }
@@ -424,7 +435,7 @@ async fn publish_metric_batch(
 ) -> Result<i64, ReducerError> {
     let now = common::timefmt::now_ms();
     let sealed = shared
-        .write(stop, || {
+        .write((stop, "metric batches"), || {
             |tx: &mut dyn store::ReducerTx| tx.seal_metric_batch()
         })
         .await?;
@@ -441,7 +452,7 @@ async fn publish_metric_batch(
             .await?;
     }
     shared
-        .write(stop, || {
+        .write((stop, "metric batches"), || {
             move |tx: &mut dyn store::ReducerTx| tx.metric_batch_published(seq)
         })
         .await?;
@@ -468,7 +479,10 @@ async fn poll_queues(
         let (live, held) = monitor::live_workers(&shared.workers, common::timefmt::now_ms());
         metrics::gauge!("batchq_workers_live").set(live as f64);
         let mut operations: std::collections::BTreeSet<String> = held.keys().cloned().collect();
-        let active = match shared.read(stop, |q| q.active_jobs()).await {
+        let active = match shared
+            .read((stop, "queue gauges"), |q| q.active_jobs())
+            .await
+        {
             Ok(active) => active,
             Err(_) if stop.is_cancelled() => return Ok(()),
             Err(e) => return Err(e.into()),
@@ -500,25 +514,28 @@ async fn publish_statuses(
     Ok(pending)
 }
 
-/// Keeps the table of live workers from their heartbeats.
-async fn track_workers(
+/// Keeps the tables of live workers and splitters from their heartbeats.
+async fn track_heartbeats(
     session: &common::broker::Session,
     names: &Names,
-    workers: WorkerTable,
+    shared: &Arc<Shared>,
     stop: &CancellationToken,
 ) -> Result<(), ReducerError> {
     let channel = session.consumer_channel(64).await?;
     let mut consumer = consume(&channel, &names.heartbeats_queue(), "reducer-heartbeats").await?;
     while let Some(batch) = next_batch(&mut consumer, 64, stop).await? {
-        {
-            let mut table = workers.lock().unwrap_or_else(|p| p.into_inner());
-            for delivery in &batch {
-                match serde_json::from_slice::<Heartbeat>(&delivery.data) {
-                    Ok(beat) => {
-                        table.insert(beat.worker.clone(), (beat, common::timefmt::now_ms()));
-                    }
-                    Err(e) => tracing::warn!(error = %e, "ignoring a malformed heartbeat"),
+        let now = common::timefmt::now_ms();
+        for delivery in &batch {
+            match serde_json::from_slice::<AnyBeat>(&delivery.data) {
+                Ok(AnyBeat::Worker(beat)) => {
+                    let mut table = shared.workers.lock().unwrap_or_else(|p| p.into_inner());
+                    table.insert(beat.worker.clone(), (beat, now));
                 }
+                Ok(AnyBeat::Service(beat)) => {
+                    let mut table = shared.services.lock().unwrap_or_else(|p| p.into_inner());
+                    table.insert(beat.instance.clone(), (beat, now));
+                }
+                Err(e) => tracing::warn!(error = %e, "ignoring a malformed heartbeat"),
             }
         }
         ack_batch(&batch).await?;

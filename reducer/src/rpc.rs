@@ -5,14 +5,16 @@ use std::path::PathBuf;
 
 use common::broker::{BrokerError, Session, transient_json_properties};
 use common::consume::{ack_batch, consume, next_batch};
+use common::health::{HealthReport, ServiceHealth};
 use common::lapin::options::BasicPublishOptions;
+use common::store::StoreHealth;
 use common::timefmt::{format_ms, now_ms};
 use common::topology::Names;
 use common::wire::{Request, Response, ResultsPage, WorkerInfo};
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{ReducerQueries, SqliteQueries};
-use crate::{ReducerError, WorkerTable};
+use crate::{ReducerError, ServiceTable, WorkerTable};
 
 /// Most results in one reply.
 pub const MAX_RESULTS_PAGE: u32 = 5000;
@@ -21,7 +23,7 @@ pub async fn serve(
     session: &Session,
     names: &Names,
     store_path: PathBuf,
-    workers: WorkerTable,
+    tables: Tables,
     stop: &CancellationToken,
 ) -> Result<(), ReducerError> {
     let channel = session.consumer_channel(16).await?;
@@ -36,7 +38,7 @@ pub async fn serve(
                 continue;
             };
             let response = match serde_json::from_slice::<Request>(&delivery.data) {
-                Ok(request) => answer(&mut queries, &workers, request),
+                Ok(request) => answer(&mut queries, &tables, request),
                 Err(e) => Response::Error {
                     message: format!("malformed request: {e}"),
                 },
@@ -62,7 +64,16 @@ pub async fn serve(
     Ok(())
 }
 
-fn answer(queries: &mut SqliteQueries, workers: &WorkerTable, request: Request) -> Response {
+/// What the reducer knows besides its store: live workers and splitters, and its own store's
+/// health.
+pub struct Tables {
+    pub workers: WorkerTable,
+    pub services: ServiceTable,
+    pub health: StoreHealth,
+    pub started_at_ms: i64,
+}
+
+fn answer(queries: &mut SqliteQueries, tables: &Tables, request: Request) -> Response {
     let result = match request {
         Request::Status { job_id } => queries.status(&job_id).map(|status| match status {
             Some(status) => Response::Status(status),
@@ -89,8 +100,9 @@ fn answer(queries: &mut SqliteQueries, workers: &WorkerTable, request: Request) 
             .recent_jobs(limit.clamp(1, 10_000))
             .map(|jobs| Response::Jobs { jobs }),
         Request::Workers => Ok(Response::Workers {
-            workers: live_workers(workers),
+            workers: live_workers(&tables.workers),
         }),
+        Request::Health => Ok(Response::Health(health(tables))),
     };
     result.unwrap_or_else(|e| Response::Error {
         message: e.to_string(),
@@ -118,4 +130,32 @@ fn live_workers(workers: &WorkerTable) -> Vec<WorkerInfo> {
         .collect();
     live.sort_by(|a, b| a.worker.cmp(&b.worker));
     live
+}
+
+/// The reducer's own state (it answers, so it is alive), each splitter heard from within
+/// three beats (or that none was), and how many workers are live.
+fn health(tables: &Tables) -> HealthReport {
+    let now = now_ms();
+    let mut services = vec![ServiceHealth::from_beat(&common::health::beat(
+        "reducer",
+        tables.started_at_ms,
+        &tables.health,
+    ))];
+    let mut splitters: Vec<ServiceHealth> = {
+        let mut table = tables.services.lock().unwrap_or_else(|p| p.into_inner());
+        table.retain(|_, (beat, seen)| now - *seen <= 3 * beat.interval_ms as i64);
+        table
+            .values()
+            .map(|(beat, _)| ServiceHealth::from_beat(beat))
+            .collect()
+    };
+    splitters.sort_by(|a, b| a.instance.cmp(&b.instance));
+    if splitters.is_empty() {
+        splitters.push(ServiceHealth::missing("splitter"));
+    }
+    services.extend(splitters);
+    HealthReport {
+        services,
+        workers_live: live_workers(&tables.workers).len() as u64,
+    }
 }

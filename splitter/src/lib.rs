@@ -133,13 +133,14 @@ impl SharedStore {
     pub(crate) async fn run<R, F>(
         &self,
         stop: &CancellationToken,
+        task: &'static str,
         mut make: impl FnMut() -> F,
     ) -> Result<R, StoreError>
     where
         R: Send + 'static,
         F: FnOnce(&mut SqliteStore) -> Result<R, StoreError> + Send + 'static,
     {
-        common::store::retry("splitter", &self.health, stop, || self.once(make())).await
+        common::store::retry("splitter", task, &self.health, stop, || self.once(make())).await
     }
 }
 
@@ -186,6 +187,7 @@ async fn session(
         r = intake_jobs(&session, broker.names(), store, outbox_ready, limits, &stop) => r,
         r = intake_settled(&session, broker.names(), store, outbox_ready, &stop) => r,
         r = outbox::pump(broker, &publisher, store, outbox_ready, &stop) => r,
+        r = common::health::send_beats(&publisher, broker.names(), "splitter", &store.health, &stop) => r.map_err(SplitterError::from),
     };
     stop.cancel();
     // A store fault still being waited out when the splitter was told to stop: its messages
@@ -205,11 +207,11 @@ async fn commit(
     store: &SharedStore,
     names: &Names,
     outbox_ready: &Notify,
-    stop: &CancellationToken,
+    (stop, task): (&CancellationToken, &'static str),
     mut make: impl FnMut() -> Vec<Command>,
 ) -> Result<(), SplitterError> {
     store
-        .run(stop, || {
+        .run(stop, task, || {
             let names = names.clone();
             let commands = make();
             move |store: &mut SqliteStore| store.transaction(|tx| apply(tx, &names, commands))
@@ -232,7 +234,7 @@ async fn intake_jobs(
     while let Some(batch) = next_batch(&mut consumer, BATCH, stop).await? {
         let at_ms = common::timefmt::now_ms();
         // Decoded again for each attempt: a JobSpec can be large, and a retry is rare.
-        commit(store, names, outbox_ready, stop, || {
+        commit(store, names, outbox_ready, (stop, "job intake"), || {
             batch
                 .iter()
                 .map(|d| intake::job_command(d, limits, at_ms))
@@ -260,7 +262,10 @@ async fn intake_settled(
         let commands: Vec<Command> = batch.iter().flat_map(intake::settled).collect();
         let mut chunks = commands.chunks(COMMANDS_PER_COMMIT);
         for chunk in chunks.by_ref() {
-            commit(store, names, outbox_ready, stop, || chunk.to_vec()).await?;
+            commit(store, names, outbox_ready, (stop, "settlements"), || {
+                chunk.to_vec()
+            })
+            .await?;
         }
         ack_batch(&batch).await?;
     }

@@ -29,7 +29,7 @@ pub(crate) async fn pump(
     let mut declared_work_queues = HashSet::new();
     loop {
         let round = store
-            .run(stop, || |s: &mut SqliteStore| s.outbox(ROUND))
+            .run(stop, "outbox", || |s: &mut SqliteStore| s.outbox(ROUND))
             .await?;
         let Some(last_seq) = round.last().map(|m| m.seq) else {
             tokio::select! {
@@ -41,7 +41,7 @@ pub(crate) async fn pump(
         publish_round(broker, publisher, round, &mut declared_work_queues).await?;
         metrics::counter!("batchq_splitter_messages_published_total").increment(round_len);
         store
-            .run(stop, || {
+            .run(stop, "outbox", || {
                 move |s: &mut SqliteStore| s.outbox_confirmed(last_seq)
             })
             .await?;

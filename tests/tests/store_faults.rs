@@ -117,7 +117,11 @@ fn assert_fault_lines_change(log: &str) {
                 .and_then(|rest| rest.split(" error=").next())
                 .unwrap_or("");
             assert!(!cause.is_empty(), "a fault line without its cause: {line}");
-            assert_ne!(lasting, Some(cause), "the same lasting fault logged twice:\n{log}");
+            assert_ne!(
+                lasting,
+                Some(cause),
+                "the same lasting fault logged twice:\n{log}"
+            );
             lasting = Some(cause);
             faults += 1;
         } else if line.contains("store fault passed") {
@@ -125,6 +129,34 @@ fn assert_fault_lines_change(log: &str) {
         }
     }
     assert!(faults > 0, "a fault line was logged");
+}
+
+/// `batchctl health` names `role`'s fault while it lasts (exit 1), and all is well after.
+async fn assert_health(env: &TestEnv, role: &str, faulty: bool) -> Result<()> {
+    let (status, out, err) = env.batchctl(&["health"]).await?;
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(role))
+        .with_context(|| format!("no {role} row in batchctl health:\n{out}{err}"))?;
+    if faulty {
+        assert_eq!(
+            status.code(),
+            Some(1),
+            "health exits 1 while a store fails:\n{out}{err}"
+        );
+        assert!(
+            line.contains("store fault") && line.contains("disk full"),
+            "the {role} row names the fault: {line}"
+        );
+    } else {
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "health exits 0 once all is well:\n{out}{err}"
+        );
+        assert!(line.contains(" ok "), "the {role} row says ok: {line}");
+    }
+    Ok(())
 }
 
 async fn assert_sha_results(env: &TestEnv, job_id: &str, ops: u64) -> Result<()> {
@@ -174,6 +206,7 @@ async fn a_full_reducer_disk_is_waited_out_and_costs_nothing() -> Result<()> {
         "the reducer waited the fault out instead of exiting:\n{}",
         env.logs_tail()
     );
+    assert_health(&env, "reducer", true).await?;
     disk.grow("256m")?;
     let (status, _) = env.wait_restarting(&job_id, &procs, JOB_TIMEOUT).await?;
     assert_counts(&status, JobState::Succeeded, ops, 0);
@@ -189,6 +222,7 @@ async fn a_full_reducer_disk_is_waited_out_and_costs_nothing() -> Result<()> {
         log.contains("store fault passed"),
         "the reducer said the fault passed"
     );
+    assert_health(&env, "reducer", false).await?;
     env.finish().await?;
     drop(disk);
     Ok(())
@@ -229,6 +263,7 @@ async fn a_full_splitter_disk_is_waited_out_and_costs_nothing() -> Result<()> {
         "the splitter waited the fault out instead of exiting:\n{}",
         env.logs_tail()
     );
+    assert_health(&env, "splitter", true).await?;
     disk.grow("256m")?;
     let (status, _) = env.wait_restarting(&large, &procs, JOB_TIMEOUT).await?;
     assert_counts(&status, JobState::Succeeded, 20_000, 0);
@@ -246,6 +281,9 @@ async fn a_full_splitter_disk_is_waited_out_and_costs_nothing() -> Result<()> {
         log.contains("store fault passed"),
         "the splitter said the fault passed"
     );
+    // The splitter's next beat (every 2 s) carries the recovery.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_health(&env, "splitter", false).await?;
     env.finish().await?;
     drop(disk);
     Ok(())
