@@ -28,6 +28,15 @@ pub struct Effects {
     pub measured: Vec<Measured>,
 }
 
+impl Effects {
+    /// Adds what a later transaction must publish.
+    pub fn extend(&mut self, later: Effects) {
+        self.status_changes.extend(later.status_changes);
+        self.settled.extend(later.settled);
+        self.measured.extend(later.measured);
+    }
+}
+
 struct Fold<'a> {
     tx: &'a mut dyn ReducerTx,
     jobs: BTreeMap<String, JobRecord>,
@@ -48,12 +57,33 @@ pub fn apply(
         now_ms,
     };
     for input in inputs {
+        #[cfg(debug_assertions)]
+        failpoint::panic_on(&input);
         fold.input(input)?;
     }
     for job in fold.jobs.values() {
         fold.tx.put_job(job)?;
     }
     Ok(fold.effects)
+}
+
+/// A fault the tests inject into debug builds: `BATCHQ_FAILPOINT_FOLD_PANIC` names a job whose
+/// accept makes the fold panic, as a bug would. Release builds have no such code.
+#[cfg(debug_assertions)]
+mod failpoint {
+    use std::sync::OnceLock;
+
+    use common::wire::ReducerInput;
+
+    pub fn panic_on(input: &ReducerInput) {
+        static JOB: OnceLock<Option<String>> = OnceLock::new();
+        let job = JOB.get_or_init(|| std::env::var("BATCHQ_FAILPOINT_FOLD_PANIC").ok());
+        if let (Some(job), ReducerInput::Accepted { job_id, .. }) = (job, input)
+            && job == job_id
+        {
+            panic!("failpoint: the accept of job {job_id}");
+        }
+    }
 }
 
 impl Fold<'_> {

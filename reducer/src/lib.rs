@@ -9,6 +9,7 @@ pub mod rpc;
 pub mod store;
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,6 +25,7 @@ use common::store::StoreHealth;
 use common::supervise::{Retryable, supervise};
 use common::topology::{KEY_METRICS, KEY_POISON, KEY_SETTLED, Names};
 use common::wire::{Fragment, FragmentReport, Heartbeat, ReducerInput, encode_splitter_inputs};
+use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{ReducerQueries, ReducerStore, SqliteQueries, SqliteStore, StoreError};
@@ -363,20 +365,7 @@ async fn fold_events(
         for delivery in &batch {
             match decode(delivery) {
                 Ok(input) => inputs.push(input),
-                Err(reason) => {
-                    tracing::warn!(%reason, "keeping an undecodable message on the dead-letter queue");
-                    publisher
-                        .start_with(
-                            &names.dead(),
-                            delivery.routing_key.as_str(),
-                            &delivery.data,
-                            delivery.properties.clone(),
-                            true,
-                        )
-                        .await?
-                        .wait()
-                        .await?;
-                }
+                Err(reason) => keep_on_dead(publisher, names, delivery, &reason).await?,
             }
         }
         let now = common::timefmt::now_ms();
@@ -384,17 +373,27 @@ async fn fold_events(
         // the held deliveries again (a rolled-back transaction consumed its inputs), so the
         // common case copies nothing.
         let mut decoded = Some(inputs);
-        let folded = shared
-            .write((stop, "fold"), || {
-                let inputs = decoded
-                    .take()
-                    .unwrap_or_else(|| batch.iter().filter_map(|d| decode(d).ok()).collect());
-                move |tx: &mut dyn store::ReducerTx| fold::apply(tx, inputs, now)
-            })
-            .await;
+        let folded = AssertUnwindSafe(shared.write((stop, "fold"), || {
+            let inputs = decoded
+                .take()
+                .unwrap_or_else(|| batch.iter().filter_map(|d| decode(d).ok()).collect());
+            move |tx: &mut dyn store::ReducerTx| fold::apply(tx, inputs, now)
+        }))
+        .catch_unwind()
+        .await;
         let effects = match folded {
-            Ok(effects) => effects,
-            Err(e) => return stopped(e),
+            Ok(Ok(effects)) => effects,
+            Ok(Err(e)) => return stopped(e),
+            Err(panic) => {
+                tracing::error!(
+                    panic = panic_text(&*panic),
+                    "folding a batch panicked; folding its messages one by one to set the one at fault aside"
+                );
+                match fold_one_by_one(&batch, publisher, names, shared, stop, now).await {
+                    Err(ReducerError::Store(e)) => return stopped(e),
+                    other => other?,
+                }
+            }
         };
         if shared.prometheus {
             monitor::record(&effects.measured);
@@ -422,6 +421,83 @@ async fn fold_events(
         common::broker::wait_all(pending).await?;
         ack_batch(&batch).await?;
     }
+}
+
+/// Folds each message of a batch in a transaction of its own, after folding the batch as one
+/// panicked (a bug, met by this message or that): a message whose fold panics again goes to
+/// `{ns}.dead` with the panic as its reason, the rest are folded as usual. Without this, the
+/// message would stop the reducer at every start, since its queue has no delivery limit.
+async fn fold_one_by_one(
+    batch: &[Delivery],
+    publisher: &Publisher,
+    names: &Names,
+    shared: &Arc<Shared>,
+    stop: &CancellationToken,
+    now: i64,
+) -> Result<fold::Effects, ReducerError> {
+    let mut effects = fold::Effects::default();
+    for delivery in batch {
+        if decode(delivery).is_err() {
+            continue; // kept on {ns}.dead already
+        }
+        let folded = AssertUnwindSafe(shared.write((stop, "fold"), || {
+            let input = decode(delivery);
+            move |tx: &mut dyn store::ReducerTx| match input {
+                Ok(input) => fold::apply(tx, vec![input], now),
+                Err(reason) => Err(StoreError::Corrupt(reason)),
+            }
+        }))
+        .catch_unwind()
+        .await;
+        match folded {
+            Ok(one) => effects.extend(one?),
+            Err(panic) => {
+                let reason = format!(
+                    "the reducer panicked folding this message: {}",
+                    panic_text(&*panic)
+                );
+                keep_on_dead(publisher, names, delivery, &reason).await?;
+            }
+        }
+    }
+    Ok(effects)
+}
+
+/// What a panic said, as far as it said anything.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned())
+}
+
+/// Keeps a message the reducer cannot use on `{ns}.dead`, with the reason in its headers, and
+/// says so; the caller then acks it with its batch.
+async fn keep_on_dead(
+    publisher: &Publisher,
+    names: &Names,
+    delivery: &Delivery,
+    reason: &str,
+) -> Result<(), ReducerError> {
+    tracing::warn!(%reason, "keeping a message the reducer cannot use on the dead-letter queue");
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        common::lapin::types::ShortString::from("x-batchq-error"),
+        common::lapin::types::AMQPValue::LongString(reason.into()),
+    );
+    publisher
+        .start_with(
+            &names.dead(),
+            delivery.routing_key.as_str(),
+            &delivery.data,
+            delivery.properties.clone().with_headers(headers),
+            true,
+        )
+        .await?
+        .wait()
+        .await?;
+    Ok(())
 }
 
 /// Publishes the pending measurements as one MetricBatch (confirmed), then forgets them.

@@ -507,6 +507,25 @@ impl TestEnv {
         self.start(Bin::Reducer, all, envs)
     }
 
+    /// The reducer with extra environment variables (a failpoint), serving no Prometheus port.
+    pub fn start_reducer_env(&mut self, extra: &[(&str, &str)]) -> Result<ProcId> {
+        let mut envs = self.base_env();
+        envs.push((
+            "BATCHQ_DATA_DIR".into(),
+            self.data_dir().display().to_string(),
+        ));
+        envs.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        self.start(
+            Bin::Reducer,
+            vec!["--metrics-addr".into(), "off".into()],
+            envs,
+        )
+    }
+
     pub fn start_worker(&mut self, opts: WorkerOpts) -> Result<ProcId> {
         self.start_worker_program(bin_path(Bin::Worker), opts)
     }

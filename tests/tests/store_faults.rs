@@ -358,3 +358,55 @@ async fn queues_of_an_older_batchq_are_used_as_they_are() -> Result<()> {
     env.finish().await?;
     Ok(())
 }
+
+/// A message whose fold panics (a bug) is set aside on `{ns}.dead` with the panic as its
+/// reason; the messages folded with it, and every other job, carry on; the reducer never
+/// exits. (The internal queues have no delivery limit, so without this the message would
+/// stop the reducer at every start.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_panics_the_fold_is_set_aside() -> Result<()> {
+    let mut env = TestEnv::new("fold-panic").await?;
+    let poison = env.job_id("poison");
+    let splitter = env.start_splitter()?;
+    let reducer = env.start_reducer_env(&[("BATCHQ_FAILPOINT_FOLD_PANIC", &poison)])?;
+    env.start_worker(batchq_tests::WorkerOpts::default())?;
+    let good = env
+        .submit(&json!({
+            "job_id": env.job_id("good"),
+            "operation": "sha256",
+            "range": {"start": 0, "end": 3000},
+            "fragment_size": 100,
+        }))
+        .await?;
+    env.submit(&json!({"job_id": poison, "operation": "noop", "range": {"start": 0, "end": 10}}))
+        .await?;
+    let status = env.wait_for_terminal(&good, JOB_TIMEOUT).await?;
+    assert_counts(&status, JobState::Succeeded, 3000, 0);
+    assert_sha_results(&env, &good, 3000).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let dead = loop {
+        let dead = env.drain_dead().await?;
+        if !dead.is_empty() || Instant::now() > deadline {
+            break dead;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        dead.len(),
+        1,
+        "the poison accept, and only it, is on {{ns}}.dead"
+    );
+    let reason = dead[0].header("x-batchq-error").unwrap_or_default();
+    assert!(
+        reason.contains("panicked") && reason.contains(&poison),
+        "the reason names the panic: {reason}"
+    );
+    assert!(
+        env.is_running(reducer),
+        "the reducer never exited:\n{}",
+        env.logs_tail()
+    );
+    assert!(env.is_running(splitter));
+    env.finish().await?;
+    Ok(())
+}
