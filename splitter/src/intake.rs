@@ -5,7 +5,7 @@ use common::jobspec::{ParseLimits, parse_job_spec};
 use common::lapin::BasicProperties;
 use common::lapin::message::Delivery;
 use common::lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use common::topology::{KEY_CANCEL, KEY_SUBMIT};
+use common::topology::{KEY_CANCEL, KEY_SETTLED, KEY_SUBMIT};
 use common::wire::{SplitterInput, decode_splitter_inputs};
 
 use crate::window::{Command, DeadCopy};
@@ -89,8 +89,26 @@ pub fn internal_dead_copy(routing_key: &str, body: Vec<u8>, reason: &str) -> Dea
     }
 }
 
+/// A settlement or halt (or a dead copy already) for `{ns}.dead`, with `reason`.
+pub fn command_dead_copy(command: &Command, reason: &str) -> DeadCopy {
+    let input = match command {
+        Command::Settle(settled) => SplitterInput::Settled(settled.clone()),
+        Command::Halt { job_id } => SplitterInput::Halt {
+            job_id: job_id.clone(),
+        },
+        Command::Dead(dead) => return dead.clone(),
+        other => {
+            let body = format!("{other:?}").into_bytes();
+            return internal_dead_copy(KEY_SETTLED, body, reason);
+        }
+    };
+    let body =
+        serde_json::to_vec(&input).unwrap_or_else(|e| format!("{input:?}: {e}").into_bytes());
+    internal_dead_copy(KEY_SETTLED, body, reason)
+}
+
 /// The original message, properties and all, with the reason added to its headers.
-fn dead_copy(delivery: &Delivery, reason: &str) -> DeadCopy {
+pub fn dead_copy(delivery: &Delivery, reason: &str) -> DeadCopy {
     let mut headers: FieldTable = delivery.properties.headers().clone().unwrap_or_default();
     headers.insert(
         ShortString::from(REASON_HEADER),

@@ -7,6 +7,7 @@ pub mod outbox;
 pub mod store;
 pub mod window;
 
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -18,11 +19,12 @@ use common::jobspec::ParseLimits;
 use common::store::StoreHealth;
 use common::supervise::{Retryable, supervise};
 use common::topology::Names;
+use futures::FutureExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{SplitterStore, SqliteStore, StoreError};
-use crate::window::{Command, apply};
+use crate::window::{Command, DeadCopy, apply};
 
 /// Settings of the splitter.
 #[derive(Debug, Clone, Args)]
@@ -221,6 +223,64 @@ async fn commit(
     Ok(())
 }
 
+/// Commits the commands of `units` (each unit one command) in one transaction. When that
+/// panics (a bug met by one of them), commits each unit alone and keeps a unit whose commit
+/// panics again on `{ns}.dead`, with the panic as the reason: the splitter's queues have no
+/// delivery limit, so such a message would otherwise stop the splitter at every start.
+async fn commit_units(
+    store: &SharedStore,
+    names: &Names,
+    outbox_ready: &Notify,
+    ctx: (&CancellationToken, &'static str),
+    units: usize,
+    mut unit: impl FnMut(usize) -> Command,
+    dead: impl Fn(usize, &str) -> DeadCopy,
+) -> Result<(), SplitterError> {
+    let all = AssertUnwindSafe(commit(store, names, outbox_ready, ctx, || {
+        (0..units).map(&mut unit).collect()
+    }))
+    .catch_unwind()
+    .await;
+    let panic = match all {
+        Ok(result) => return result,
+        Err(panic) => panic,
+    };
+    tracing::error!(
+        panic = panic_text(&*panic),
+        task = ctx.1,
+        "a batch panicked; committing its messages one by one to set the one at fault aside"
+    );
+    for i in 0..units {
+        let one = AssertUnwindSafe(commit(store, names, outbox_ready, ctx, || vec![unit(i)]))
+            .catch_unwind()
+            .await;
+        match one {
+            Ok(result) => result?,
+            Err(panic) => {
+                let reason = format!(
+                    "the splitter panicked applying this message: {}",
+                    panic_text(&*panic)
+                );
+                tracing::error!(%reason, "keeping the message on the dead-letter queue");
+                commit(store, names, outbox_ready, ctx, || {
+                    vec![Command::Dead(dead(i, &reason))]
+                })
+                .await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What a panic said, as far as it said anything.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned())
+}
+
 async fn intake_jobs(
     session: &Session,
     names: &Names,
@@ -234,12 +294,15 @@ async fn intake_jobs(
     while let Some(batch) = next_batch(&mut consumer, BATCH, stop).await? {
         let at_ms = common::timefmt::now_ms();
         // Decoded again for each attempt: a JobSpec can be large, and a retry is rare.
-        commit(store, names, outbox_ready, (stop, "job intake"), || {
-            batch
-                .iter()
-                .map(|d| intake::job_command(d, limits, at_ms))
-                .collect()
-        })
+        commit_units(
+            store,
+            names,
+            outbox_ready,
+            (stop, "job intake"),
+            batch.len(),
+            |i| intake::job_command(&batch[i], limits, at_ms),
+            |i, reason| intake::dead_copy(&batch[i], reason),
+        )
         .await?;
         ack_batch(&batch).await?;
     }
@@ -260,11 +323,16 @@ async fn intake_settled(
         // burst does not hold the store (and the intake of jobs) for long. Applying one again
         // after a crash between commits changes nothing.
         let commands: Vec<Command> = batch.iter().flat_map(intake::settled).collect();
-        let mut chunks = commands.chunks(COMMANDS_PER_COMMIT);
-        for chunk in chunks.by_ref() {
-            commit(store, names, outbox_ready, (stop, "settlements"), || {
-                chunk.to_vec()
-            })
+        for chunk in commands.chunks(COMMANDS_PER_COMMIT) {
+            commit_units(
+                store,
+                names,
+                outbox_ready,
+                (stop, "settlements"),
+                chunk.len(),
+                |i| chunk[i].clone(),
+                |i, reason| intake::command_dead_copy(&chunk[i], reason),
+            )
             .await?;
         }
         ack_batch(&batch).await?;

@@ -153,6 +153,8 @@ pub fn apply(
         loaded: BTreeMap::new(),
     };
     for command in commands {
+        #[cfg(debug_assertions)]
+        failpoint::panic_on(&command);
         match command {
             Command::Submit { spec, at_ms } => batch.submit(spec, at_ms)?,
             Command::Reject {
@@ -167,6 +169,25 @@ pub fn apply(
         }
     }
     batch.finish()
+}
+
+/// A fault the tests inject into debug builds: `BATCHQ_FAILPOINT_SPLIT_PANIC` names a job whose
+/// submission makes the splitter panic, as a bug would. Release builds have no such code.
+#[cfg(debug_assertions)]
+mod failpoint {
+    use std::sync::OnceLock;
+
+    use super::Command;
+
+    pub fn panic_on(command: &Command) {
+        static JOB: OnceLock<Option<String>> = OnceLock::new();
+        let job = JOB.get_or_init(|| std::env::var("BATCHQ_FAILPOINT_SPLIT_PANIC").ok());
+        if let (Some(job), Command::Submit { spec, .. }) = (job, command)
+            && *job == spec.job_id
+        {
+            panic!("failpoint: the submission of job {job}");
+        }
+    }
 }
 
 impl Batch<'_> {

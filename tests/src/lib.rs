@@ -467,11 +467,21 @@ impl TestEnv {
     }
 
     pub fn start_splitter(&mut self) -> Result<ProcId> {
+        self.start_splitter_env(&[])
+    }
+
+    /// The splitter with extra environment variables (a failpoint).
+    pub fn start_splitter_env(&mut self, extra: &[(&str, &str)]) -> Result<ProcId> {
         let mut envs = self.base_env();
         envs.push((
             "BATCHQ_DATA_DIR".into(),
             self.data_dir().display().to_string(),
         ));
+        envs.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
         self.start(Bin::Splitter, Vec::new(), envs)
     }
 

@@ -410,3 +410,44 @@ async fn a_message_that_panics_the_fold_is_set_aside() -> Result<()> {
     env.finish().await?;
     Ok(())
 }
+
+/// The same in the splitter: a JobSpec whose handling panics goes to `{ns}.dead` with the
+/// panic as its reason, the JobSpecs taken with it are handled, the splitter stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_panics_the_splitter_is_set_aside() -> Result<()> {
+    let mut env = TestEnv::new("split-panic").await?;
+    let poison = env.job_id("poison");
+    let splitter = env.start_splitter_env(&[("BATCHQ_FAILPOINT_SPLIT_PANIC", &poison)])?;
+    env.start_reducer()?;
+    env.start_worker(batchq_tests::WorkerOpts::default())?;
+    env.submit(&json!({"job_id": poison, "operation": "noop", "range": {"start": 0, "end": 10}}))
+        .await?;
+    let good = env
+        .submit(&json!({
+            "job_id": env.job_id("good"),
+            "operation": "sha256",
+            "range": {"start": 0, "end": 3000},
+            "fragment_size": 100,
+        }))
+        .await?;
+    let status = env.wait_for_terminal(&good, JOB_TIMEOUT).await?;
+    assert_counts(&status, JobState::Succeeded, 3000, 0);
+    let dead = env.drain_dead().await?;
+    assert_eq!(
+        dead.len(),
+        1,
+        "the poison JobSpec, and only it, is on {{ns}}.dead"
+    );
+    let reason = dead[0].header("x-batchq-error").unwrap_or_default();
+    assert!(
+        reason.contains("panicked") && reason.contains(&poison),
+        "the reason names the panic: {reason}"
+    );
+    assert!(
+        env.is_running(splitter),
+        "the splitter never exited:\n{}",
+        env.logs_tail()
+    );
+    env.finish().await?;
+    Ok(())
+}
