@@ -10,6 +10,7 @@ pub mod health;
 pub mod jobspec;
 pub mod measure;
 pub mod rpc;
+pub mod service;
 pub mod shutdown;
 pub mod store;
 pub mod supervise;

@@ -22,7 +22,7 @@ use common::contract::JobStatus;
 use common::health::{AnyBeat, ServiceBeat};
 use common::lapin::message::Delivery;
 use common::store::StoreHealth;
-use common::supervise::{Retryable, supervise};
+use common::supervise::supervise;
 use common::topology::{KEY_METRICS, KEY_POISON, KEY_SETTLED, Names};
 use common::wire::{Fragment, FragmentReport, Heartbeat, ReducerInput, encode_splitter_inputs};
 use futures::FutureExt;
@@ -85,26 +85,8 @@ impl ReducerConfig {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ReducerError {
-    #[error(transparent)]
-    Broker(#[from] BrokerError),
-    #[error("reducer store: {0}")]
-    Store(#[from] StoreError),
-    #[error("store task failed: {0}")]
-    Join(#[from] tokio::task::JoinError),
-    #[error("metrics endpoint: {0}")]
-    Metrics(String),
-}
-
-impl Retryable for ReducerError {
-    fn is_retryable(&self) -> bool {
-        match self {
-            ReducerError::Broker(e) => e.is_retryable(),
-            ReducerError::Store(_) | ReducerError::Join(_) | ReducerError::Metrics(_) => false,
-        }
-    }
-}
+/// The reducer's errors: the shape both services share.
+pub type ReducerError = common::service::ServiceError;
 
 /// Deliveries folded per transaction.
 const BATCH: usize = 512;

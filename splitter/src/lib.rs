@@ -12,12 +12,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use clap::Args;
-use common::broker::{Broker, BrokerError, Session};
+use common::broker::{Broker, Session};
 use common::config::BrokerArgs;
 use common::consume::{ack_batch, consume, next_batch};
 use common::jobspec::ParseLimits;
 use common::store::StoreHealth;
-use common::supervise::{Retryable, supervise};
+use common::supervise::supervise;
 use common::topology::Names;
 use futures::FutureExt;
 use tokio::sync::Notify;
@@ -68,27 +68,8 @@ impl SplitterConfig {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum SplitterError {
-    #[error(transparent)]
-    Broker(#[from] BrokerError),
-    #[error("splitter store: {0}")]
-    Store(#[from] StoreError),
-    #[error("store task failed: {0}")]
-    Join(#[from] tokio::task::JoinError),
-    #[error("metrics endpoint: {0}")]
-    Metrics(String),
-}
-
-impl Retryable for SplitterError {
-    fn is_retryable(&self) -> bool {
-        match self {
-            SplitterError::Broker(e) => e.is_retryable(),
-            // A store that fails (disk full, corrupt file) will not heal by reconnecting.
-            SplitterError::Store(_) | SplitterError::Join(_) | SplitterError::Metrics(_) => false,
-        }
-    }
-}
+/// The splitter's errors: the shape both services share.
+pub type SplitterError = common::service::ServiceError;
 
 /// The splitter's store, shared by its intake loops and its outbox pump, with the fault
 /// they are waiting out.
