@@ -8,6 +8,8 @@ pub mod consume;
 pub mod contract;
 pub mod jobspec;
 pub mod measure;
+pub mod migrate;
+pub mod retention;
 pub mod rpc;
 pub mod shutdown;
 pub mod store;
