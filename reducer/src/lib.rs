@@ -5,6 +5,7 @@
 pub mod aggregate;
 pub mod fold;
 pub mod monitor;
+pub mod retention;
 pub mod rpc;
 pub mod store;
 
@@ -19,6 +20,7 @@ use common::config::BrokerArgs;
 use common::consume::{ack_batch, consume, next_batch};
 use common::contract::JobStatus;
 use common::lapin::message::Delivery;
+use common::retention::Retention;
 use common::supervise::{Retryable, supervise};
 use common::topology::{KEY_METRICS, KEY_POISON, KEY_SETTLED, Names};
 use common::wire::{Fragment, FragmentReport, Heartbeat, ReducerInput, encode_splitter_inputs};
@@ -61,6 +63,16 @@ pub struct ReducerConfig {
         default_value_t = 300
     )]
     pub finished_job_series_secs: u64,
+
+    /// How long a finished job's status and results are kept after it ended (`90s`, `30m`,
+    /// `12h`, `7d`); `0` keeps them for ever.
+    #[arg(
+        long = "retention",
+        env = "BATCHQ_RETENTION",
+        default_value = common::retention::DEFAULT_RETENTION,
+        value_parser = Retention::parse
+    )]
+    pub retention: Retention,
 }
 
 impl ReducerConfig {
@@ -71,6 +83,7 @@ impl ReducerConfig {
             metrics_addr: "off".to_owned(),
             metrics_interval_ms: 10_000,
             finished_job_series_secs: 300,
+            retention: Retention::DEFAULT,
         }
     }
 
@@ -114,6 +127,7 @@ struct Shared {
     store: Mutex<SqliteStore>,
     path: PathBuf,
     workers: WorkerTable,
+    pruning: retention::Pruning,
     /// Whether the Prometheus endpoint is served (then queues are polled for its gauges).
     prometheus: bool,
     metrics_interval: Duration,
@@ -132,19 +146,26 @@ pub async fn run(config: ReducerConfig, shutdown: CancellationToken) -> Result<(
             Duration::from_secs(config.finished_job_series_secs),
         )?;
     }
+    let store = SqliteStore::open(&path)?;
+    let pruning = retention::Pruning::open(&path, config.retention)?;
     let shared = Arc::new(Shared {
-        store: Mutex::new(SqliteStore::open(&path)?),
+        store: Mutex::new(store),
         path: path.clone(),
         workers: WorkerTable::default(),
+        pruning: pruning.clone(),
         prometheus,
         metrics_interval: Duration::from_millis(config.metrics_interval_ms),
     });
     let broker = Broker::new(&config.broker, "batchq-reducer")?;
-    tracing::info!(store = %path.display(), namespace = %config.broker.namespace, "reducer starting");
-    supervise("reducer", &shutdown, || {
+    tracing::info!(store = %path.display(), namespace = %config.broker.namespace, retention = %config.retention, "reducer starting");
+    let pruning_task = tokio::spawn(pruning.run(shutdown.clone()));
+    let outcome = supervise("reducer", &shutdown, || {
         session(&broker, &shared, &shutdown)
     })
-    .await?;
+    .await;
+    // The sweep ends with the shutdown; after a fault it is stopped here.
+    pruning_task.abort();
+    outcome?;
     tracing::info!("reducer stopped");
     Ok(())
 }
@@ -161,7 +182,7 @@ async fn session(
     let stop = shutdown.child_token();
     let result = tokio::select! {
         r = fold_events(&session, &names, &publisher, shared, &stop) => r,
-        r = rpc::serve(&session, &names, shared.path.clone(), Arc::clone(&shared.workers), &stop) => r,
+        r = rpc::serve(&session, &names, shared.path.clone(), Arc::clone(&shared.workers), shared.pruning.clone(), &stop) => r,
         r = track_workers(&session, &names, Arc::clone(&shared.workers), &stop) => r,
         r = poll_queues(&session, &names, shared, &stop) => r,
     };

@@ -2,6 +2,7 @@
 //! direct reply-to, so `batchctl` works from any host that reaches the broker.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use common::broker::{BrokerError, Session, transient_json_properties};
 use common::consume::{ack_batch, consume, next_batch};
@@ -11,7 +12,8 @@ use common::topology::Names;
 use common::wire::{Request, Response, ResultsPage, WorkerInfo};
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{ReducerQueries, SqliteQueries};
+use crate::retention::Pruning;
+use crate::store::{Burial, ReducerQueries, SqliteQueries, StoreError};
 use crate::{ReducerError, WorkerTable};
 
 /// Most results in one reply.
@@ -22,13 +24,14 @@ pub async fn serve(
     names: &Names,
     store_path: PathBuf,
     workers: WorkerTable,
+    pruning: Pruning,
     stop: &CancellationToken,
 ) -> Result<(), ReducerError> {
     let channel = session.consumer_channel(16).await?;
     // Replies go without confirms: a lost reply is retried by batchctl.
     let replies = session.plain_channel().await?;
     let mut consumer = consume(&channel, &names.rpc_queue(), "reducer-rpc").await?;
-    let mut queries = SqliteQueries::open(&store_path)?;
+    let mut queries = Some(SqliteQueries::open(&store_path)?);
     while let Some(batch) = next_batch(&mut consumer, 16, stop).await? {
         for delivery in &batch {
             let Some(reply_to) = delivery.properties.reply_to().clone() else {
@@ -36,7 +39,22 @@ pub async fn serve(
                 continue;
             };
             let response = match serde_json::from_slice::<Request>(&delivery.data) {
-                Ok(request) => answer(&mut queries, &workers, request),
+                Ok(request) => {
+                    // SQLite reads block: they run on the blocking pool, as the writes do,
+                    // taking the connection along and handing it back.
+                    let mut taken = queries
+                        .take()
+                        .ok_or_else(|| StoreError::Corrupt("query connection lost".into()))?;
+                    let workers = Arc::clone(&workers);
+                    let pruning = pruning.clone();
+                    let (back, response) = tokio::task::spawn_blocking(move || {
+                        let response = answer(&mut taken, &workers, &pruning, request);
+                        (taken, response)
+                    })
+                    .await?;
+                    queries = Some(back);
+                    response
+                }
                 Err(e) => Response::Error {
                     message: format!("malformed request: {e}"),
                 },
@@ -62,12 +80,18 @@ pub async fn serve(
     Ok(())
 }
 
-fn answer(queries: &mut SqliteQueries, workers: &WorkerTable, request: Request) -> Response {
+fn answer(
+    queries: &mut SqliteQueries,
+    workers: &WorkerTable,
+    pruning: &Pruning,
+    request: Request,
+) -> Response {
     let result = match request {
-        Request::Status { job_id } => queries.status(&job_id).map(|status| match status {
-            Some(status) => Response::Status(status),
-            None => Response::NotFound { job_id },
-        }),
+        Request::Status { job_id } => match queries.status(&job_id) {
+            Ok(Some(status)) => Ok(Response::Status(status)),
+            Ok(None) => missing(queries, job_id),
+            Err(e) => Err(e),
+        },
         Request::Results {
             job_id,
             from,
@@ -75,7 +99,7 @@ fn answer(queries: &mut SqliteQueries, workers: &WorkerTable, request: Request) 
         } => {
             let limit = limit.clamp(1, MAX_RESULTS_PAGE);
             match queries.status(&job_id) {
-                Ok(None) => Ok(Response::NotFound { job_id }),
+                Ok(None) => missing(queries, job_id),
                 Err(e) => Err(e),
                 Ok(Some(_)) => queries.results(&job_id, from, limit).map(|lines| {
                     let next = (lines.len() as u32 == limit)
@@ -91,9 +115,24 @@ fn answer(queries: &mut SqliteQueries, workers: &WorkerTable, request: Request) 
         Request::Workers => Ok(Response::Workers {
             workers: live_workers(workers),
         }),
+        Request::Delete { job_id } => pruning.delete_now(&job_id).map(|burial| match burial {
+            Burial::Buried => Response::Deleted { job_id },
+            Burial::StillRunning => Response::StillRunning { job_id },
+            Burial::Gone(tombstone) => Response::Gone(tombstone),
+            Burial::Unknown => Response::NotFound { job_id },
+        }),
     };
     result.unwrap_or_else(|e| Response::Error {
         message: e.to_string(),
+    })
+}
+
+/// The answer for a job without a status: what is left of it if it was deleted, or else
+/// that it is unknown.
+fn missing(queries: &mut SqliteQueries, job_id: String) -> Result<Response, StoreError> {
+    Ok(match queries.tombstone(&job_id)? {
+        Some(tombstone) => Response::Gone(tombstone),
+        None => Response::NotFound { job_id },
     })
 }
 
