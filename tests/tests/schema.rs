@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use batchq_tests::{
-    Bin, TestEnv, amqp_url, assert_counts, assert_one_per_index, bin_path, sha256_hex, text_of,
+    Bin, TestEnv, WorkerOpts, amqp_url, assert_counts, assert_one_per_index, bin_path, sha256_hex,
+    text_of,
 };
 use common::contract::{JobState, ResultLine};
 use serde_json::{Value, json};
@@ -57,7 +58,11 @@ async fn stores_of_the_previous_schema_are_upgraded_and_keep_their_jobs() -> Res
         0,
         "the fixture predates versions"
     );
-    env.start_spine(1)?;
+    // Kept for ever: the old job ended on a fixed day, which the default retention would
+    // expire a week later.
+    env.start_splitter_with(&["--retention", "0"])?;
+    env.start_reducer_with(&["--retention", "0"])?;
+    env.start_worker(WorkerOpts::default())?;
 
     // The old job is still there, with its results, as batchctl shows them.
     let old = env.wait_for_terminal(OLD_JOB, JOB_TIMEOUT).await?;
