@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use batchq_tests::{TestEnv, WorkerOpts, assert_counts, assert_one_per_index, sha256_hex};
+use batchq_tests::{
+    Bin, TestEnv, WorkerOpts, assert_counts, assert_one_per_index, bin_path, sha256_hex,
+};
 use common::contract::{JobState, ResultLine};
 use common::wire::{Removal, Request, Response, Tombstone};
 use serde_json::{Value, json};
@@ -226,4 +228,36 @@ async fn batchctl_delete_removes_a_finished_job_and_refuses_a_running_one() -> R
     assert_eq!(rows(&splitter_db, "jobs", &done)?, 1);
     assert_eq!(rows(&splitter_db, "tombstones", &done)?, 0);
     env.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_retention_is_refused_at_start_naming_the_setting() -> Result<()> {
+    for bin in [Bin::Splitter, Bin::Reducer] {
+        let dir = tempfile::tempdir()?;
+        let output = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::process::Command::new(bin_path(bin))
+                .args(["--retention", "7x", "--data-dir"])
+                .arg(dir.path())
+                .env_remove("BATCHQ_RETENTION")
+                .stdin(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .with_context(|| format!("{} did not exit", bin.name()))??;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{}: {stderr}", bin.name());
+        assert!(
+            stderr.contains("--retention") && stderr.contains("\"7x\" is not a duration"),
+            "{}: {stderr}",
+            bin.name()
+        );
+        assert!(
+            !dir.path().join(bin.name()).exists(),
+            "{} refused before opening a store",
+            bin.name()
+        );
+    }
+    Ok(())
 }
