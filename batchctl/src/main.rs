@@ -56,6 +56,8 @@ enum Command {
     Results { job: String },
     /// Cancel a job.
     Cancel { job: String },
+    /// Delete a finished job's status and results now (as retention does later).
+    Delete { job: String },
     /// Recent jobs with state and progress.
     Jobs {
         #[arg(long)]
@@ -148,6 +150,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await?;
             println!("cancel requested for {job}");
         }
+        Command::Delete { job } => {
+            match rpc(
+                &broker,
+                timeout,
+                &Request::Delete {
+                    job_id: job.clone(),
+                },
+            )
+            .await?
+            {
+                Response::Deleted { .. } => println!("deleted job {job}"),
+                other => return Err(unexpected(other)),
+            }
+        }
         Command::Jobs { json, limit } => {
             let jobs = match rpc(&broker, timeout, &Request::Jobs { limit }).await? {
                 Response::Jobs { jobs } => jobs,
@@ -237,6 +253,10 @@ fn exit_for(state: JobState) -> ExitCode {
 fn unexpected(response: Response) -> anyhow::Error {
     match response {
         Response::NotFound { job_id } => anyhow!("unknown job {job_id}"),
+        Response::Gone(tombstone) => anyhow!("{}", tombstone.describe()),
+        Response::StillRunning { job_id } => {
+            anyhow!("job {job_id} is still running; cancel it first")
+        }
         Response::Error { message } => anyhow!("the reducer failed to answer: {message}"),
         other => anyhow!("unexpected reply from the reducer: {other:?}"),
     }

@@ -383,6 +383,9 @@ impl Watching<'_> {
             Response::NotFound { .. } => {
                 return Err(Interrupted::Fatal(anyhow!("unknown job {}", self.job_id)));
             }
+            Response::Gone(tombstone) => {
+                return Err(Interrupted::Fatal(anyhow!("{}", tombstone.describe())));
+            }
             Response::Error { message } => {
                 return Err(Interrupted::Fatal(anyhow!(
                     "the reducer failed to answer: {message}"

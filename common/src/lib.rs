@@ -9,6 +9,8 @@ pub mod contract;
 pub mod health;
 pub mod jobspec;
 pub mod measure;
+pub mod migrate;
+pub mod retention;
 pub mod rpc;
 pub mod service;
 pub mod shutdown;

@@ -326,6 +326,10 @@ pub enum Request {
     Workers,
     /// Whether the splitter and the reducer are alive and their stores work.
     Health,
+    /// Deletes a finished job's status and results now, as retention would later.
+    Delete {
+        job_id: String,
+    },
 }
 
 /// One page of results; `next` is where the following page starts, if any.
@@ -341,11 +345,90 @@ pub struct ResultsPage {
 pub enum Response {
     Status(JobStatus),
     Results(ResultsPage),
-    Jobs { jobs: Vec<JobStatus> },
-    Workers { workers: Vec<WorkerInfo> },
+    Jobs {
+        jobs: Vec<JobStatus>,
+    },
+    Workers {
+        workers: Vec<WorkerInfo>,
+    },
     Health(crate::health::HealthReport),
-    NotFound { job_id: String },
-    Error { message: String },
+    NotFound {
+        job_id: String,
+    },
+    Error {
+        message: String,
+    },
+    /// The job's records were deleted (retention, or `batchctl delete`); only this is left.
+    Gone(Tombstone),
+    /// `Delete` of a job that has not ended.
+    StillRunning {
+        job_id: String,
+    },
+    /// `Delete` done.
+    Deleted {
+        job_id: String,
+    },
+}
+
+/// Why a job's records are gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Removal {
+    /// Its retention passed.
+    Expired,
+    /// `batchctl delete`.
+    Deleted,
+}
+
+impl Removal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Removal::Expired => "expired",
+            Removal::Deleted => "deleted",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "expired" => Some(Removal::Expired),
+            "deleted" => Some(Removal::Deleted),
+            _ => None,
+        }
+    }
+}
+
+/// What is kept of a job whose records were deleted, so that asking for it says so.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tombstone {
+    pub job_id: String,
+    pub how: Removal,
+    /// When the job ended (RFC 3339), if it is known.
+    pub finished_at: Option<String>,
+    pub deleted_at: String,
+    /// The retention that expired it (`7d`), for [`Removal::Expired`].
+    pub retention: Option<String>,
+}
+
+impl Tombstone {
+    /// One line for a user: `job X expired (it ended at ..., retention 7d)`.
+    pub fn describe(&self) -> String {
+        let ended = match &self.finished_at {
+            Some(at) => format!("it ended at {at}"),
+            None => "it had ended".to_owned(),
+        };
+        match self.how {
+            Removal::Expired => format!(
+                "job {} expired ({ended}, retention {}); its status and results were deleted at {}",
+                self.job_id,
+                self.retention.as_deref().unwrap_or("?"),
+                self.deleted_at
+            ),
+            Removal::Deleted => format!(
+                "job {} was deleted at {} ({ended}); its status and results are gone",
+                self.job_id, self.deleted_at
+            ),
+        }
+    }
 }
 
 #[cfg(test)]

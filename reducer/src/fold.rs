@@ -121,7 +121,34 @@ impl Fold<'_> {
         Ok(())
     }
 
+    /// Whether `job_id`'s records were deleted (retention, `batchctl delete`). Then nothing
+    /// of it is recorded and nothing settled: a late report must not bring the job back as a
+    /// placeholder, and the splitter has forgotten the job's fragments too.
+    fn buried(&mut self, job_id: &str) -> Result<bool, StoreError> {
+        if self.jobs.contains_key(job_id) {
+            return Ok(false);
+        }
+        match self.tx.job(job_id)? {
+            Some(job) => {
+                self.jobs.insert(job_id.to_owned(), job);
+                Ok(false)
+            }
+            None => self.tx.tombstoned(job_id),
+        }
+    }
+
     fn input(&mut self, input: ReducerInput) -> Result<(), StoreError> {
+        let job_id = match &input {
+            ReducerInput::Accepted { job_id, .. }
+            | ReducerInput::Rejected { job_id, .. }
+            | ReducerInput::Progress { job_id, .. }
+            | ReducerInput::Cancelled { job_id, .. } => job_id,
+            ReducerInput::Fragment(report) => &report.job_id,
+        };
+        if self.buried(job_id)? {
+            tracing::debug!(%job_id, "dropping an input for a deleted job");
+            return Ok(());
+        }
         match input {
             ReducerInput::Accepted {
                 job_id,
@@ -476,6 +503,45 @@ mod tests {
         assert_eq!(
             (job.ops_succeeded, job.ops_failed, job.fragments_done),
             (1, 0, 1)
+        );
+    }
+
+    #[test]
+    fn a_late_report_of_a_deleted_job_records_and_settles_nothing() {
+        let (dir, mut store) = store();
+        let apply = |store: &mut SqliteStore, inputs| {
+            store.transaction(|tx| apply(tx, inputs, 5)).expect("apply")
+        };
+        apply(&mut store, vec![accepted(2, 1, 0.0)]);
+        apply(&mut store, vec![report(0, 1, Indices::Span(0, 2), &[])]);
+        assert_eq!(job(&mut store).state, Some(JobState::Succeeded));
+        let mut pruner =
+            crate::store::SqlitePruner::open(&dir.path().join("r.db")).expect("pruner");
+        let burial = pruner
+            .bury("j", common::wire::Removal::Deleted, 9, None)
+            .expect("bury");
+        assert_eq!(burial, crate::store::Burial::Buried);
+
+        // A redelivered report, a duplicate accept and a cancel arrive after the deletion.
+        let late = apply(
+            &mut store,
+            vec![
+                report(0, 1, Indices::Span(0, 2), &[]),
+                report(1, 1, Indices::Span(2, 3), &[0]),
+                accepted(2, 1, 0.0),
+                ReducerInput::Cancelled {
+                    job_id: "j".into(),
+                    at_ms: 6,
+                },
+            ],
+        );
+        assert!(late.settled.is_empty(), "{:?}", late.settled);
+        assert!(late.status_changes.is_empty(), "{:?}", late.status_changes);
+        assert!(late.measured.is_empty());
+        assert_eq!(
+            store.transaction(|tx| tx.job("j")).expect("read"),
+            None,
+            "no placeholder brings the job back"
         );
     }
 

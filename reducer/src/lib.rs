@@ -5,6 +5,7 @@
 pub mod aggregate;
 pub mod fold;
 pub mod monitor;
+pub mod retention;
 pub mod rpc;
 pub mod store;
 
@@ -21,6 +22,7 @@ use common::consume::{ack_batch, consume, next_batch};
 use common::contract::JobStatus;
 use common::health::{AnyBeat, ServiceBeat};
 use common::lapin::message::Delivery;
+use common::retention::Retention;
 use common::store::StoreHealth;
 use common::supervise::supervise;
 use common::topology::{KEY_METRICS, KEY_POISON, KEY_SETTLED, Names};
@@ -65,6 +67,16 @@ pub struct ReducerConfig {
         default_value_t = 300
     )]
     pub finished_job_series_secs: u64,
+
+    /// How long a finished job's status and results are kept after it ended (`90s`, `30m`,
+    /// `12h`, `7d`); `0` keeps them for ever.
+    #[arg(
+        long = "retention",
+        env = "BATCHQ_RETENTION",
+        default_value = common::retention::DEFAULT_RETENTION,
+        value_parser = Retention::parse
+    )]
+    pub retention: Retention,
 }
 
 impl ReducerConfig {
@@ -75,6 +87,7 @@ impl ReducerConfig {
             metrics_addr: "off".to_owned(),
             metrics_interval_ms: 10_000,
             finished_job_series_secs: 300,
+            retention: Retention::DEFAULT,
         }
     }
 
@@ -109,6 +122,7 @@ struct Shared {
     workers: WorkerTable,
     services: ServiceTable,
     started_at_ms: i64,
+    pruning: retention::Pruning,
     /// Whether the Prometheus endpoint is served (then queues are polled for its gauges).
     prometheus: bool,
     metrics_interval: Duration,
@@ -202,23 +216,30 @@ pub async fn run(config: ReducerConfig, shutdown: CancellationToken) -> Result<(
             Duration::from_secs(config.finished_job_series_secs),
         )?;
     }
+    let store = SqliteStore::open(&path)?;
+    let pruning = retention::Pruning::open(&path, config.retention)?;
     let shared = Arc::new(Shared {
-        store: Mutex::new(SqliteStore::open(&path)?),
+        store: Mutex::new(store),
         queries: Mutex::new(None),
         health: StoreHealth::default(),
         path: path.clone(),
         workers: WorkerTable::default(),
         services: ServiceTable::default(),
         started_at_ms: common::timefmt::now_ms(),
+        pruning: pruning.clone(),
         prometheus,
         metrics_interval: Duration::from_millis(config.metrics_interval_ms),
     });
     let broker = Broker::new(&config.broker, "batchq-reducer")?;
-    tracing::info!(store = %path.display(), namespace = %config.broker.namespace, "reducer starting");
-    supervise("reducer", &shutdown, || {
+    tracing::info!(store = %path.display(), namespace = %config.broker.namespace, retention = %config.retention, "reducer starting");
+    let pruning_task = tokio::spawn(pruning.run(shutdown.clone()));
+    let outcome = supervise("reducer", &shutdown, || {
         session(&broker, &shared, &shutdown)
     })
-    .await?;
+    .await;
+    // The sweep ends with the shutdown; after a fault it is stopped here.
+    pruning_task.abort();
+    outcome?;
     tracing::info!("reducer stopped");
     Ok(())
 }
@@ -235,7 +256,7 @@ async fn session(
     let stop = shutdown.child_token();
     let result = tokio::select! {
         r = fold_events(&session, &names, &publisher, shared, &stop) => r,
-        r = rpc::serve(&session, &names, shared.path.clone(), rpc::Tables { workers: Arc::clone(&shared.workers), services: Arc::clone(&shared.services), health: shared.health.clone(), started_at_ms: shared.started_at_ms }, &stop) => r,
+        r = rpc::serve(&session, &names, shared.path.clone(), rpc::Tables { workers: Arc::clone(&shared.workers), services: Arc::clone(&shared.services), health: shared.health.clone(), started_at_ms: shared.started_at_ms, pruning: shared.pruning.clone() }, &stop) => r,
         r = track_heartbeats(&session, &names, shared, &stop) => r,
         r = poll_queues(&session, &names, shared, &stop) => r,
     };

@@ -13,7 +13,8 @@ use common::topology::Names;
 use common::wire::{Request, Response, ResultsPage, WorkerInfo};
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{ReducerQueries, SqliteQueries};
+use crate::retention::Pruning;
+use crate::store::{Burial, ReducerQueries, SqliteQueries, StoreError};
 use crate::{ReducerError, ServiceTable, WorkerTable};
 
 /// Most results in one reply.
@@ -30,7 +31,7 @@ pub async fn serve(
     // Replies go without confirms: a lost reply is retried by batchctl.
     let replies = session.plain_channel().await?;
     let mut consumer = consume(&channel, &names.rpc_queue(), "reducer-rpc").await?;
-    let mut queries = SqliteQueries::open(&store_path)?;
+    let mut queries = Some(SqliteQueries::open(&store_path)?);
     while let Some(batch) = next_batch(&mut consumer, 16, stop).await? {
         for delivery in &batch {
             let Some(reply_to) = delivery.properties.reply_to().clone() else {
@@ -38,7 +39,22 @@ pub async fn serve(
                 continue;
             };
             let response = match serde_json::from_slice::<Request>(&delivery.data) {
-                Ok(request) => answer(&mut queries, &tables, request),
+                Ok(request) => {
+                    // SQLite reads block: they run on the blocking pool, as the writes do,
+                    // taking the connection along and handing it back.
+                    let mut taken = queries
+                        .take()
+                        .ok_or_else(|| StoreError::Corrupt("query connection lost".into()))?;
+                    let tables = tables.clone();
+                    let (back, response) = tokio::task::spawn_blocking(move || {
+                        let response = answer(&mut taken, &tables, request);
+                        (taken, response)
+                    })
+                    .await
+                    .map_err(|e| StoreError::Corrupt(format!("query task failed: {e}")))?;
+                    queries = Some(back);
+                    response
+                }
                 Err(e) => Response::Error {
                     message: format!("malformed request: {e}"),
                 },
@@ -64,21 +80,24 @@ pub async fn serve(
     Ok(())
 }
 
-/// What the reducer knows besides its store: live workers and splitters, and its own store's
-/// health.
+/// What the reducer knows besides its store's rows: live workers and splitters, its own
+/// store's health, and the pruner that deletes jobs.
+#[derive(Clone)]
 pub struct Tables {
     pub workers: WorkerTable,
     pub services: ServiceTable,
     pub health: StoreHealth,
     pub started_at_ms: i64,
+    pub pruning: Pruning,
 }
 
 fn answer(queries: &mut SqliteQueries, tables: &Tables, request: Request) -> Response {
     let result = match request {
-        Request::Status { job_id } => queries.status(&job_id).map(|status| match status {
-            Some(status) => Response::Status(status),
-            None => Response::NotFound { job_id },
-        }),
+        Request::Status { job_id } => match queries.status(&job_id) {
+            Ok(Some(status)) => Ok(Response::Status(status)),
+            Ok(None) => missing(queries, job_id),
+            Err(e) => Err(e),
+        },
         Request::Results {
             job_id,
             from,
@@ -86,7 +105,7 @@ fn answer(queries: &mut SqliteQueries, tables: &Tables, request: Request) -> Res
         } => {
             let limit = limit.clamp(1, MAX_RESULTS_PAGE);
             match queries.status(&job_id) {
-                Ok(None) => Ok(Response::NotFound { job_id }),
+                Ok(None) => missing(queries, job_id),
                 Err(e) => Err(e),
                 Ok(Some(_)) => queries.results(&job_id, from, limit).map(|lines| {
                     let next = (lines.len() as u32 == limit)
@@ -103,9 +122,29 @@ fn answer(queries: &mut SqliteQueries, tables: &Tables, request: Request) -> Res
             workers: live_workers(&tables.workers),
         }),
         Request::Health => Ok(Response::Health(health(tables))),
+        Request::Delete { job_id } => {
+            tables
+                .pruning
+                .delete_now(&job_id)
+                .map(|burial| match burial {
+                    Burial::Buried => Response::Deleted { job_id },
+                    Burial::StillRunning => Response::StillRunning { job_id },
+                    Burial::Gone(tombstone) => Response::Gone(tombstone),
+                    Burial::Unknown => Response::NotFound { job_id },
+                })
+        }
     };
     result.unwrap_or_else(|e| Response::Error {
         message: e.to_string(),
+    })
+}
+
+/// The answer for a job without a status: what is left of it if it was deleted, or else
+/// that it is unknown.
+fn missing(queries: &mut SqliteQueries, job_id: String) -> Result<Response, StoreError> {
+    Ok(match queries.tombstone(&job_id)? {
+        Some(tombstone) => Response::Gone(tombstone),
+        None => Response::NotFound { job_id },
     })
 }
 

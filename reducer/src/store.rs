@@ -7,8 +7,10 @@
 use std::path::Path;
 
 use common::contract::{JobState, JobStatus, ResultLine};
+use common::retention::format_period_ms;
 use common::timefmt::format_ms;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use common::wire::{Removal, Tombstone};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use serde_json::Value;
 
 use crate::aggregate::Measured;
@@ -95,6 +97,9 @@ pub struct Outcome {
 /// What the folding logic may do inside one transaction.
 pub trait ReducerTx {
     fn job(&mut self, job_id: &str) -> Result<Option<JobRecord>, StoreError>;
+    /// Whether the job's records were deleted (retention, `batchctl delete`): whatever still
+    /// arrives for it is dropped, so it never comes back.
+    fn tombstoned(&mut self, job_id: &str) -> Result<bool, StoreError>;
     fn put_job(&mut self, job: &JobRecord) -> Result<(), StoreError>;
     /// Records a fragment's outcome the first time; returns what was recorded for it (which
     /// is `recorded` itself when this call was the first), and whether this call was the first.
@@ -136,6 +141,8 @@ pub trait ReducerStore: Send + 'static {
 /// Queries for `batchctl`, on their own connection so they never wait behind a commit.
 pub trait ReducerQueries: Send + 'static {
     fn status(&mut self, job_id: &str) -> Result<Option<JobStatus>, StoreError>;
+    /// What is left of a job whose records were deleted.
+    fn tombstone(&mut self, job_id: &str) -> Result<Option<Tombstone>, StoreError>;
     fn recent_jobs(&mut self, limit: u32) -> Result<Vec<JobStatus>, StoreError>;
     /// Outcomes with index ≥ `from`, ordered, at most `limit`.
     fn results(
@@ -150,7 +157,10 @@ pub trait ReducerQueries: Send + 'static {
     fn jobs_by_state(&mut self) -> Result<Vec<(JobState, u64)>, StoreError>;
 }
 
-const SCHEMA: &str = "
+/// Schema version 1: the tables as they were before versions were recorded. Written with
+/// `IF NOT EXISTS`, so it applies to an empty database and to a store written then (which has
+/// them all, and `user_version` 0).
+const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
     state TEXT,
@@ -196,6 +206,25 @@ CREATE TABLE IF NOT EXISTS results (
     PRIMARY KEY (job_id, idx)
 ) WITHOUT ROWID;
 ";
+
+/// Schema version 2: retention. Finished jobs are found by when they ended; a deleted job
+/// leaves a tombstone (kept, a few dozen bytes) so that asking for it says what happened and
+/// late reports do not bring it back. `purged` is 1 once none of its rows are left.
+const SCHEMA_V2: &str = "
+CREATE INDEX jobs_by_finished ON jobs (finished_at_ms) WHERE finished_at_ms IS NOT NULL;
+CREATE TABLE tombstones (
+    job_id TEXT PRIMARY KEY,
+    how TEXT NOT NULL,
+    finished_at_ms INTEGER,
+    deleted_at_ms INTEGER NOT NULL,
+    retention_ms INTEGER,
+    purged INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX tombstones_to_purge ON tombstones (job_id) WHERE purged = 0;
+";
+
+/// The reducer store's migrations, in order; the schema version is their count.
+pub const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
 
 const JOB_COLUMNS: &str = "job_id, state, operation, ops_total, ops_succeeded, ops_failed,
     fragments_done, fragments_in_flight, progress_seq, submitted_at_ms, started_at_ms,
@@ -262,10 +291,10 @@ impl SqliteStore {
                 source,
             })?;
         }
-        let conn = open_connection(path, OpenFlags::default())?;
+        let mut conn = open_connection(path, OpenFlags::default())?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.execute_batch(SCHEMA)?;
+        common::migrate::migrate(&mut conn, MIGRATIONS)?;
         Ok(Self { conn })
     }
 }
@@ -298,6 +327,15 @@ impl ReducerTx for SqliteTx<'_> {
             .query_row([job_id], job_from_row)
             .optional()?;
         row.map(with_state).transpose()
+    }
+
+    fn tombstoned(&mut self, job_id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .tx
+            .prepare_cached("SELECT 1 FROM tombstones WHERE job_id = ?1")?
+            .query_row([job_id], |_| Ok(()))
+            .optional()?
+            .is_some())
     }
 
     fn put_job(&mut self, job: &JobRecord) -> Result<(), StoreError> {
@@ -446,7 +484,12 @@ impl ReducerStore for SqliteStore {
         &mut self,
         f: impl FnOnce(&mut dyn ReducerTx) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
-        let tx = self.conn.transaction()?;
+        // IMMEDIATE: the retention task writes on a connection of its own; a transaction
+        // that took the write lock from its start waits for it (busy_timeout) instead of
+        // failing when it turns from reading to writing.
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut wrapped = SqliteTx { tx };
         let result = f(&mut wrapped)?;
         wrapped.tx.commit()?;
@@ -480,6 +523,10 @@ impl ReducerQueries for SqliteQueries {
                 [job_id],
             )?
             .pop())
+    }
+
+    fn tombstone(&mut self, job_id: &str) -> Result<Option<Tombstone>, StoreError> {
+        tombstone(&self.conn, job_id)
     }
 
     fn recent_jobs(&mut self, limit: u32) -> Result<Vec<JobStatus>, StoreError> {
@@ -548,5 +595,332 @@ impl ReducerQueries for SqliteQueries {
             counts.push((state, n as u64));
         }
         Ok(counts)
+    }
+}
+
+fn tombstone(conn: &Connection, job_id: &str) -> Result<Option<Tombstone>, StoreError> {
+    let row = conn
+        .prepare_cached(
+            "SELECT how, finished_at_ms, deleted_at_ms, retention_ms FROM tombstones
+             WHERE job_id = ?1",
+        )?
+        .query_row([job_id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<i64>>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, Option<i64>>(3)?,
+            ))
+        })
+        .optional()?;
+    let Some((how, finished_at_ms, deleted_at_ms, retention_ms)) = row else {
+        return Ok(None);
+    };
+    Ok(Some(Tombstone {
+        job_id: job_id.to_owned(),
+        how: Removal::parse(&how)
+            .ok_or_else(|| StoreError::Corrupt(format!("tombstone of {job_id}: {how:?}")))?,
+        finished_at: finished_at_ms.map(format_ms),
+        deleted_at: format_ms(deleted_at_ms),
+        retention: retention_ms.map(|ms| format_period_ms(ms.max(0) as u128)),
+    }))
+}
+
+/// Job states that never change again, as stored.
+const TERMINAL_STATES: &str = "'succeeded', 'failed', 'cancelled', 'rejected'";
+
+/// What [`SqlitePruner::bury`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Burial {
+    /// The job was finished: its tombstone is written and its records are no longer seen;
+    /// [`SqlitePruner::purge_some`] deletes its rows.
+    Buried,
+    /// The job has not ended (or its accept has not arrived): nothing was touched.
+    StillRunning,
+    /// Deleted before.
+    Gone(Tombstone),
+    Unknown,
+}
+
+/// Deletes finished jobs (retention, `batchctl delete`) on a connection of its own, in short
+/// transactions, so a commit of the fold loop never waits long behind it (SQLite has one
+/// writer at a time).
+pub struct SqlitePruner {
+    conn: Connection,
+}
+
+impl SqlitePruner {
+    /// Opens the database that [`SqliteStore::open`] created and migrated.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = open_connection(path, OpenFlags::default())?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        Ok(Self { conn })
+    }
+
+    /// Up to `limit` finished jobs that ended before `ended_before_ms`, oldest first.
+    pub fn expired(&mut self, ended_before_ms: i64, limit: u32) -> Result<Vec<String>, StoreError> {
+        let mut query = self.conn.prepare_cached(&format!(
+            "SELECT job_id FROM jobs
+             WHERE finished_at_ms < ?1 AND state IN ({TERMINAL_STATES})
+             ORDER BY finished_at_ms LIMIT ?2"
+        ))?;
+        let rows = query.query_map(params![ended_before_ms, limit], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Deletes a finished job's status in one small transaction and leaves its tombstone;
+    /// its results, fragments and pending metrics go in later batches ([`Self::purge_some`]),
+    /// unseen meanwhile. A job that has not ended is never touched.
+    pub fn bury(
+        &mut self,
+        job_id: &str,
+        how: Removal,
+        now_ms: i64,
+        retention_ms: Option<i64>,
+    ) -> Result<Burial, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let job: Option<(Option<String>, Option<i64>)> = tx
+            .prepare_cached("SELECT state, finished_at_ms FROM jobs WHERE job_id = ?1")?
+            .query_row([job_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let Some((state, finished_at_ms)) = job else {
+            return Ok(match tombstone(&tx, job_id)? {
+                Some(stone) => Burial::Gone(stone),
+                None => Burial::Unknown,
+            });
+        };
+        let terminal = state
+            .as_deref()
+            .and_then(JobState::parse)
+            .is_some_and(JobState::is_terminal);
+        if !terminal {
+            return Ok(Burial::StillRunning);
+        }
+        tx.prepare_cached(
+            "INSERT INTO tombstones (job_id, how, finished_at_ms, deleted_at_ms, retention_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![
+            job_id,
+            how.as_str(),
+            finished_at_ms,
+            now_ms,
+            retention_ms.filter(|_| how == Removal::Expired)
+        ])?;
+        tx.prepare_cached("DELETE FROM jobs WHERE job_id = ?1")?
+            .execute([job_id])?;
+        tx.commit()?;
+        Ok(Burial::Buried)
+    }
+
+    /// Deletes up to `limit` rows (results, then fragments, then unpublished metrics) of one
+    /// buried job, in one transaction. `None` when no buried job has rows left.
+    pub fn purge_some(&mut self, limit: u32) -> Result<Option<u64>, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let job_id: Option<String> = tx
+            .prepare_cached("SELECT job_id FROM tombstones WHERE purged = 0 LIMIT 1")?
+            .query_row([], |r| r.get(0))
+            .optional()?;
+        let Some(job_id) = job_id else {
+            return Ok(None);
+        };
+        let limit = u64::from(limit.max(1));
+        let mut deleted = 0u64;
+        // Each statement deletes at most what is left of the budget; one that deletes less
+        // has emptied its table of the job.
+        for sql in [
+            "DELETE FROM results WHERE job_id = ?1 AND idx IN
+                (SELECT idx FROM results WHERE job_id = ?1 ORDER BY idx LIMIT ?2)",
+            "DELETE FROM fragments WHERE job_id = ?1 AND fragment IN
+                (SELECT fragment FROM fragments WHERE job_id = ?1 ORDER BY fragment LIMIT ?2)",
+            // Measurements not sealed into a MetricBatch yet; a sealed batch is published
+            // as it was sealed (its sequence number must not change).
+            "DELETE FROM metrics_pending WHERE id IN
+                (SELECT id FROM metrics_pending
+                 WHERE batch IS NULL AND json_extract(body, '$.job_id') = ?1 LIMIT ?2)",
+        ] {
+            let budget = limit - deleted;
+            deleted += tx
+                .prepare_cached(sql)?
+                .execute(params![job_id, to_i64(budget)])? as u64;
+            if deleted >= limit {
+                break;
+            }
+        }
+        if deleted < limit {
+            tx.prepare_cached("UPDATE tombstones SET purged = 1 WHERE job_id = ?1")?
+                .execute([&job_id])?;
+        }
+        tx.commit()?;
+        Ok(Some(deleted))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fold;
+    use common::wire::{FragmentReport, Indices, ReducerInput};
+
+    fn accepted(job_id: &str, ops_total: u64) -> ReducerInput {
+        ReducerInput::Accepted {
+            job_id: job_id.into(),
+            operation: "op".into(),
+            ops_total,
+            submitted_at_ms: 1,
+            collect_results: true,
+            tolerated_failure_percent: 0.0,
+            max_attempts: 1,
+        }
+    }
+
+    fn report(job_id: &str, fragment: u64, start: u64, end: u64) -> ReducerInput {
+        let done = (end - start) as u32;
+        ReducerInput::Fragment(FragmentReport {
+            job_id: job_id.into(),
+            fragment,
+            operation: "op".into(),
+            attempt: 1,
+            worker: "w".into(),
+            indices: Indices::Span(start, end),
+            done,
+            failures: Vec::new(),
+            results: (0..done).map(Value::from).collect(),
+            cut: None,
+            started_at_ms: 2,
+            elapsed_us: 10,
+            measurements: Default::default(),
+        })
+    }
+
+    fn rows(conn: &Connection, table: &str, job_id: &str) -> i64 {
+        let sql = match table {
+            "metrics_pending" => {
+                "SELECT COUNT(*) FROM metrics_pending WHERE json_extract(body, '$.job_id') = ?1"
+                    .to_owned()
+            }
+            _ => format!("SELECT COUNT(*) FROM {table} WHERE job_id = ?1"),
+        };
+        conn.query_row(&sql, [job_id], |r| r.get(0)).expect("count")
+    }
+
+    /// A store with job `done` (25 results in 5 fragments, finished at 5) and job `running`
+    /// (one fragment of 10 counted, not finished).
+    fn store_with_jobs() -> (tempfile::TempDir, std::path::PathBuf, SqliteStore) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("r.db");
+        let mut store = SqliteStore::open(&path).expect("store");
+        let mut inputs = vec![accepted("done", 25), accepted("running", 100)];
+        inputs.extend((0..5).map(|f| report("done", f, f * 5, f * 5 + 5)));
+        inputs.push(report("running", 0, 0, 10));
+        store
+            .transaction(|tx| fold::apply(tx, inputs, 5))
+            .expect("fold");
+        (dir, path, store)
+    }
+
+    #[test]
+    fn expiry_deletes_a_finished_job_in_small_batches_and_never_a_running_one() {
+        let (_dir, path, store) = store_with_jobs();
+        let mut pruner = SqlitePruner::open(&path).expect("pruner");
+        assert_eq!(
+            pruner.expired(5, 10).expect("expired"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            pruner.expired(6, 10).expect("expired"),
+            vec!["done".to_owned()]
+        );
+        assert_eq!(
+            pruner
+                .bury("running", Removal::Expired, 100, Some(5))
+                .expect("bury"),
+            Burial::StillRunning
+        );
+        assert_eq!(
+            pruner
+                .bury("done", Removal::Expired, 100, Some(5))
+                .expect("bury"),
+            Burial::Buried
+        );
+        // 25 results, 5 fragments, 5 pending measurements: 35 rows, 10 at a time.
+        let mut batches = Vec::new();
+        while let Some(n) = pruner.purge_some(10).expect("purge") {
+            batches.push(n);
+        }
+        assert_eq!(batches, vec![10, 10, 10, 5]);
+        for table in ["results", "fragments", "metrics_pending", "jobs"] {
+            assert_eq!(rows(&store.conn, table, "done"), 0, "{table} of done");
+        }
+        assert_eq!(rows(&store.conn, "results", "running"), 10);
+        assert_eq!(rows(&store.conn, "fragments", "running"), 1);
+        assert_eq!(rows(&store.conn, "metrics_pending", "running"), 1);
+
+        let mut queries = SqliteQueries::open(&path).expect("queries");
+        assert_eq!(queries.status("done").expect("status"), None);
+        let stone = queries.tombstone("done").expect("tombstone").expect("kept");
+        assert_eq!(
+            (stone.how, stone.retention.as_deref()),
+            (Removal::Expired, Some("5ms"))
+        );
+        assert!(
+            stone
+                .describe()
+                .starts_with("job done expired (it ended at "),
+            "{}",
+            stone.describe()
+        );
+        assert!(queries.status("running").expect("status").is_some());
+        assert_eq!(
+            pruner
+                .bury("done", Removal::Deleted, 200, None)
+                .expect("again"),
+            Burial::Gone(stone)
+        );
+        assert_eq!(
+            pruner
+                .bury("nope", Removal::Deleted, 200, None)
+                .expect("unknown"),
+            Burial::Unknown
+        );
+    }
+
+    #[test]
+    fn a_store_written_before_versions_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("r.db");
+        {
+            let conn = Connection::open(&path).expect("old store");
+            conn.execute_batch(SCHEMA_V1).expect("v1 tables");
+            conn.execute_batch(
+                "INSERT INTO results (job_id, idx, ok, value) VALUES ('old', 0, 1, '42')",
+            )
+            .expect("an old row");
+        }
+        let store = SqliteStore::open(&path).expect("upgraded");
+        assert_eq!(
+            common::migrate::version(&store.conn).expect("version"),
+            MIGRATIONS.len() as i64
+        );
+        assert_eq!(rows(&store.conn, "results", "old"), 1);
+        drop(store);
+        let conn = Connection::open(&path).expect("reopen");
+        conn.execute_batch("PRAGMA user_version = 99")
+            .expect("from the future");
+        drop(conn);
+        match SqliteStore::open(&path) {
+            Err(StoreError::NewerSchema {
+                found: 99,
+                supported,
+            }) => {
+                assert_eq!(supported, MIGRATIONS.len() as i64)
+            }
+            Err(other) => panic!("wrong error: {other}"),
+            Ok(_) => panic!("a newer store was opened"),
+        }
     }
 }

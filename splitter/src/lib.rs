@@ -4,6 +4,7 @@
 
 pub mod intake;
 pub mod outbox;
+pub mod retention;
 pub mod store;
 pub mod window;
 
@@ -16,6 +17,7 @@ use common::broker::{Broker, Session};
 use common::config::BrokerArgs;
 use common::consume::{ack_batch, consume, next_batch};
 use common::jobspec::ParseLimits;
+use common::retention::Retention;
 use common::store::StoreHealth;
 use common::supervise::supervise;
 use common::topology::Names;
@@ -48,6 +50,16 @@ pub struct SplitterConfig {
     /// whose lifespan_ms exceeds a third of it is rejected.
     #[arg(long = "consumer-timeout-ms", env = "BATCHQ_CONSUMER_TIMEOUT_MS", default_value_t = common::jobspec::DEFAULT_CONSUMER_TIMEOUT_MS)]
     pub consumer_timeout_ms: u64,
+
+    /// How long a finished job's bookkeeping is kept after it ended (`90s`, `30m`, `12h`,
+    /// `7d`); `0` keeps it for ever.
+    #[arg(
+        long = "retention",
+        env = "BATCHQ_RETENTION",
+        default_value = common::retention::DEFAULT_RETENTION,
+        value_parser = Retention::parse
+    )]
+    pub retention: Retention,
 }
 
 impl SplitterConfig {
@@ -58,6 +70,7 @@ impl SplitterConfig {
             max_message_bytes: ParseLimits::default().max_message_bytes,
             metrics_addr: None,
             consumer_timeout_ms: ParseLimits::default().consumer_timeout_ms,
+            retention: Retention::DEFAULT,
         }
     }
 
@@ -136,6 +149,7 @@ const COMMANDS_PER_COMMIT: usize = 1024;
 pub async fn run(config: SplitterConfig, shutdown: CancellationToken) -> Result<(), SplitterError> {
     let path = config.store_path();
     let store = SharedStore::new(SqliteStore::open(&path)?);
+    let pruning = retention::Pruning::open(&path, config.retention)?;
     common::telemetry::serve_prometheus(config.metrics_addr.as_deref())
         .map_err(SplitterError::Metrics)?;
     let broker = Broker::new(&config.broker, "batchq-splitter")?;
@@ -145,10 +159,14 @@ pub async fn run(config: SplitterConfig, shutdown: CancellationToken) -> Result<
     };
     tracing::info!(store = %path.display(), namespace = %config.broker.namespace, "splitter starting");
     let outbox_ready = Arc::new(Notify::new());
-    supervise("splitter", &shutdown, || {
+    let pruning_task = tokio::spawn(pruning.run(shutdown.clone()));
+    let outcome = supervise("splitter", &shutdown, || {
         session(&broker, &store, &outbox_ready, limits, &shutdown)
     })
-    .await?;
+    .await;
+    // The sweep ends with the shutdown; after a fault it is stopped here.
+    pruning_task.abort();
+    outcome?;
     tracing::info!("splitter stopped");
     Ok(())
 }

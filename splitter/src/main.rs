@@ -1,3 +1,5 @@
+use std::process::ExitCode;
+
 use clap::Parser;
 use splitter::SplitterConfig;
 
@@ -10,10 +12,16 @@ struct Cli {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     common::init_logging();
     let cli = Cli::parse();
     let shutdown = common::shutdown::on_signals();
-    splitter::run(cli.config, shutdown).await?;
-    Ok(())
+    match splitter::run(cli.config, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line that says why (its cause is in it already), not anyhow's chain.
+            eprintln!("splitter: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

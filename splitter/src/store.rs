@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use common::wire::Indices;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde_json::Value;
 
 pub use common::store::StoreError;
@@ -129,6 +129,9 @@ pub trait SplitterTx {
         fragment: u64,
     ) -> Result<Option<FragmentRow>, StoreError>;
     fn push_outbox(&mut self, message: OutboxMessage) -> Result<(), StoreError>;
+    /// Whether the job's bookkeeping was deleted (retention): its id stays known (a
+    /// re-submitted JobSpec is ignored), and late settlements and halts of it change nothing.
+    fn job_expired(&mut self, job_id: &str) -> Result<bool, StoreError>;
     /// The cost per operation last observed for `operation` with these `params` (their JSON
     /// text), by any job.
     fn operation_cost(&mut self, operation: &str, params: &str) -> Result<Option<u64>, StoreError>;
@@ -165,7 +168,10 @@ pub struct SqliteStore {
     conn: Connection,
 }
 
-const SCHEMA: &str = "
+/// Schema version 1: the tables as they were before versions were recorded. Written with
+/// `IF NOT EXISTS`, so it applies to an empty database and to a store written then (which has
+/// them all, and `user_version` 0).
+const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
     state TEXT NOT NULL,
@@ -215,6 +221,27 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 ";
 
+/// Schema version 2: retention. `ended_at_ms` is when a job stopped dispatching (finished,
+/// rejected, or cancel/failure requested); jobs that had ended before the upgrade count from
+/// the upgrade. A deleted job leaves a tombstone, so its id stays known; `purged` is 1 once
+/// none of its rows are left.
+const SCHEMA_V2: &str = "
+ALTER TABLE jobs ADD COLUMN ended_at_ms INTEGER;
+UPDATE jobs SET ended_at_ms = CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)
+    WHERE state IN ('finished', 'rejected', 'cancelling');
+CREATE INDEX jobs_by_ended ON jobs (ended_at_ms) WHERE ended_at_ms IS NOT NULL;
+CREATE TABLE tombstones (
+    job_id TEXT PRIMARY KEY,
+    ended_at_ms INTEGER,
+    deleted_at_ms INTEGER NOT NULL,
+    purged INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX tombstones_to_purge ON tombstones (job_id) WHERE purged = 0;
+";
+
+/// The splitter store's migrations, in order; the schema version is their count.
+pub const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
+
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent() {
@@ -223,17 +250,47 @@ impl SqliteStore {
                 source,
             })?;
         }
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        conn.execute_batch(SCHEMA)?;
+        common::migrate::migrate(&mut conn, MIGRATIONS)?;
         Ok(Self { conn })
     }
 }
 
 struct SqliteTx<'a> {
     tx: rusqlite::Transaction<'a>,
+}
+
+/// When a job in `state` stopped dispatching, if it has: now, which `update_job` keeps only
+/// when the job had no end yet (a cancelled job is cleared counting from its cancel).
+fn ended_at(state: DispatchState) -> Option<i64> {
+    (state != DispatchState::Active).then(common::timefmt::now_ms)
+}
+
+/// What a lookup of a deleted job finds: a job with nothing left to dispatch, so that a
+/// re-submitted JobSpec, a cancel, a late settlement or a halt of it changes nothing.
+fn expired_job(job_id: &str) -> JobRow {
+    JobRow {
+        job_id: job_id.to_owned(),
+        state: DispatchState::Finished,
+        operation: String::new(),
+        params: "{}".to_owned(),
+        range_base: None,
+        ops_total: 0,
+        fragment_size: 1,
+        max_concurrent: 1,
+        lifespan_ms: 0,
+        max_attempts: 1,
+        collect_results: false,
+        cursor: 0,
+        next_fragment: 0,
+        in_flight: 0,
+        progress_seq: 0,
+        adaptive: false,
+        op_cost_ns: None,
+    }
 }
 
 fn to_i64(v: u64) -> i64 {
@@ -280,6 +337,7 @@ impl SplitterTx for SqliteTx<'_> {
             })
             .optional()?;
         match row {
+            None if self.job_expired(job_id)? => Ok(Some(expired_job(job_id))),
             None => Ok(None),
             Some((state, mut job)) => {
                 job.state = DispatchState::parse(&state)?;
@@ -289,13 +347,21 @@ impl SplitterTx for SqliteTx<'_> {
     }
 
     fn insert_job(&mut self, job: &JobRow) -> Result<(), StoreError> {
+        if self.job_expired(&job.job_id)? {
+            // As inserting a known id fails on the primary key: a deleted id stays known.
+            return Err(StoreError::Corrupt(format!(
+                "job {} was deleted; its id stays known",
+                job.job_id
+            )));
+        }
         self.tx
             .prepare_cached(
                 "INSERT INTO jobs (job_id, state, operation, params, range_base, ops_total,
                     fragment_size, max_concurrent, lifespan_ms, max_attempts, collect_results,
-                    cursor, next_fragment, in_flight, progress_seq, adaptive, op_cost_ns)
+                    cursor, next_fragment, in_flight, progress_seq, adaptive, op_cost_ns,
+                    ended_at_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                    ?17)",
+                    ?17, ?18)",
             )?
             .execute(params![
                 job.job_id,
@@ -315,6 +381,7 @@ impl SplitterTx for SqliteTx<'_> {
                 to_i64(job.progress_seq),
                 job.adaptive,
                 job.op_cost_ns.map(to_i64),
+                ended_at(job.state),
             ])?;
         Ok(())
     }
@@ -323,7 +390,9 @@ impl SplitterTx for SqliteTx<'_> {
         self.tx
             .prepare_cached(
                 "UPDATE jobs SET state = ?2, cursor = ?3, next_fragment = ?4, in_flight = ?5,
-                    progress_seq = ?6, fragment_size = ?7, op_cost_ns = ?8
+                    progress_seq = ?6, fragment_size = ?7, op_cost_ns = ?8,
+                    ended_at_ms = CASE WHEN ?9 IS NULL THEN NULL
+                                       ELSE COALESCE(ended_at_ms, ?9) END
                  WHERE job_id = ?1",
             )?
             .execute(params![
@@ -335,6 +404,7 @@ impl SplitterTx for SqliteTx<'_> {
                 to_i64(job.progress_seq),
                 job.fragment_size,
                 job.op_cost_ns.map(to_i64),
+                ended_at(job.state),
             ])?;
         Ok(())
     }
@@ -468,6 +538,15 @@ impl SplitterTx for SqliteTx<'_> {
         }
     }
 
+    fn job_expired(&mut self, job_id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .tx
+            .prepare_cached("SELECT 1 FROM tombstones WHERE job_id = ?1")?
+            .query_row([job_id], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
     fn push_outbox(&mut self, message: OutboxMessage) -> Result<(), StoreError> {
         self.tx
             .prepare_cached(
@@ -490,7 +569,12 @@ impl SplitterStore for SqliteStore {
         &mut self,
         f: impl FnOnce(&mut dyn SplitterTx) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
-        let tx = self.conn.transaction()?;
+        // IMMEDIATE: the retention task writes on a connection of its own; a transaction
+        // that took the write lock from its start waits for it (busy_timeout) instead of
+        // failing when it turns from reading to writing.
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut wrapped = SqliteTx { tx };
         let result = f(&mut wrapped)?;
         wrapped.tx.commit()?;
@@ -520,5 +604,239 @@ impl SplitterStore for SqliteStore {
             .prepare_cached("DELETE FROM outbox WHERE seq <= ?1")?
             .execute([seq])?;
         Ok(())
+    }
+}
+
+/// Deletes the bookkeeping of jobs that ended (finished, rejected, or cancel/failure requested)
+/// more than the retention ago, on a connection of its own, in short transactions so the
+/// intake's commits never wait long behind it.
+pub struct SqlitePruner {
+    conn: Connection,
+}
+
+impl SqlitePruner {
+    /// Opens the database that [`SqliteStore::open`] created and migrated.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(Self { conn })
+    }
+
+    /// Deletes up to `limit` jobs that ended before `ended_before_ms`, each leaving a
+    /// tombstone, in one transaction; their items and fragments go in later batches
+    /// ([`Self::purge_some`]). Returns how many were deleted. An active job is never touched.
+    pub fn expire(
+        &mut self,
+        ended_before_ms: i64,
+        now_ms: i64,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let jobs: Vec<(String, i64)> = {
+            let mut query = tx.prepare_cached(
+                "SELECT job_id, ended_at_ms FROM jobs
+                 WHERE ended_at_ms < ?1 AND state != 'active'
+                 ORDER BY ended_at_ms LIMIT ?2",
+            )?;
+            let rows = query.query_map(params![ended_before_ms, limit], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for (job_id, ended_at_ms) in &jobs {
+            tx.prepare_cached(
+                "INSERT OR IGNORE INTO tombstones (job_id, ended_at_ms, deleted_at_ms)
+                 VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![job_id, ended_at_ms, now_ms])?;
+            tx.prepare_cached("DELETE FROM jobs WHERE job_id = ?1")?
+                .execute([job_id])?;
+        }
+        tx.commit()?;
+        Ok(jobs.len() as u64)
+    }
+
+    /// Deletes up to `limit` rows (items, then fragments still out) of one deleted job, in
+    /// one transaction. `None` when no deleted job has rows left.
+    pub fn purge_some(&mut self, limit: u32) -> Result<Option<u64>, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let job_id: Option<String> = tx
+            .prepare_cached("SELECT job_id FROM tombstones WHERE purged = 0 LIMIT 1")?
+            .query_row([], |r| r.get(0))
+            .optional()?;
+        let Some(job_id) = job_id else {
+            return Ok(None);
+        };
+        let limit = u64::from(limit.max(1));
+        let mut deleted = 0u64;
+        // Each statement deletes at most what is left of the budget; one that deletes less
+        // has emptied its table of the job.
+        for sql in [
+            "DELETE FROM items WHERE job_id = ?1 AND idx IN
+                (SELECT idx FROM items WHERE job_id = ?1 ORDER BY idx LIMIT ?2)",
+            "DELETE FROM fragments WHERE job_id = ?1 AND fragment IN
+                (SELECT fragment FROM fragments WHERE job_id = ?1 ORDER BY fragment LIMIT ?2)",
+        ] {
+            let budget = limit - deleted;
+            deleted += tx
+                .prepare_cached(sql)?
+                .execute(params![job_id, to_i64(budget)])? as u64;
+            if deleted >= limit {
+                break;
+            }
+        }
+        if deleted < limit {
+            tx.prepare_cached("UPDATE tombstones SET purged = 1 WHERE job_id = ?1")?
+                .execute([&job_id])?;
+        }
+        tx.commit()?;
+        Ok(Some(deleted))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(job_id: &str, state: DispatchState) -> JobRow {
+        JobRow {
+            job_id: job_id.to_owned(),
+            state,
+            operation: "noop".into(),
+            ..expired_job(job_id)
+        }
+    }
+
+    fn count(conn: &Connection, table: &str, job_id: &str) -> i64 {
+        conn.query_row(
+            &format!("SELECT COUNT(*) FROM {table} WHERE job_id = ?1"),
+            [job_id],
+            |r| r.get(0),
+        )
+        .expect("count")
+    }
+
+    #[test]
+    fn ended_jobs_are_deleted_in_small_batches_and_stay_known() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("s.db");
+        let mut store = SqliteStore::open(&path).expect("store");
+        store
+            .transaction(|tx| {
+                // A cancelled job whose 3 fragments never came back, with 5 items.
+                tx.insert_job(&job("cancelled", DispatchState::Active))?;
+                let items: Vec<Value> = (0..5).map(Value::from).collect();
+                tx.insert_items("cancelled", &items)?;
+                for fragment in 0..3 {
+                    tx.insert_fragment(&FragmentRow {
+                        job_id: "cancelled".into(),
+                        fragment,
+                        indices: Indices::Span(fragment, fragment + 1),
+                        attempt: 1,
+                    })?;
+                }
+                tx.update_job(&job("cancelled", DispatchState::Cancelling))?;
+                tx.insert_job(&job("running", DispatchState::Active))?;
+                tx.insert_items("running", &items)?;
+                Ok(())
+            })
+            .expect("jobs");
+        let ended: i64 = store
+            .conn
+            .query_row(
+                "SELECT ended_at_ms FROM jobs WHERE job_id = 'cancelled'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("the cancel time is kept");
+        let mut pruner = SqlitePruner::open(&path).expect("pruner");
+        assert_eq!(
+            pruner.expire(ended, ended, 10).expect("expire"),
+            0,
+            "not yet"
+        );
+        assert_eq!(pruner.expire(ended + 1, ended + 1, 10).expect("expire"), 1);
+        let mut batches = Vec::new();
+        while let Some(n) = pruner.purge_some(3).expect("purge") {
+            batches.push(n);
+        }
+        // 5 items and 3 fragments, 3 rows at a time.
+        assert_eq!(batches, vec![3, 3, 2]);
+        for table in ["jobs", "items", "fragments"] {
+            assert_eq!(count(&store.conn, table, "cancelled"), 0, "{table}");
+        }
+        assert_eq!(
+            count(&store.conn, "items", "running"),
+            5,
+            "an active job is kept"
+        );
+        assert_eq!(count(&store.conn, "jobs", "running"), 1);
+
+        store
+            .transaction(|tx| {
+                assert!(tx.job_expired("cancelled")?);
+                assert!(!tx.job_expired("running")?);
+                let known = tx.job("cancelled")?.expect("a deleted id stays known");
+                assert_eq!(known.state, DispatchState::Finished);
+                assert!(
+                    tx.insert_job(&job("cancelled", DispatchState::Active))
+                        .is_err()
+                );
+                // A late settlement of a purged fragment finds nothing to settle.
+                assert_eq!(tx.take_fragment("cancelled", 1)?, None);
+                Ok(())
+            })
+            .expect("lookups");
+    }
+
+    #[test]
+    fn a_store_written_before_versions_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("s.db");
+        {
+            let conn = Connection::open(&path).expect("old store");
+            conn.execute_batch(SCHEMA_V1).expect("v1 tables");
+            conn.execute_batch(
+                "INSERT INTO jobs VALUES ('old', 'finished', 'noop', '{}', 0, 1, 1, 1, 1000, 1,
+                    1, 1, 1, 0, 1, 0, NULL)",
+            )
+            .expect("an old job");
+        }
+        let mut store = SqliteStore::open(&path).expect("upgraded");
+        assert_eq!(
+            common::migrate::version(&store.conn).expect("version"),
+            MIGRATIONS.len() as i64
+        );
+        let ended: Option<i64> = store
+            .conn
+            .query_row(
+                "SELECT ended_at_ms FROM jobs WHERE job_id = 'old'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("old job");
+        assert!(
+            ended.is_some(),
+            "a job ended before the upgrade counts from it"
+        );
+        let old = store.transaction(|tx| tx.job("old")).expect("read");
+        assert_eq!(old.map(|j| j.state), Some(DispatchState::Finished));
+        drop(store);
+        let conn = Connection::open(&path).expect("reopen");
+        conn.execute_batch("PRAGMA user_version = 3")
+            .expect("from the future");
+        drop(conn);
+        assert!(matches!(
+            SqliteStore::open(&path),
+            Err(StoreError::NewerSchema {
+                found: 3,
+                supported: 2
+            })
+        ));
     }
 }

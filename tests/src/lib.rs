@@ -258,6 +258,7 @@ impl Proc {
             "BATCHQ_DATA_DIR",
             "BATCHQ_MAX_MESSAGE_BYTES",
             "BATCHQ_MAX_LIFETIME",
+            "BATCHQ_RETENTION",
         ] {
             command.env_remove(var);
         }
@@ -467,11 +468,20 @@ impl TestEnv {
     }
 
     pub fn start_splitter(&mut self) -> Result<ProcId> {
-        self.start_splitter_env(&[])
+        self.start_splitter_with(&[])
+    }
+
+    /// The splitter with extra flags.
+    pub fn start_splitter_with(&mut self, args: &[&str]) -> Result<ProcId> {
+        self.start_splitter_full(args, &[])
     }
 
     /// The splitter with extra environment variables (a failpoint).
     pub fn start_splitter_env(&mut self, extra: &[(&str, &str)]) -> Result<ProcId> {
+        self.start_splitter_full(&[], extra)
+    }
+
+    fn start_splitter_full(&mut self, args: &[&str], extra: &[(&str, &str)]) -> Result<ProcId> {
         let mut envs = self.base_env();
         envs.push((
             "BATCHQ_DATA_DIR".into(),
@@ -482,7 +492,8 @@ impl TestEnv {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
         );
-        self.start(Bin::Splitter, Vec::new(), envs)
+        let args = args.iter().map(|a| (*a).to_owned()).collect();
+        self.start(Bin::Splitter, args, envs)
     }
 
     /// The reducer, with no Prometheus port (tests run side by side).
