@@ -247,8 +247,38 @@ struct SqliteTx<'a> {
     tx: rusqlite::Transaction<'a>,
 }
 
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
+/// A u64 bound as an SQLite INTEGER, which is an i64. A value past `i64::MAX` fails the
+/// statement instead of being stored as another number: a count never changes silently on
+/// its way into the store. (Jobs hold at most 2^53 − 1 operations, so no count gets there.)
+struct SqlU64(u64);
+
+impl rusqlite::ToSql for SqlU64 {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        let v = i64::try_from(self.0).map_err(|_| {
+            rusqlite::Error::ToSqlConversionFailure(
+                format!(
+                    "{} is past the largest SQLite integer, {}",
+                    self.0,
+                    i64::MAX
+                )
+                .into(),
+            )
+        })?;
+        Ok(v.into())
+    }
+}
+
+fn to_i64(v: u64) -> SqlU64 {
+    SqlU64(v)
+}
+
+/// Reads an INTEGER column written through [`to_i64`]. batchq never writes a negative one
+/// there, so one is an error, not a count near 2^64.
+fn get_u64(row: &rusqlite::Row<'_>, column: usize) -> rusqlite::Result<u64> {
+    let v: i64 = row.get(column)?;
+    u64::try_from(v).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Integer, e.into())
+    })
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
@@ -274,16 +304,16 @@ impl SplitterTx for SqliteTx<'_> {
                         operation: r.get(1)?,
                         params: r.get(2)?,
                         range_base: r.get(3)?,
-                        ops_total: r.get::<_, i64>(4)? as u64,
+                        ops_total: get_u64(r, 4)?,
                         fragment_size: r.get(5)?,
                         max_concurrent: r.get(6)?,
-                        lifespan_ms: r.get::<_, i64>(7)? as u64,
+                        lifespan_ms: get_u64(r, 7)?,
                         max_attempts: r.get(8)?,
                         collect_results: r.get(9)?,
-                        cursor: r.get::<_, i64>(10)? as u64,
-                        next_fragment: r.get::<_, i64>(11)? as u64,
-                        in_flight: r.get::<_, i64>(12)? as u64,
-                        progress_seq: r.get::<_, i64>(13)? as u64,
+                        cursor: get_u64(r, 10)?,
+                        next_fragment: get_u64(r, 11)?,
+                        in_flight: get_u64(r, 12)?,
+                        progress_seq: get_u64(r, 13)?,
                         adaptive: r.get(14)?,
                         op_cost_ns: r.get::<_, Option<i64>>(15)?.map(|v| v as u64),
                     },
