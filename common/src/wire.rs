@@ -148,6 +148,7 @@ pub enum ReducerInput {
     Accepted {
         job_id: String,
         operation: String,
+        /// [`crate::jobspec::JobSpec::ops_total`], as validated: the reducer keeps it as is.
         ops_total: u64,
         submitted_at_ms: i64,
         collect_results: bool,
