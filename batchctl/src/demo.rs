@@ -2,6 +2,8 @@
 //! workers run inside this process (the same libraries the binaries run), in a namespace of
 //! their own, and a real sha256 job runs end to end with live progress.
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -11,7 +13,11 @@ use common::broker::Broker;
 use common::config::BrokerArgs;
 use common::contract::JobState;
 use common::wire::{Request, Response};
+use tokio::task::{Id, JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
+
+/// How long the demo's components get to stop once it ends; then they are aborted.
+const STOP_GRACE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -53,11 +59,11 @@ pub async fn run(broker_args: BrokerArgs, args: DemoArgs) -> anyhow::Result<Exit
     eprintln!("namespace {namespace}, data in {}", data_dir.display());
 
     let shutdown = CancellationToken::new();
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut components = Components::default();
     {
         let config = splitter::SplitterConfig::new(broker_args.clone(), &data_dir);
         let stop = shutdown.clone();
-        tasks.spawn(async move {
+        components.spawn("splitter", async move {
             splitter::run(config, stop)
                 .await
                 .map_err(anyhow::Error::from)
@@ -66,17 +72,17 @@ pub async fn run(broker_args: BrokerArgs, args: DemoArgs) -> anyhow::Result<Exit
     {
         let config = reducer::ReducerConfig::new(broker_args.clone(), &data_dir);
         let stop = shutdown.clone();
-        tasks.spawn(async move {
+        components.spawn("reducer", async move {
             reducer::run(config, stop)
                 .await
                 .map_err(anyhow::Error::from)
         });
     }
-    for _ in 0..args.workers {
+    for n in 1..=args.workers {
         let mut config = worker::WorkerConfig::new(broker_args.clone());
         config.prefetch = args.prefetch;
         let stop = shutdown.clone();
-        tasks.spawn(async move {
+        components.spawn(format!("worker {n}"), async move {
             worker::run(config, worker::Registry::with_builtins(), stop)
                 .await
                 .map_err(anyhow::Error::from)
@@ -100,7 +106,7 @@ pub async fn run(broker_args: BrokerArgs, args: DemoArgs) -> anyhow::Result<Exit
     crate::submit_body(&broker, &job_id, &serde_json::to_vec(&spec)?).await?;
     let outcome = tokio::select! {
         state = crate::progress::watch(&broker, &job_id, Duration::from_secs(5), true) => state,
-        Some(Ok(Err(e))) = tasks.join_next() => Err(e.context("a demo component stopped")),
+        stopped = components.first_stopped() => Err(anyhow::Error::new(stopped)),
     };
     let elapsed = started.elapsed();
     let code = match outcome {
@@ -123,8 +129,7 @@ pub async fn run(broker_args: BrokerArgs, args: DemoArgs) -> anyhow::Result<Exit
             ExitCode::from(2)
         }
     };
-    shutdown.cancel();
-    while tasks.join_next().await.is_some() {}
+    components.stop(&shutdown, STOP_GRACE).await;
     if args.keep {
         eprintln!("kept: BATCHQ_NAMESPACE={namespace} batchctl results {job_id}");
     } else {
@@ -152,5 +157,183 @@ async fn show_first_results(broker: &Broker, job_id: &str) {
                 eprintln!("  {text}");
             }
         }
+    }
+}
+
+/// The demo's splitter, reducer and workers, run as tasks of this process under their names.
+/// The demo's job cannot finish while any of them is down, so the first one to end, by an
+/// error, a panic or a return, ends the demo, named.
+#[derive(Default)]
+struct Components {
+    tasks: JoinSet<anyhow::Result<()>>,
+    /// By task id, since a panicked task hands back only its id.
+    names: HashMap<Id, String>,
+}
+
+/// A component that ended before the demo stopped it.
+#[derive(Debug, thiserror::Error)]
+#[error("{component} {reason}")]
+struct ComponentStopped {
+    component: String,
+    reason: String,
+}
+
+impl Components {
+    fn spawn(
+        &mut self,
+        name: impl Into<String>,
+        component: impl Future<Output = anyhow::Result<()>> + Send + 'static,
+    ) {
+        let id = self.tasks.spawn(component).id();
+        self.names.insert(id, name.into());
+    }
+
+    /// The first component to end and why. Pending as long as every one runs.
+    async fn first_stopped(&mut self) -> ComponentStopped {
+        let Some(joined) = self.tasks.join_next_with_id().await else {
+            // Nothing runs, so nothing can stop.
+            return std::future::pending().await;
+        };
+        let (id, reason) = match joined {
+            Ok((id, Ok(()))) => (id, "stopped on its own, without an error".to_owned()),
+            Ok((id, Err(e))) => (id, format!("failed: {e:#}")),
+            Err(e) => (e.id(), describe_join_error(e)),
+        };
+        let component = self
+            .names
+            .remove(&id)
+            .unwrap_or_else(|| format!("task {id}"));
+        ComponentStopped { component, reason }
+    }
+
+    /// Stops every component and waits for them, at most `grace`, then aborts what is left.
+    /// A component that fails while stopping gets a line of its own.
+    async fn stop(mut self, shutdown: &CancellationToken, grace: Duration) {
+        shutdown.cancel();
+        let drained = tokio::time::timeout(grace, async {
+            while let Some(joined) = self.tasks.join_next_with_id().await {
+                let (id, reason) = match joined {
+                    Ok((_, Ok(()))) => continue,
+                    Ok((id, Err(e))) => (id, format!("failed: {e:#}")),
+                    Err(e) => (e.id(), describe_join_error(e)),
+                };
+                let name = self.names.get(&id).map_or("a component", String::as_str);
+                eprintln!("batchctl demo: {name} {reason} while stopping");
+            }
+        })
+        .await;
+        if drained.is_err() {
+            eprintln!(
+                "batchctl demo: {} component(s) still running after {} s; aborting them",
+                self.tasks.len(),
+                grace.as_secs()
+            );
+            self.tasks.shutdown().await;
+        }
+    }
+}
+
+/// A task that did not return: it panicked (with this message) or was aborted.
+fn describe_join_error(e: JoinError) -> String {
+    if !e.is_panic() {
+        return "was aborted".to_owned();
+    }
+    let panic = e.into_panic();
+    let message = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)");
+    format!("panicked: {message}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A component that runs until the demo stops it, as the real ones do.
+    fn until_stopped(
+        shutdown: &CancellationToken,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send + use<> {
+        let stop = shutdown.clone();
+        async move {
+            stop.cancelled().await;
+            Ok(())
+        }
+    }
+
+    async fn first_stopped_of(
+        failing: impl Future<Output = anyhow::Result<()>> + Send + 'static,
+    ) -> (ComponentStopped, Components, CancellationToken) {
+        let shutdown = CancellationToken::new();
+        let mut components = Components::default();
+        components.spawn("splitter", until_stopped(&shutdown));
+        components.spawn("worker 2", failing);
+        components.spawn("reducer", until_stopped(&shutdown));
+        let stopped = tokio::time::timeout(Duration::from_secs(5), components.first_stopped())
+            .await
+            .expect("the failing component is noticed");
+        (stopped, components, shutdown)
+    }
+
+    #[tokio::test]
+    async fn a_panicking_component_is_named_with_its_message() {
+        let (stopped, components, shutdown) = first_stopped_of(async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            panic!("store corrupt: boom");
+        })
+        .await;
+        assert_eq!(stopped.component, "worker 2");
+        assert_eq!(
+            stopped.to_string(),
+            "worker 2 panicked: store corrupt: boom"
+        );
+        // The others stop when asked, within the grace.
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            components.stop(&shutdown, Duration::from_secs(2)),
+        )
+        .await
+        .expect("stopped in time");
+        assert!(shutdown.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn a_failing_or_returning_component_is_named() {
+        let (stopped, _, _) =
+            first_stopped_of(async { Err(anyhow::anyhow!("broker refused: 403")) }).await;
+        assert_eq!(stopped.to_string(), "worker 2 failed: broker refused: 403");
+
+        let (stopped, _, _) = first_stopped_of(async { Ok(()) }).await;
+        assert_eq!(
+            stopped.to_string(),
+            "worker 2 stopped on its own, without an error"
+        );
+    }
+
+    #[tokio::test]
+    async fn nothing_stops_while_every_component_runs() {
+        let shutdown = CancellationToken::new();
+        let mut components = Components::default();
+        components.spawn("splitter", until_stopped(&shutdown));
+        let waited =
+            tokio::time::timeout(Duration::from_millis(100), components.first_stopped()).await;
+        assert!(waited.is_err(), "no component ended");
+    }
+
+    #[tokio::test]
+    async fn a_component_that_ignores_the_stop_is_aborted_after_the_grace() {
+        let shutdown = CancellationToken::new();
+        let mut components = Components::default();
+        components.spawn("stuck worker", std::future::pending());
+        components.spawn("reducer", until_stopped(&shutdown));
+        let started = Instant::now();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            components.stop(&shutdown, Duration::from_millis(200)),
+        )
+        .await
+        .expect("aborted after the grace");
+        assert!(started.elapsed() >= Duration::from_millis(200));
     }
 }

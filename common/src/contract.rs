@@ -71,6 +71,8 @@ pub struct JobStatus {
     pub job_id: String,
     pub state: JobState,
     pub operation: Option<String>,
+    /// At most [`crate::jobspec::MAX_OPS_TOTAL`], so exact in every JSON client; the counts
+    /// of operations below never exceed it.
     pub ops_total: u64,
     pub ops_succeeded: u64,
     pub ops_failed: u64,

@@ -26,6 +26,10 @@ pub const DEFAULT_CONSUMER_TIMEOUT_MS: u64 = 1_800_000;
 pub const MAX_VALUE_DEPTH: usize = 64;
 /// serde_json's recursion limit: deeper bodies fail to parse (with an error, not a crash).
 const JSON_MAX_DEPTH: usize = 127;
+/// Most operations in one job: 2^53 − 1, the largest integer an IEEE double holds exactly.
+/// JavaScript and many other JSON clients read every number as a double, so a larger
+/// `ops_total` (or any count that may reach it) would arrive rounded.
+pub const MAX_OPS_TOTAL: u64 = (1 << 53) - 1;
 
 /// What a job runs over: explicit items, or the integers of a range.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,27 +38,17 @@ pub enum JobInput {
     Range { start: i64, end: i64 },
 }
 
-impl JobInput {
-    /// Number of operations in the job.
-    pub fn len(&self) -> u64 {
-        match self {
-            JobInput::Items(items) => items.len() as u64,
-            JobInput::Range { start, end } => (i128::from(*end) - i128::from(*start)) as u64,
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// A validated job, with every default filled in.
+/// A validated job, with every default filled in. Only [`parse_job_spec`] makes one, so its
+/// operation count is always within [`MAX_OPS_TOTAL`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobSpec {
     pub job_id: String,
     pub operation: String,
     pub params: Map<String, Value>,
     pub input: JobInput,
+    /// Operations in the job, counted once at validation: every count batchq keeps and
+    /// publishes for the job derives from this one figure.
+    ops_total: u64,
     /// `None`: batchq chooses the size.
     pub fragment_size: Option<u32>,
     /// Most fragments of this job that may be out at once. Holding only this window in the
@@ -64,6 +58,13 @@ pub struct JobSpec {
     pub max_attempts: u32,
     pub tolerated_failure_percent: f64,
     pub collect_results: bool,
+}
+
+impl JobSpec {
+    /// Number of operations in the job, at most [`MAX_OPS_TOTAL`].
+    pub fn ops_total(&self) -> u64 {
+        self.ops_total
+    }
 }
 
 /// Why a message is not a job, and the id its `rejected` status is published under.
@@ -340,12 +341,48 @@ fn check_lifespan(lifespan_ms: Option<u64>, limits: ParseLimits) -> Result<u64, 
     Ok(lifespan_ms)
 }
 
+/// Operations of a range job: `end - start`, computed in i128 so that no pair of i64 bounds
+/// overflows, and refused above [`MAX_OPS_TOTAL`].
+fn range_ops_total(start: i64, end: i64) -> Result<u64, String> {
+    let span = i128::from(end) - i128::from(start);
+    if span < 0 {
+        return Err(format!(
+            "range: end ({end}) is less than start ({start}); end is exclusive and must be at least start"
+        ));
+    }
+    u64::try_from(span)
+        .ok()
+        .filter(|n| *n <= MAX_OPS_TOTAL)
+        .ok_or_else(|| {
+            format!(
+                "range: holds {span} operations (end {end} minus start {start}); at most \
+                 {MAX_OPS_TOTAL} (2^53 - 1) are allowed, so that every count is exact in every \
+                 JSON client"
+            )
+        })
+}
+
+/// Operations of an items job. A body within any sane message size limit holds far fewer
+/// items than [`MAX_OPS_TOTAL`]; the bound is checked anyway, since the count is the same
+/// figure as a range job's.
+fn items_ops_total(items: usize) -> Result<u64, String> {
+    u64::try_from(items)
+        .ok()
+        .filter(|n| *n <= MAX_OPS_TOTAL)
+        .ok_or_else(|| {
+            format!(
+                "items: holds {items} items; at most {MAX_OPS_TOTAL} (2^53 - 1) are allowed, so \
+                 that every count is exact in every JSON client"
+            )
+        })
+}
+
 fn validate(job_id: String, raw: RawJobSpec, limits: ParseLimits) -> Result<JobSpec, String> {
     let operation = raw
         .operation
         .ok_or_else(|| "operation: missing; name the operation to run".to_owned())?;
     check_id("operation", &operation)?;
-    let input = match (raw.items, raw.range) {
+    let (input, ops_total) = match (raw.items, raw.range) {
         (Some(_), Some(_)) => {
             return Err("items, range: both given; give exactly one of them".to_owned());
         }
@@ -353,18 +390,15 @@ fn validate(job_id: String, raw: RawJobSpec, limits: ParseLimits) -> Result<JobS
             return Err("items, range: neither given; give exactly one of them".to_owned());
         }
         (Some(items), None) => {
+            let ops_total = items_ops_total(items.len())?;
             for (n, item) in items.iter().enumerate() {
                 check_nesting(&format!("items[{n}]"), item)?;
             }
-            JobInput::Items(items)
+            (JobInput::Items(items), ops_total)
         }
         (None, Some(RawRange { start, end })) => {
-            if end < start {
-                return Err(format!(
-                    "range: end ({end}) is less than start ({start}); end is exclusive and must be at least start"
-                ));
-            }
-            JobInput::Range { start, end }
+            let ops_total = range_ops_total(start, end)?;
+            (JobInput::Range { start, end }, ops_total)
         }
     };
     let fragment_size = bounded("fragment_size", raw.fragment_size, 1, MAX_FRAGMENT_SIZE)?;
@@ -397,6 +431,7 @@ fn validate(job_id: String, raw: RawJobSpec, limits: ParseLimits) -> Result<JobS
         operation,
         params,
         input,
+        ops_total,
         fragment_size: fragment_size.map(|v| v as u32),
         max_concurrent_fragments: max_concurrent_fragments
             .map_or(DEFAULT_MAX_CONCURRENT_FRAGMENTS, |v| v as u32),
@@ -477,7 +512,7 @@ mod tests {
         .expect("valid");
         assert_eq!(spec.job_id, "j-1");
         assert_eq!(spec.input, JobInput::Range { start: 5, end: 15 });
-        assert_eq!(spec.input.len(), 10);
+        assert_eq!(spec.ops_total(), 10);
         assert_eq!(spec.fragment_size, Some(3));
         assert_eq!(spec.max_concurrent_fragments, 2);
         assert_eq!(spec.lifespan_ms, 1000);
@@ -610,6 +645,82 @@ mod tests {
         )
         .expect_err("too big");
         assert!(big.error.contains("limit"));
+    }
+
+    fn range_job(start: i64, end: i64) -> String {
+        format!(r#"{{"operation":"noop","range":{{"start":{start},"end":{end}}}}}"#)
+    }
+
+    #[test]
+    fn a_job_holds_at_most_2_pow_53_minus_1_operations() {
+        assert_eq!(MAX_OPS_TOTAL, 9_007_199_254_740_991);
+        let max = MAX_OPS_TOTAL as i64;
+        // Exactly at the limit, wherever the range lies, including at both ends of i64.
+        for (start, end) in [
+            (0, max),
+            (-(1 << 52), (1 << 52) - 1),
+            (i64::MIN, i64::MIN + max),
+            (i64::MAX - max, i64::MAX),
+        ] {
+            let spec = parse(&range_job(start, end)).expect("at the limit");
+            assert_eq!(spec.ops_total(), MAX_OPS_TOTAL, "{start}..{end}");
+            assert_eq!(spec.input, JobInput::Range { start, end });
+        }
+        // One more operation is refused, with the count, the limit and the reason.
+        let error = error_of(&range_job(0, max + 1));
+        assert_eq!(
+            error,
+            "range: holds 9007199254740992 operations (end 9007199254740992 minus start 0); \
+             at most 9007199254740991 (2^53 - 1) are allowed, so that every count is exact in \
+             every JSON client"
+        );
+        assert!(error_of(&range_job(-1, max)).starts_with("range: holds 9007199254740992 "));
+    }
+
+    #[test]
+    fn i64_extremes_are_refused_without_overflow() {
+        let cases = [
+            (i64::MIN, i64::MAX, "18446744073709551615"),
+            (i64::MIN, 0, "9223372036854775808"),
+            (0, i64::MAX, "9223372036854775807"),
+            (i64::MIN, -1, "9223372036854775807"),
+            (-1, i64::MAX, "9223372036854775808"),
+        ];
+        for (start, end, count) in cases {
+            let error = error_of(&range_job(start, end));
+            assert!(
+                error.starts_with(&format!("range: holds {count} operations")),
+                "{start}..{end}: {error}"
+            );
+            assert!(error.contains("at most 9007199254740991"), "{error}");
+        }
+        // Backwards across the whole of i64: the order is wrong, not the size.
+        let error = error_of(&range_job(i64::MAX, i64::MIN));
+        assert!(error.starts_with("range: end (-9223372036854775808) is less than start"));
+        // Empty at either end of i64.
+        for bound in [i64::MIN, i64::MAX] {
+            assert_eq!(
+                parse(&range_job(bound, bound)).expect("empty").ops_total(),
+                0
+            );
+        }
+        // Bounds outside i64 are not integers serde can read: refused naming the field.
+        let error =
+            error_of(r#"{"operation":"noop","range":{"start":0,"end":9223372036854775808}}"#);
+        assert!(error.starts_with("range.end: "), "{error}");
+    }
+
+    #[test]
+    fn items_count_has_the_same_bound() {
+        assert_eq!(items_ops_total(3), Ok(3));
+        assert_eq!(items_ops_total(MAX_OPS_TOTAL as usize), Ok(MAX_OPS_TOTAL));
+        let error = items_ops_total(MAX_OPS_TOTAL as usize + 1).expect_err("over the limit");
+        assert!(
+            error.starts_with("items: holds 9007199254740992 items; at most 9007199254740991"),
+            "{error}"
+        );
+        let spec = parse(r#"{"operation":"noop","items":["a",{"b":1},3]}"#).expect("valid");
+        assert_eq!(spec.ops_total(), 3);
     }
 
     fn with_timeout(consumer_timeout_ms: u64) -> ParseLimits {

@@ -83,6 +83,40 @@ fn sqlite_is_transient(error: &rusqlite::Error) -> bool {
     }
 }
 
+/// A u64 bound as an SQLite INTEGER, which is an i64. A value past `i64::MAX` fails the
+/// statement instead of being stored as another number: a count never changes silently on
+/// its way into the store. (Jobs hold at most 2^53 − 1 operations, so no count gets there.)
+pub struct SqlU64(u64);
+
+impl rusqlite::ToSql for SqlU64 {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        let v = i64::try_from(self.0).map_err(|_| {
+            rusqlite::Error::ToSqlConversionFailure(
+                format!(
+                    "{} is past the largest SQLite integer, {}",
+                    self.0,
+                    i64::MAX
+                )
+                .into(),
+            )
+        })?;
+        Ok(v.into())
+    }
+}
+
+pub fn to_i64(v: u64) -> SqlU64 {
+    SqlU64(v)
+}
+
+/// Reads an INTEGER column written through [`to_i64`]. batchq never writes a negative one
+/// there, so one is an error, not a count near 2^64.
+pub fn get_u64(row: &rusqlite::Row<'_>, column: usize) -> rusqlite::Result<u64> {
+    let v: i64 = row.get(column)?;
+    u64::try_from(v).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Integer, e.into())
+    })
+}
+
 /// The state of one component's store, shared with whoever reports health: the faults its
 /// tasks (an intake loop, an outbox pump) are waiting out.
 #[derive(Debug, Clone, Default)]

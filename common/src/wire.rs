@@ -39,20 +39,12 @@ impl Indices {
         }
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
-        (0..self.len()).filter_map(|offset| self.get(offset))
-    }
-
     /// The indices from `offset` on: what is left when a fragment stops early.
     pub fn tail(&self, offset: usize) -> Indices {
         match self {
             Indices::Span(start, end) => Indices::Span((start + offset as u64).min(*end), *end),
             Indices::List(list) => Indices::List(list.get(offset..).unwrap_or_default().to_vec()),
         }
-    }
-
-    pub fn first(&self) -> Option<u64> {
-        self.get(0)
     }
 }
 
@@ -152,6 +144,7 @@ pub enum ReducerInput {
     Accepted {
         job_id: String,
         operation: String,
+        /// [`crate::jobspec::JobSpec::ops_total`], as validated: the reducer keeps it as is.
         ops_total: u64,
         submitted_at_ms: i64,
         collect_results: bool,
@@ -445,7 +438,8 @@ mod tests {
         assert_eq!(span.tail(9), Indices::Span(15, 15));
         let list = Indices::List(vec![3, 9, 4]);
         assert_eq!(list.tail(1), Indices::List(vec![9, 4]));
-        assert_eq!(list.iter().collect::<Vec<_>>(), vec![3, 9, 4]);
+        assert_eq!(list.get(1), Some(9));
+        assert_eq!(list.get(3), None);
     }
 
     #[test]

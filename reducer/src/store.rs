@@ -236,12 +236,12 @@ fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(JobRecord, Option<St
             job_id: r.get(0)?,
             state: None,
             operation: r.get(2)?,
-            ops_total: r.get::<_, i64>(3)? as u64,
-            ops_succeeded: r.get::<_, i64>(4)? as u64,
-            ops_failed: r.get::<_, i64>(5)? as u64,
-            fragments_done: r.get::<_, i64>(6)? as u64,
-            fragments_in_flight: r.get::<_, i64>(7)? as u64,
-            progress_seq: r.get::<_, i64>(8)? as u64,
+            ops_total: get_u64(r, 3)?,
+            ops_succeeded: get_u64(r, 4)?,
+            ops_failed: get_u64(r, 5)?,
+            fragments_done: get_u64(r, 6)?,
+            fragments_in_flight: get_u64(r, 7)?,
+            progress_seq: get_u64(r, 8)?,
             submitted_at_ms: r.get(9)?,
             started_at_ms: r.get(10)?,
             finished_at_ms: r.get(11)?,
@@ -268,9 +268,7 @@ fn encode<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
+use common::store::{get_u64, to_i64};
 
 fn open_connection(path: &Path, flags: OpenFlags) -> Result<Connection, StoreError> {
     let conn = Connection::open_with_flags(path, flags)?;
@@ -459,7 +457,7 @@ impl ReducerTx for SqliteTx<'_> {
             "SELECT idx, value FROM results WHERE job_id = ?1 AND ok = 0 ORDER BY idx LIMIT ?2",
         )?;
         let rows = query.query_map(params![job_id, limit], |r| {
-            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
+            Ok((get_u64(r, 0)?, r.get::<_, String>(1)?))
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -550,11 +548,7 @@ impl ReducerQueries for SqliteQueries {
              ORDER BY idx LIMIT ?3",
         )?;
         let rows = query.query_map(params![job_id, to_i64(from), limit], |r| {
-            Ok((
-                r.get::<_, i64>(0)? as u64,
-                r.get::<_, bool>(1)?,
-                r.get::<_, String>(2)?,
-            ))
+            Ok((get_u64(r, 0)?, r.get::<_, bool>(1)?, r.get::<_, String>(2)?))
         })?;
         let mut out = Vec::new();
         for row in rows {
@@ -922,5 +916,37 @@ mod tests {
             Err(other) => panic!("wrong error: {other}"),
             Ok(_) => panic!("a newer store was opened"),
         }
+    }
+
+    #[test]
+    fn counts_are_stored_exactly_or_not_at_all() {
+        use common::jobspec::MAX_OPS_TOTAL;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut store = SqliteStore::open(&dir.path().join("r.db")).expect("store");
+        let largest = JobRecord {
+            ops_total: MAX_OPS_TOTAL,
+            ops_succeeded: MAX_OPS_TOTAL - 1,
+            ..JobRecord::placeholder("largest")
+        };
+        store
+            .transaction(|tx| tx.put_job(&largest))
+            .expect("stored");
+        let read = store.transaction(|tx| tx.job("largest")).expect("read");
+        assert_eq!(read, Some(largest));
+
+        // Past SQLite's integer the write fails; it is never clamped to i64::MAX.
+        let past = JobRecord {
+            ops_total: u64::MAX,
+            ..JobRecord::placeholder("past")
+        };
+        let error = store
+            .transaction(|tx| tx.put_job(&past))
+            .expect_err("refused");
+        assert!(
+            error.to_string().contains("18446744073709551615"),
+            "{error}"
+        );
+        let read = store.transaction(|tx| tx.job("past")).expect("read");
+        assert_eq!(read, None, "nothing stored");
     }
 }

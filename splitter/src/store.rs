@@ -293,9 +293,7 @@ fn expired_job(job_id: &str) -> JobRow {
     }
 }
 
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
+use common::store::{get_u64, to_i64};
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
     serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
@@ -320,16 +318,16 @@ impl SplitterTx for SqliteTx<'_> {
                         operation: r.get(1)?,
                         params: r.get(2)?,
                         range_base: r.get(3)?,
-                        ops_total: r.get::<_, i64>(4)? as u64,
+                        ops_total: get_u64(r, 4)?,
                         fragment_size: r.get(5)?,
                         max_concurrent: r.get(6)?,
-                        lifespan_ms: r.get::<_, i64>(7)? as u64,
+                        lifespan_ms: get_u64(r, 7)?,
                         max_attempts: r.get(8)?,
                         collect_results: r.get(9)?,
-                        cursor: r.get::<_, i64>(10)? as u64,
-                        next_fragment: r.get::<_, i64>(11)? as u64,
-                        in_flight: r.get::<_, i64>(12)? as u64,
-                        progress_seq: r.get::<_, i64>(13)? as u64,
+                        cursor: get_u64(r, 10)?,
+                        next_fragment: get_u64(r, 11)?,
+                        in_flight: get_u64(r, 12)?,
+                        progress_seq: get_u64(r, 13)?,
                         adaptive: r.get(14)?,
                         op_cost_ns: r.get::<_, Option<i64>>(15)?.map(|v| v as u64),
                     },

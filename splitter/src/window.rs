@@ -242,7 +242,7 @@ impl Batch<'_> {
             tracing::info!(job_id = %spec.job_id, "job id already known; ignoring the new JobSpec");
             return Ok(());
         }
-        let ops_total = spec.input.len();
+        let ops_total = spec.ops_total();
         let params =
             serde_json::to_string(&spec.params).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         // A job without fragment_size starts from the cost the same operation with the same

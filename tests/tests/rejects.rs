@@ -1,6 +1,8 @@
 //! Every malformed JobSpec is rejected with a reason that names the problem, its original is
-//! kept on `{ns}.dead`, and nothing else is disturbed: a good job published right after each
-//! one still succeeds, and so does one published behind a burst of 10,000 bad messages.
+//! kept on `{ns}.dead`, and nothing else is disturbed: a good job running throughout ends with
+//! exact counts, a good job published right after each one still succeeds, and so does one
+//! published behind a burst of 10,000 bad messages. A job of 2^53 − 1 operations, the most
+//! the contract allows, is accepted and reported with that exact count.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -9,7 +11,7 @@ use anyhow::{Context, Result};
 use batchq_tests::{RawProps, TestEnv, assert_counts};
 use common::broker::json_properties;
 use common::contract::JobState;
-use common::jobspec::{DEFAULT_CONSUMER_TIMEOUT_MS, MAX_VALUE_DEPTH};
+use common::jobspec::{DEFAULT_CONSUMER_TIMEOUT_MS, MAX_OPS_TOTAL, MAX_VALUE_DEPTH};
 use common::topology::KEY_SUBMIT;
 use serde_json::json;
 
@@ -77,6 +79,109 @@ fn spec_case(
         body_job_id: Some(job_id.to_owned()),
         error_mentions,
     }
+}
+
+/// A case whose body is the JSON text `{"job_id": job_id, <fields>}`, for numbers that
+/// `serde_json::json!` cannot write (past u64).
+fn text_case(
+    name: &'static str,
+    job_id: &str,
+    fields: &str,
+    error_mentions: &'static [&'static str],
+) -> Case {
+    Case {
+        name,
+        body: format!(r#"{{"job_id": "{job_id}", {fields}}}"#).into_bytes(),
+        content_type: Some("application/json"),
+        body_job_id: Some(job_id.to_owned()),
+        error_mentions,
+    }
+}
+
+/// Ranges and numbers out of bounds (issue 11): each refused with an error naming the field,
+/// without an overflow anywhere on the way.
+fn out_of_range_cases(env: &TestEnv) -> Vec<Case> {
+    let id = |name: &str| env.job_id(name);
+    let limit = MAX_OPS_TOTAL as i64;
+    vec![
+        // `accepted` used to say ops_total 18446744073709551615 and `running`
+        // 9223372036854775807.
+        spec_case(
+            "range-whole-i64",
+            &id("range-whole-i64"),
+            json!({"operation": "noop", "range": {"start": i64::MIN, "end": i64::MAX}}),
+            &[
+                "range",
+                "holds 18446744073709551615 operations",
+                "at most 9007199254740991",
+            ],
+        ),
+        // 2^53 operations: one more than the contract allows.
+        spec_case(
+            "range-2-pow-53",
+            &id("range-2-pow-53"),
+            json!({"operation": "noop", "range": {"start": 0, "end": limit + 1}}),
+            &[
+                "range",
+                "holds 9007199254740992 operations",
+                "at most 9007199254740991",
+            ],
+        ),
+        spec_case(
+            "range-2-pow-53-negative-start",
+            &id("range-2-pow-53-negative-start"),
+            json!({"operation": "noop", "range": {"start": -1, "end": limit}}),
+            &["range", "holds 9007199254740992 operations"],
+        ),
+        spec_case(
+            "range-negative-start-huge-end",
+            &id("range-negative-start-huge-end"),
+            json!({"operation": "noop", "range": {"start": -5, "end": i64::MAX}}),
+            &["range", "holds 9223372036854775812 operations"],
+        ),
+        spec_case(
+            "range-min-to-zero",
+            &id("range-min-to-zero"),
+            json!({"operation": "noop", "range": {"start": i64::MIN, "end": 0}}),
+            &["range", "holds 9223372036854775808 operations"],
+        ),
+        spec_case(
+            "range-backwards-across-i64",
+            &id("range-backwards-across-i64"),
+            json!({"operation": "noop", "range": {"start": i64::MAX, "end": i64::MIN}}),
+            &["range", "less than start"],
+        ),
+        spec_case(
+            "range-end-past-i64",
+            &id("range-end-past-i64"),
+            json!({"operation": "noop", "range": {"start": 0, "end": 9_223_372_036_854_775_808_u64}}),
+            &["range.end", "9223372036854775808"],
+        ),
+        spec_case(
+            "range-start-not-integer",
+            &id("range-start-not-integer"),
+            json!({"operation": "noop", "range": {"start": 0.5, "end": 10}}),
+            &["range.start"],
+        ),
+        text_case(
+            "fragment-size-past-u64",
+            &id("fragment-size-past-u64"),
+            r#""operation": "noop", "items": [1], "fragment_size": 18446744073709551616"#,
+            &["fragment_size"],
+        ),
+        spec_case(
+            "max-attempts-i64-max",
+            &id("max-attempts-i64-max"),
+            json!({"operation": "noop", "items": [1], "max_attempts": i64::MAX}),
+            &["max_attempts", "at most 100"],
+        ),
+        spec_case(
+            "window-i64-min",
+            &id("window-i64-min"),
+            json!({"operation": "noop", "items": [1], "max_concurrent_fragments": i64::MIN}),
+            &["max_concurrent_fragments", "at least 1"],
+        ),
+    ]
 }
 
 fn cases(env: &TestEnv) -> Vec<Case> {
@@ -243,7 +348,26 @@ fn cases(env: &TestEnv) -> Vec<Case> {
             &["16777217 bytes", "limit is 16777216"],
         ),
     ]
+    .into_iter()
+    .chain(out_of_range_cases(env))
+    .collect()
 }
+
+/// A good job that runs through all the bad input: 200 `sleep`s of 100 ms, two fragments of
+/// four at a time, so about 10 s, many times what the rejections take. Its range starts below
+/// zero, so its items are not its indices.
+fn long_good_job(job_id: &str) -> serde_json::Value {
+    json!({
+        "job_id": job_id,
+        "operation": "sleep",
+        "params": {"ms": 100},
+        "range": {"start": -100, "end": 100},
+        "fragment_size": 4,
+        "max_concurrent_fragments": 2,
+    })
+}
+const LONG_JOB_OPS: u64 = 200;
+const LONG_JOB_FRAGMENTS: u64 = 50;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_job_specs_are_rejected_and_kept_on_dead() -> Result<()> {
@@ -251,6 +375,29 @@ async fn bad_job_specs_are_rejected_and_kept_on_dead() -> Result<()> {
     let log = env.subscribe_status().await?;
     env.start_spine(1)?;
     let cases = cases(&env);
+
+    // A good job is running before the first bad message and must still be running after
+    // the last rejection.
+    let long_job = env
+        .submit(&long_good_job(&env.job_id("runs-throughout")))
+        .await?;
+    log.wait_for(&long_job, Duration::from_secs(30), |s| {
+        s.state == JobState::Running
+    })
+    .await?;
+
+    // The largest job the contract allows is accepted with its exact count, from a negative
+    // start (then cancelled: it would run for centuries).
+    let largest = env.job_id("largest");
+    let half = 1_i64 << 52;
+    env.submit(&json!({
+        "job_id": largest,
+        "operation": "noop",
+        "range": {"start": -half, "end": half - 1},
+        "max_concurrent_fragments": 2,
+        "collect_results": false,
+    }))
+    .await?;
 
     // Each bad message, then a good job right behind it.
     let mut expected = Vec::new();
@@ -283,6 +430,36 @@ async fn bad_job_specs_are_rejected_and_kept_on_dead() -> Result<()> {
             .await?;
         assert_counts(&status, JobState::Succeeded, 1, 0);
     }
+
+    let running = log
+        .wait_for(&largest, Duration::from_secs(30), |s| {
+            s.state == JobState::Running
+        })
+        .await?;
+    assert_eq!(running.ops_total, MAX_OPS_TOTAL, "{running:?}");
+    env.cancel(&largest).await?;
+    let cancelled = env
+        .wait_for_terminal(&largest, Duration::from_secs(30))
+        .await?;
+    assert_eq!(cancelled.state, JobState::Cancelled, "{cancelled:?}");
+    assert!(
+        cancelled.ops_succeeded > 0 && cancelled.ops_failed == 0,
+        "{cancelled:?}"
+    );
+    // Every status of the job, on the exchange and from the reducer, says the same count.
+    log.wait_for(&largest, Duration::from_secs(10), |s| {
+        s.state == JobState::Cancelled
+    })
+    .await?;
+    let published = log.of(&largest);
+    assert!(
+        published.iter().any(|(_, s)| s.state == JobState::Accepted),
+        "{published:?}"
+    );
+    for (key, status) in &published {
+        assert_eq!(status.ops_total, MAX_OPS_TOTAL, "{key}: {status:?}");
+    }
+    assert_eq!(cancelled.ops_total, MAX_OPS_TOTAL);
 
     for (case, job_id, _) in &expected {
         let status = env
@@ -392,6 +569,39 @@ async fn bad_job_specs_are_rejected_and_kept_on_dead() -> Result<()> {
     }
     assert!(by_body.contains_key(anonymous.as_slice()));
 
+    // The job that ran throughout succeeded with exact counts, and finished only after the
+    // last rejection was published: it ran while every bad message was handled.
+    let finished = log
+        .wait_for(&long_job, Duration::from_secs(60), |s| {
+            s.state.is_terminal()
+        })
+        .await?;
+    assert_counts(&finished, JobState::Succeeded, LONG_JOB_OPS, 0);
+    assert_eq!(finished.fragments_done, LONG_JOB_FRAGMENTS, "{finished:?}");
+    let received = |job_id: &str, state: JobState| {
+        log.all()
+            .into_iter()
+            .filter(|e| {
+                e.status
+                    .as_ref()
+                    .is_ok_and(|s| s.job_id == job_id && s.state == state)
+            })
+            .map(|e| e.received)
+            .next()
+    };
+    let long_job_ended = received(&long_job, JobState::Succeeded).context("long job ended")?;
+    for (case, job_id, _) in &expected {
+        let rejected = received(job_id, JobState::Rejected).context("rejection seen")?;
+        assert!(
+            rejected < long_job_ended,
+            "case {}: rejected {:?} after the long job ended",
+            case.name,
+            rejected - long_job_ended
+        );
+    }
+    let results = env.results(&long_job).await?;
+    assert_eq!(results.len() as u64, LONG_JOB_OPS);
+
     // The reducer's job list holds exactly these jobs.
     let jobs = env.rpc().jobs(&env.names, 1000).await?;
     let rejected = jobs
@@ -402,9 +612,10 @@ async fn bad_job_specs_are_rejected_and_kept_on_dead() -> Result<()> {
         .iter()
         .filter(|s| s.state == JobState::Succeeded)
         .count();
+    // The good job behind each case and the long one; the largest job, cancelled.
     assert_eq!(
         (rejected, succeeded, jobs.len()),
-        (cases.len() + 1, cases.len(), 2 * cases.len() + 1)
+        (cases.len() + 1, cases.len() + 1, 2 * cases.len() + 3)
     );
     env.finish().await
 }
