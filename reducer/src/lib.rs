@@ -253,17 +253,7 @@ async fn fold_events(
                 Ok(input) => inputs.push(input),
                 Err(reason) => {
                     tracing::warn!(%reason, "keeping an undecodable message on the dead-letter queue");
-                    publisher
-                        .start_with(
-                            &names.dead(),
-                            delivery.routing_key.as_str(),
-                            &delivery.data,
-                            delivery.properties.clone(),
-                            true,
-                        )
-                        .await?
-                        .wait()
-                        .await?;
+                    common::dead::keep(publisher, names, delivery, &reason, None).await?;
                 }
             }
         }
