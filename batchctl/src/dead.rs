@@ -223,6 +223,7 @@ async fn requeue(broker: &Broker, job: Option<&str>) -> anyhow::Result<()> {
     let mut walk = DeadWalk::start(channel, &queue).await?;
     let mut done = Requeued::default();
     let moved = requeue_each(&mut walk, &publisher, job, &mut done).await;
+    let _ = publisher.channel().close(200, "requeued".into()).await;
     walk.finish().await.and(moved).with_context(|| {
         format!(
             "requeue stopped after {} message(s); the rest stay on {queue}",

@@ -381,7 +381,19 @@ async fn requeue_moves_only_the_jobs_messages_back_and_purge_drops_them() -> Res
         json_properties().with_headers(headers),
     )
     .await?;
-    wait_for_depth(&env, &dead, 4).await?;
+    // A message whose origin routes nowhere: a status no one subscribes to.
+    let unroutable = env.job_id("unroutable");
+    let status_key = format!("job.{unroutable}.failed");
+    let kept = DeadLetter::from_parts(
+        &env.names.status(),
+        &status_key,
+        b"{}".to_vec(),
+        &json_properties(),
+        "kept by hand",
+        Some(&unroutable),
+    );
+    publish(&env, &dead, "", &kept.body, kept.properties).await?;
+    wait_for_depth(&env, &dead, 5).await?;
 
     let rows = listed(&env).await?;
     let broker_row = row_of(&rows, &settled)?;
@@ -405,7 +417,7 @@ async fn requeue_moves_only_the_jobs_messages_back_and_purge_drops_them() -> Res
     let out = batchctl_ok(&env, &["dead", "requeue", "--job", &first]).await?;
     assert_eq!(
         out,
-        format!("requeued 1 message(s) to their origin; 3 left on {dead}\n")
+        format!("requeued 1 message(s) to their origin; 4 left on {dead}\n")
     );
     let back = take_one(&env, &env.names.jobs()).await?;
     assert_eq!(back.data, first_body);
@@ -417,7 +429,7 @@ async fn requeue_moves_only_the_jobs_messages_back_and_purge_drops_them() -> Res
             .all(|h| !names.contains(&h.to_string())),
         "{names:?}"
     );
-    assert_eq!(env.queue_depth(&dead).await?, 3);
+    assert_eq!(env.queue_depth(&dead).await?, 4);
 
     // The broker's dead letter goes back to the queue it was taken from, its history kept.
     let out = batchctl_ok(&env, &["dead", "requeue", "--job", &settled]).await?;
@@ -431,23 +443,34 @@ async fn requeue_moves_only_the_jobs_messages_back_and_purge_drops_them() -> Res
     assert_eq!(
         out,
         format!(
-            "requeued 0 message(s) to their origin; 2 left on {dead}\n\
+            "requeued 0 message(s) to their origin; 3 left on {dead}\n\
              not requeued: #2 (job {stray}): where it came from is not known\n"
         )
     );
-    assert_eq!(env.queue_depth(&dead).await?, 2);
+    // Published mandatory: a message its origin does not route stays, and is named.
+    let out = batchctl_ok(&env, &["dead", "requeue", "--job", &unroutable]).await?;
+    assert_eq!(
+        out,
+        format!(
+            "requeued 0 message(s) to their origin; 3 left on {dead}\n\
+             not requeued: #3 (job {unroutable}): no queue takes routing key {status_key:?} \
+             on exchange {:?}\n",
+            env.names.status()
+        )
+    );
+    assert_eq!(env.queue_depth(&dead).await?, 3);
 
     let out = batchctl_ok(&env, &["dead", "purge", "--job", &second]).await?;
     assert_eq!(
         out,
-        format!("purged 1 message(s) of job {second} from {dead}; 1 left\n")
+        format!("purged 1 message(s) of job {second} from {dead}; 2 left\n")
     );
     let rows = listed(&env).await?;
-    assert_eq!(rows.len(), 1, "{rows:#?}");
-    assert_eq!(rows[0]["job_id"], json!(stray));
+    let jobs: Vec<&str> = rows.iter().filter_map(|r| r["job_id"].as_str()).collect();
+    assert_eq!(jobs, [stray.as_str(), unroutable.as_str()], "{rows:#?}");
 
     let out = batchctl_ok(&env, &["dead", "purge"]).await?;
-    assert_eq!(out, format!("purged 1 message(s) from {dead}\n"));
+    assert_eq!(out, format!("purged 2 message(s) from {dead}\n"));
     assert_eq!(env.queue_depth(&dead).await?, 0);
 
     let (status, stdout, stderr) = env.batchctl(&["dead", "requeue", "--job", ""]).await?;
