@@ -4,8 +4,9 @@
 //! without acknowledging, so a message it does not act on stays unacknowledged until the end,
 //! when one `basic.nack` (multiple, requeue) hands all of them back in their order; if
 //! batchctl dies first, the broker returns them when the channel goes. A quorum queue puts
-//! returned messages at its back, so taking them all is what keeps their order. `nack` rather than `reject`: RabbitMQ 4.3 and later count a rejected
-//! message as a failed delivery, a nacked one not (see docs/operations.md, "Dead letters").
+//! returned messages at its back, so taking them all is what keeps their order. `nack` rather
+//! than `reject`: RabbitMQ 4.3 and later count a rejected message as a failed delivery, a
+//! nacked one not (see docs/operations.md, "Dead letters").
 
 use std::time::Duration;
 
