@@ -1,5 +1,6 @@
 //! batchctl: submit jobs to batchq and watch them, from any host that reaches the broker.
 
+mod dead;
 mod demo;
 mod progress;
 mod table;
@@ -81,6 +82,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// What {ns}.dead holds (reason, job, size, age, origin); `requeue` puts messages back
+    /// where they came from, `purge` drops them.
+    Dead(dead::DeadArgs),
     /// Run a real job end to end on this machine: splitter, reducer and workers in this
     /// process, a sha256 job over a range, with live progress.
     Demo(demo::DemoArgs),
@@ -201,6 +205,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(1));
             }
         }
+        Command::Dead(args) => dead::run(&broker, args).await?,
         Command::Demo(args) => return demo::run(cli.broker, args).await,
     }
     Ok(ExitCode::SUCCESS)

@@ -18,14 +18,14 @@ pub struct QueueRow {
 /// How a column lines up its cells: names to the left, figures to the right so their digits
 /// line up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Align {
+pub(crate) enum Align {
     Left,
     Right,
 }
 
 /// Columns separated by two spaces, each as wide as its widest cell (counted in characters,
 /// so a host name with accents does not shift the columns after it). Trailing spaces are cut.
-fn render(header: &[(&str, Align)], rows: &[Vec<String>]) -> String {
+pub(crate) fn render(header: &[(&str, Align)], rows: &[Vec<String>]) -> String {
     let width = |cell: &str| cell.chars().count();
     let mut widths: Vec<usize> = header.iter().map(|(h, _)| width(h)).collect();
     for row in rows {

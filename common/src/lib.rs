@@ -6,6 +6,7 @@ pub mod broker;
 pub mod config;
 pub mod consume;
 pub mod contract;
+pub mod dead;
 pub mod health;
 pub mod jobspec;
 pub mod measure;

@@ -484,22 +484,7 @@ async fn keep_on_dead(
     reason: &str,
 ) -> Result<(), ReducerError> {
     tracing::warn!(%reason, "keeping a message the reducer cannot use on the dead-letter queue");
-    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-    headers.insert(
-        common::lapin::types::ShortString::from("x-batchq-error"),
-        common::lapin::types::AMQPValue::LongString(reason.into()),
-    );
-    publisher
-        .start_with(
-            &names.dead(),
-            delivery.routing_key.as_str(),
-            &delivery.data,
-            delivery.properties.clone().with_headers(headers),
-            true,
-        )
-        .await?
-        .wait()
-        .await?;
+    common::dead::keep(publisher, names, delivery, reason, None).await?;
     Ok(())
 }
 

@@ -2,16 +2,14 @@
 
 use common::contract::CancelRequest;
 use common::jobspec::{ParseLimits, parse_job_spec};
-use common::lapin::BasicProperties;
 use common::lapin::message::Delivery;
-use common::lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use common::topology::{KEY_CANCEL, KEY_SETTLED, KEY_SUBMIT};
 use common::wire::{SplitterInput, decode_splitter_inputs};
 
 use crate::window::{Command, DeadCopy};
 
 /// Header that carries the reason a message was refused, on its copy in `{ns}.dead`.
-pub const REASON_HEADER: &str = "x-batchq-error";
+pub const REASON_HEADER: &str = common::dead::REASON_HEADER;
 
 /// Decodes a delivery from `{ns}.jobs`.
 pub fn job_command(delivery: &Delivery, limits: ParseLimits, at_ms: i64) -> Command {
@@ -30,7 +28,7 @@ pub fn job_command(delivery: &Delivery, limits: ParseLimits, at_ms: i64) -> Comm
         KEY_SUBMIT => match parse_job_spec(&delivery.data, content_type, message_id, limits) {
             Ok(spec) => Command::Submit { spec, at_ms },
             Err(rejection) => {
-                let dead = dead_copy(delivery, &rejection.error);
+                let dead = job_dead_copy(delivery, &rejection.error, Some(&rejection.job_id));
                 Command::Reject {
                     rejection,
                     dead,
@@ -75,22 +73,32 @@ pub fn settled(delivery: &Delivery) -> Vec<Command> {
     }
 }
 
-/// A message of ours (re-encoded from what it said) for `{ns}.dead`, with the reason.
-pub fn internal_dead_copy(routing_key: &str, body: Vec<u8>, reason: &str) -> DeadCopy {
-    let mut headers = FieldTable::default();
-    headers.insert(
-        ShortString::from(REASON_HEADER),
-        AMQPValue::LongString(LongString::from(reason)),
+/// A message of ours (re-encoded from what it said) for `{ns}.dead`, with the reason, as if
+/// it had come from `exchange` with `routing_key` (where `batchctl dead requeue` sends it).
+pub fn internal_dead_copy(
+    exchange: &str,
+    routing_key: &str,
+    body: Vec<u8>,
+    reason: &str,
+) -> DeadCopy {
+    let kept = common::dead::DeadLetter::from_parts(
+        exchange,
+        routing_key,
+        body,
+        &common::broker::json_properties(),
+        reason,
+        None,
     );
     DeadCopy {
-        routing_key: routing_key.to_owned(),
-        body,
-        properties: common::broker::json_properties().with_headers(headers),
+        routing_key: kept.routing_key,
+        body: kept.body,
+        properties: kept.properties,
     }
 }
 
-/// A settlement or halt (or a dead copy already) for `{ns}.dead`, with `reason`.
-pub fn command_dead_copy(command: &Command, reason: &str) -> DeadCopy {
+/// A settlement or halt (or a dead copy already) for `{ns}.dead`, with `reason`; `events` is
+/// the exchange settlements come by.
+pub fn command_dead_copy(events: &str, command: &Command, reason: &str) -> DeadCopy {
     let input = match command {
         Command::Settle(settled) => SplitterInput::Settled(settled.clone()),
         Command::Halt { job_id } => SplitterInput::Halt {
@@ -99,25 +107,27 @@ pub fn command_dead_copy(command: &Command, reason: &str) -> DeadCopy {
         Command::Dead(dead) => return dead.clone(),
         other => {
             let body = format!("{other:?}").into_bytes();
-            return internal_dead_copy(KEY_SETTLED, body, reason);
+            return internal_dead_copy(events, KEY_SETTLED, body, reason);
         }
     };
     let body =
         serde_json::to_vec(&input).unwrap_or_else(|e| format!("{input:?}: {e}").into_bytes());
-    internal_dead_copy(KEY_SETTLED, body, reason)
+    internal_dead_copy(events, KEY_SETTLED, body, reason)
 }
 
-/// The original message, properties and all, with the reason added to its headers.
+/// The original message, properties and all, with the reason and origin added to its headers
+/// (`common::dead`, as every component keeps its refusals).
 pub fn dead_copy(delivery: &Delivery, reason: &str) -> DeadCopy {
-    let mut headers: FieldTable = delivery.properties.headers().clone().unwrap_or_default();
-    headers.insert(
-        ShortString::from(REASON_HEADER),
-        AMQPValue::LongString(LongString::from(reason)),
-    );
-    let properties: BasicProperties = delivery.properties.clone().with_headers(headers);
+    job_dead_copy(delivery, reason, None)
+}
+
+/// [`dead_copy`] of a message whose job is known (a rejected JobSpec's id may come from its
+/// `message_id`, which the body alone would not tell a reader of `{ns}.dead`).
+fn job_dead_copy(delivery: &Delivery, reason: &str, job_id: Option<&str>) -> DeadCopy {
+    let kept = common::dead::DeadLetter::of(delivery, reason, job_id);
     DeadCopy {
-        routing_key: delivery.routing_key.as_str().to_owned(),
-        body: delivery.data.clone(),
-        properties,
+        routing_key: kept.routing_key,
+        body: kept.body,
+        properties: kept.properties,
     }
 }

@@ -330,7 +330,7 @@ async fn intake_settled(
                 (stop, "settlements"),
                 chunk.len(),
                 |i| chunk[i].clone(),
-                |i, reason| intake::command_dead_copy(&chunk[i], reason),
+                |i, reason| intake::command_dead_copy(&names.events(), &chunk[i], reason),
             )
             .await?;
         }

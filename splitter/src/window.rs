@@ -345,7 +345,9 @@ impl Batch<'_> {
     fn unusable(&mut self, input: &SplitterInput, reason: String) -> Result<(), StoreError> {
         tracing::warn!(%reason, "keeping an unusable settlement on the dead-letter queue");
         let body = encode(input)?;
+        let events = self.names.events();
         self.dead(crate::intake::internal_dead_copy(
+            &events,
             KEY_SETTLED,
             body,
             &reason,

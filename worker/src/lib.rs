@@ -17,7 +17,6 @@ use common::config::BrokerArgs;
 use common::consume::consume;
 use common::lapin::message::Delivery;
 use common::lapin::options::{BasicAckOptions, BasicCancelOptions};
-use common::lapin::types::{AMQPValue, LongString, ShortString};
 use common::supervise::{Retryable, supervise};
 use common::topology::{KEY_HEARTBEAT, KEY_REDUCER, Names, declare_work_queue};
 use common::wire::{Control, Fragment, Heartbeat};
@@ -432,23 +431,7 @@ async fn dead_letter(
     reason: &str,
 ) -> Result<(), BrokerError> {
     tracing::warn!(%reason, "fragment message kept on the dead-letter queue");
-    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-    headers.insert(
-        ShortString::from("x-batchq-error"),
-        AMQPValue::LongString(LongString::from(reason)),
-    );
-    let properties = delivery.properties.clone().with_headers(headers);
-    publisher
-        .start_with(
-            &names.dead(),
-            delivery.routing_key.as_str(),
-            &delivery.data,
-            properties,
-            true,
-        )
-        .await?
-        .wait()
-        .await?;
+    common::dead::keep(publisher, names, delivery, reason, None).await?;
     delivery.acker.ack(BasicAckOptions::default()).await?;
     Ok(())
 }
