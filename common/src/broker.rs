@@ -217,6 +217,13 @@ impl Broker {
         let ca_pem = args.tls_ca_pem().map_err(BrokerError::Config)?;
         let mut pools = Vec::with_capacity(urls.len());
         for url in urls {
+            // A malformed URL is a setting to fix, not a broker to wait for.
+            if let Err(e) = url.parse::<deadpool_lapin::lapin::uri::AMQPUri>() {
+                return Err(BrokerError::Config(format!(
+                    "AMQP_URL {} is not a valid AMQP URL: {e}",
+                    redact_url(&url)
+                )));
+            }
             let manager = ConnectionManager::new(
                 with_default_frame_max(&url),
                 ca_pem.clone(),
@@ -530,6 +537,19 @@ where
 #[cfg(test)]
 mod frame_tests {
     use super::*;
+
+    #[test]
+    fn a_malformed_url_is_a_setting_to_fix_named_without_its_password() {
+        let args = BrokerArgs::new("amqp://u:secretpw@127.0.0.1:xx/%2f", "ns");
+        let Err(error) = Broker::new(&args, "test") else {
+            panic!("a URL with port xx must be refused");
+        };
+        assert!(!error.is_retryable());
+        let message = error.to_string();
+        assert!(message.contains("not a valid AMQP URL"), "{message}");
+        assert!(message.contains("amqp://u:***@127.0.0.1:xx/%2f"), "{message}");
+        assert!(!message.contains("secretpw"), "{message}");
+    }
 
     #[test]
     fn frame_max_is_added_unless_given() {
