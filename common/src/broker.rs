@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::config::{BrokerArgs, redact_url};
 use crate::topology::Names;
 use connector::{ConnectionManager, ConnectionPool, PooledConnection};
-pub use refusal::{Refusal, reply_code};
+pub use refusal::Refusal;
 use refusal::{Stage, classify, may_heal};
 
 /// A broker error, with what to do about it.
@@ -547,7 +547,10 @@ mod frame_tests {
         assert!(!error.is_retryable());
         let message = error.to_string();
         assert!(message.contains("not a valid AMQP URL"), "{message}");
-        assert!(message.contains("amqp://u:***@127.0.0.1:xx/%2f"), "{message}");
+        assert!(
+            message.contains("amqp://u:***@127.0.0.1:xx/%2f"),
+            "{message}"
+        );
         assert!(!message.contains("secretpw"), "{message}");
     }
 

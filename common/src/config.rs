@@ -46,12 +46,6 @@ impl BrokerArgs {
         }
     }
 
-    /// The same settings, trusting the CA certificates of `path` for `amqps://` URLs.
-    pub fn with_tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
-        self.tls_ca_file = Some(path.into());
-        self
-    }
-
     /// The PEM text of [`BrokerArgs::tls_ca_file`], checked to hold a certificate: rustls
     /// skips what it cannot parse, so a wrong file would otherwise show up only later, as an
     /// untrusted broker.
@@ -142,13 +136,19 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("not-a-ca.pem");
         std::fs::write(&path, "hello")?;
-        let args = BrokerArgs::default().with_tls_ca_file(&path);
+        let args = BrokerArgs {
+            tls_ca_file: Some(path),
+            ..BrokerArgs::default()
+        };
         let error = args.tls_ca_pem().err().unwrap_or_default();
         assert!(
             error.contains("not-a-ca.pem") && error.contains("no PEM certificate"),
             "{error}"
         );
-        let missing = BrokerArgs::default().with_tls_ca_file(dir.path().join("missing.pem"));
+        let missing = BrokerArgs {
+            tls_ca_file: Some(dir.path().join("missing.pem")),
+            ..BrokerArgs::default()
+        };
         let error = missing.tls_ca_pem().err().unwrap_or_default();
         assert!(error.contains("cannot read BATCHQ_TLS_CA_FILE"), "{error}");
         assert_eq!(BrokerArgs::default().tls_ca_pem(), Ok(None));

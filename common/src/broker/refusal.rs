@@ -50,14 +50,6 @@ pub(crate) enum Stage {
     Channel,
 }
 
-/// The AMQP reply code of `error`, when the broker sent one.
-pub fn reply_code(error: &LapinError) -> Option<u16> {
-    match error.kind() {
-        ErrorKind::ProtocolError(amqp) => Some(amqp.get_id()),
-        _ => None,
-    }
-}
-
 /// The refusal behind `error`, if it is one, at `stage` of a connection to a URL that is
 /// (`tls`) or is not an `amqps://` one.
 pub(crate) fn classify(error: &LapinError, stage: Stage, tls: bool) -> Option<Refusal> {
@@ -118,7 +110,6 @@ mod tests {
     #[test]
     fn a_403_is_a_wrong_login_at_connect_and_a_missing_permission_later() {
         let refused = broker_said(AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED));
-        assert_eq!(reply_code(&refused), Some(403));
         assert_eq!(
             classify(&refused, Stage::Connect, false),
             Some(Refusal::LoginRefused)
