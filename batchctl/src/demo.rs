@@ -44,7 +44,10 @@ pub async fn run(broker_args: BrokerArgs, args: DemoArgs) -> anyhow::Result<Exit
         broker_args.namespace,
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
-    let broker_args = BrokerArgs::new(broker_args.amqp_url.clone(), namespace.clone());
+    let broker_args = BrokerArgs {
+        namespace: namespace.clone(),
+        ..broker_args
+    };
     let data = tempfile::Builder::new().prefix("batchq-demo-").tempdir()?;
     let data_dir = if args.keep {
         data.keep()

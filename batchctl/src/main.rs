@@ -219,7 +219,9 @@ const CONNECT_PATIENCE: Duration = Duration::from_secs(3);
 const CONNECT_RETRY_EVERY: Duration = Duration::from_millis(250);
 
 /// Connects to the broker (each URL of `AMQP_URL` in turn), retrying for
-/// [`CONNECT_PATIENCE`]; the error after that is one line naming the broker.
+/// [`CONNECT_PATIENCE`]; the error after that is one line naming the broker. A broker that
+/// refuses the login, the vhost or the TLS handshake is not retried: waiting will not mend
+/// it, so the line naming the cause comes at once.
 async fn reach_broker(broker: &Broker) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let mut attempts = 0u32;
@@ -228,6 +230,7 @@ async fn reach_broker(broker: &Broker) -> anyhow::Result<()> {
         let attempt = tokio::time::timeout(CONNECT_PATIENCE, broker.connection()).await;
         let error = match attempt {
             Ok(Ok(_connection)) => return Ok(()),
+            Ok(Err(e)) if e.refusal().is_some() => bail!("{}", refusal_line(&e)),
             Ok(Err(e)) if e.is_retryable() => e.to_string(),
             Ok(Err(e)) => return Err(e.into()),
             Err(_) => format!(
@@ -244,6 +247,15 @@ async fn reach_broker(broker: &Broker) -> anyhow::Result<()> {
             );
         }
         tokio::time::sleep(CONNECT_RETRY_EVERY).await;
+    }
+}
+
+/// One line for a refused connection: the cause first, then the broker's own words and the
+/// URL (without its password).
+fn refusal_line(error: &common::broker::BrokerError) -> String {
+    match error.refusal() {
+        Some(cause) => format!("{cause}; {}", error.to_string().replace('\n', " ")),
+        None => error.to_string(),
     }
 }
 

@@ -1,5 +1,8 @@
-//! Connections to RabbitMQ (pooled by deadpool-lapin, one pool per cluster URL, tried in
-//! turn) and a publisher that always waits for the broker's confirm.
+//! Connections to RabbitMQ (pooled by deadpool, one pool per cluster URL, tried in turn,
+//! `amqps://` through rustls) and a publisher that always waits for the broker's confirm.
+
+mod connector;
+mod refusal;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -7,20 +10,30 @@ use std::time::Duration;
 
 use deadpool_lapin::lapin::options::{BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions};
 use deadpool_lapin::lapin::types::ShortString;
-use deadpool_lapin::lapin::{
-    BasicProperties, Channel, Confirmation, ConnectionProperties, PublisherConfirm,
-};
-use deadpool_lapin::{Pool, PoolConfig, Runtime, Timeouts};
+use deadpool_lapin::lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
+use deadpool_lapin::{PoolConfig, PoolError, Runtime, Timeouts};
 use serde::Serialize;
 
 use crate::config::{BrokerArgs, redact_url};
 use crate::topology::Names;
+use connector::{ConnectionManager, ConnectionPool, PooledConnection};
+pub use refusal::Refusal;
+use refusal::{Stage, classify, may_heal};
 
 /// A broker error, with what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("cannot reach the broker ({urls}): {reason}")]
     Unreachable { urls: String, reason: String },
+    /// The broker answered and turned this client away; the cause is the source, so that
+    /// it can be found under the transparent error types of the binaries.
+    #[error("the broker at {url} refused this client: {detail}")]
+    Refused {
+        url: String,
+        detail: String,
+        #[source]
+        refusal: Refusal,
+    },
     #[error("broker error: {0}")]
     Amqp(#[from] deadpool_lapin::lapin::Error),
     #[error("the broker refused a message published to exchange {exchange:?}")]
@@ -38,10 +51,66 @@ pub enum BrokerError {
 }
 
 impl BrokerError {
-    /// Whether reconnecting may help. Only bad settings are not worth another try.
+    /// Whether reconnecting may help: not with bad settings, an unencodable message, or a
+    /// reply code that says the client broke the protocol. A refusal is retryable (slowly,
+    /// see [`BrokerError::refusal`]): credentials or permissions may arrive later.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, BrokerError::Config(_) | BrokerError::Encode(_))
+        match self {
+            BrokerError::Config(_) | BrokerError::Encode(_) => false,
+            BrokerError::Amqp(e) => may_heal(e),
+            _ => true,
+        }
     }
+
+    /// The cause, when the broker refused this client rather than failed or went away.
+    pub fn refusal(&self) -> Option<Refusal> {
+        match self {
+            BrokerError::Refused { refusal, .. } => Some(*refusal),
+            BrokerError::Amqp(e) => classify(e, Stage::Channel, false),
+            _ => None,
+        }
+    }
+
+    /// `self`, made a [`BrokerError::Refused`] naming `url` when its reply code is a refusal
+    /// at `stage`.
+    fn refused_at(self, url: &str, stage: Stage) -> Self {
+        let BrokerError::Amqp(error) = self else {
+            return self;
+        };
+        match classify(&error, stage, is_tls(url)) {
+            Some(refusal) => BrokerError::Refused {
+                url: redact_url(url),
+                detail: error.to_string(),
+                refusal,
+            },
+            None => BrokerError::Amqp(error),
+        }
+    }
+}
+
+/// The refusal somewhere in `error`'s chain of sources (the binaries wrap [`BrokerError`]
+/// transparently, which hides it but not its source).
+pub fn refusal_in(error: &(dyn std::error::Error + 'static)) -> Option<Refusal> {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if let Some(refusal) = error.downcast_ref::<Refusal>() {
+            return Some(*refusal);
+        }
+        if let Some(broker) = error.downcast_ref::<BrokerError>() {
+            return broker.refusal();
+        }
+        if let Some(lapin) = error.downcast_ref::<deadpool_lapin::lapin::Error>() {
+            return classify(lapin, Stage::Channel, false);
+        }
+        next = error.source();
+    }
+    None
+}
+
+fn is_tls(url: &str) -> bool {
+    url.trim_start()
+        .to_ascii_lowercase()
+        .starts_with("amqps://")
 }
 
 /// Longest wait for the broker to answer one request of a session's setup (a declare, a
@@ -99,11 +168,10 @@ pub fn transient_json_properties() -> BasicProperties {
 /// The broker of one deployment: a connection pool per URL and the deployment's names.
 #[derive(Clone)]
 pub struct Broker {
-    pools: Arc<Vec<(String, Pool)>>,
+    pools: Arc<Vec<(String, ConnectionPool)>>,
     /// Index of the URL that last answered, tried first next time.
     preferred: Arc<AtomicUsize>,
     names: Names,
-    client_name: String,
 }
 
 impl std::fmt::Debug for Broker {
@@ -146,11 +214,23 @@ impl Broker {
                 args.namespace
             )));
         }
+        let ca_pem = args.tls_ca_pem().map_err(BrokerError::Config)?;
         let mut pools = Vec::with_capacity(urls.len());
         for url in urls {
-            let config = deadpool_lapin::Config {
-                url: Some(with_default_frame_max(&url)),
-                pool: Some(PoolConfig {
+            // A malformed URL is a setting to fix, not a broker to wait for.
+            if let Err(e) = url.parse::<deadpool_lapin::lapin::uri::AMQPUri>() {
+                return Err(BrokerError::Config(format!(
+                    "AMQP_URL {} is not a valid AMQP URL: {e}",
+                    redact_url(&url)
+                )));
+            }
+            let manager = ConnectionManager::new(
+                with_default_frame_max(&url),
+                ca_pem.clone(),
+                client_name.to_owned(),
+            );
+            let pool = ConnectionPool::builder(manager)
+                .config(PoolConfig {
                     max_size: 4,
                     timeouts: Timeouts {
                         wait: Some(Duration::from_secs(10)),
@@ -158,16 +238,9 @@ impl Broker {
                         recycle: Some(Duration::from_secs(5)),
                     },
                     ..PoolConfig::default()
-                }),
-            };
-            let name = client_name.to_owned();
-            let pool = config
-                .create_pool(
-                    move || {
-                        ConnectionProperties::default().with_connection_name(name.clone().into())
-                    },
-                    Runtime::Tokio1,
-                )
+                })
+                .runtime(Runtime::Tokio1)
+                .build()
                 .map_err(|e| BrokerError::Config(format!("{}: {e}", redact_url(&url))))?;
             pools.push((url, pool));
         }
@@ -175,16 +248,11 @@ impl Broker {
             pools: Arc::new(pools),
             preferred: Arc::new(AtomicUsize::new(0)),
             names: crate::topology::Names::new(args.namespace.clone()),
-            client_name: client_name.to_owned(),
         })
     }
 
     pub fn names(&self) -> &Names {
         &self.names
-    }
-
-    pub fn client_name(&self) -> &str {
-        &self.client_name
     }
 
     /// The broker URLs, passwords redacted, comma-separated: fit for a message to a user.
@@ -197,25 +265,40 @@ impl Broker {
     }
 
     /// A pooled connection, trying each URL in turn from the one that answered last.
-    pub async fn connection(&self) -> Result<deadpool_lapin::Connection, BrokerError> {
+    pub async fn connection(&self) -> Result<PooledConnection, BrokerError> {
+        Ok(self.connection_and_url().await?.0)
+    }
+
+    /// [`Broker::connection`] and the URL it reached. A broker that refuses the login, the
+    /// vhost or the TLS handshake is reported as [`BrokerError::Refused`] (when no other URL
+    /// answers), since it is what the user has to mend; a broker down is just unreachable.
+    async fn connection_and_url(&self) -> Result<(PooledConnection, &str), BrokerError> {
         let n = self.pools.len();
         let first = self.preferred.load(Ordering::Relaxed) % n;
         let mut reasons = Vec::new();
+        let mut refused = None;
         for i in 0..n {
             let at = (first + i) % n;
             let (url, pool) = &self.pools[at];
             match pool.get().await {
                 Ok(conn) => {
                     self.preferred.store(at, Ordering::Relaxed);
-                    return Ok(conn);
+                    return Ok((conn, url));
+                }
+                Err(PoolError::Backend(e)) => {
+                    let error = BrokerError::Amqp(e).refused_at(url, Stage::Connect);
+                    match error {
+                        BrokerError::Refused { .. } if refused.is_none() => refused = Some(error),
+                        other => reasons.push(format!("{}: {other}", redact_url(url))),
+                    }
                 }
                 Err(e) => reasons.push(format!("{}: {e}", redact_url(url))),
             }
         }
-        Err(BrokerError::Unreachable {
+        Err(refused.unwrap_or_else(|| BrokerError::Unreachable {
             urls: self.urls_redacted(),
             reason: reasons.join("; "),
-        })
+        }))
     }
 
     /// A channel on a pooled connection (shared with other short-lived users).
@@ -237,14 +320,16 @@ impl Broker {
         Ok(Session { publish, consume })
     }
 
-    /// Declares the namespace's whole fixed topology.
+    /// Declares the namespace's whole fixed topology. A missing permission or an exchange
+    /// or queue declared otherwise is a [`BrokerError::Refused`] naming the URL.
     pub async fn declare_topology(&self) -> Result<(), BrokerError> {
-        let connection = self.connection().await?;
+        let (connection, url) = self.connection_and_url().await?;
         answered(
             "the topology's declarations",
             crate::topology::declare(&connection, &self.names),
         )
-        .await?;
+        .await
+        .map_err(|e| e.refused_at(url, Stage::Declare))?;
         Ok(())
     }
 }
@@ -252,8 +337,8 @@ impl Broker {
 /// The connections of one supervised session; dropping it hands them back to the pool,
 /// which discards broken ones.
 pub struct Session {
-    publish: deadpool_lapin::Connection,
-    consume: deadpool_lapin::Connection,
+    publish: PooledConnection,
+    consume: PooledConnection,
 }
 
 impl Session {
@@ -450,6 +535,22 @@ where
 #[cfg(test)]
 mod frame_tests {
     use super::*;
+
+    #[test]
+    fn a_malformed_url_is_a_setting_to_fix_named_without_its_password() {
+        let args = BrokerArgs::new("amqp://u:secretpw@127.0.0.1:xx/%2f", "ns");
+        let Err(error) = Broker::new(&args, "test") else {
+            panic!("a URL with port xx must be refused");
+        };
+        assert!(!error.is_retryable());
+        let message = error.to_string();
+        assert!(message.contains("not a valid AMQP URL"), "{message}");
+        assert!(
+            message.contains("amqp://u:***@127.0.0.1:xx/%2f"),
+            "{message}"
+        );
+        assert!(!message.contains("secretpw"), "{message}");
+    }
 
     #[test]
     fn frame_max_is_added_unless_given() {

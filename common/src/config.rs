@@ -1,4 +1,6 @@
-//! Settings that every binary reads: the broker and the namespace.
+//! Settings that every binary reads: the broker, its TLS trust and the namespace.
+
+use std::path::PathBuf;
 
 use clap::Args;
 
@@ -8,7 +10,7 @@ pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const DEFAULT_NAMESPACE: &str = "batchq";
 
 /// Broker and namespace, flattened into each binary's own flags.
-#[derive(Debug, Clone, Args)]
+#[derive(Clone, Args)]
 pub struct BrokerArgs {
     /// Broker URL; a comma-separated list for a cluster (tried in turn).
     #[arg(long = "amqp-url", env = "AMQP_URL", default_value = DEFAULT_AMQP_URL)]
@@ -17,6 +19,22 @@ pub struct BrokerArgs {
     /// Prefix of every exchange and queue, so deployments can share a broker.
     #[arg(long = "namespace", env = "BATCHQ_NAMESPACE", default_value = DEFAULT_NAMESPACE)]
     pub namespace: String,
+
+    /// PEM file of CA certificates trusted for `amqps://` URLs besides the system's roots
+    /// (a private CA).
+    #[arg(long = "tls-ca-file", env = "BATCHQ_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+}
+
+// By hand: the derived form would print the URL's password.
+impl std::fmt::Debug for BrokerArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerArgs")
+            .field("amqp_url", &redact_urls(&self.amqp_url))
+            .field("namespace", &self.namespace)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .finish()
+    }
 }
 
 impl BrokerArgs {
@@ -24,7 +42,26 @@ impl BrokerArgs {
         Self {
             amqp_url: amqp_url.into(),
             namespace: namespace.into(),
+            tls_ca_file: None,
         }
+    }
+
+    /// The PEM text of [`BrokerArgs::tls_ca_file`], checked to hold a certificate: rustls
+    /// skips what it cannot parse, so a wrong file would otherwise show up only later, as an
+    /// untrusted broker.
+    pub fn tls_ca_pem(&self) -> Result<Option<String>, String> {
+        let Some(path) = &self.tls_ca_file else {
+            return Ok(None);
+        };
+        let pem = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read BATCHQ_TLS_CA_FILE {}: {e}", path.display()))?;
+        if !pem.contains("-----BEGIN CERTIFICATE-----") {
+            return Err(format!(
+                "BATCHQ_TLS_CA_FILE {} holds no PEM certificate (no -----BEGIN CERTIFICATE----- line)",
+                path.display()
+            ));
+        }
+        Ok(Some(pem))
     }
 
     /// The URLs of `amqp_url`, in the order they are tried.
@@ -58,6 +95,14 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// A comma-separated list of URLs with each password replaced, fit for a log line.
+pub fn redact_urls(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| redact_url(url.trim()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -69,6 +114,45 @@ mod tests {
             "amqp://guest:***@host:5672/%2f"
         );
         assert_eq!(redact_url("amqp://host:5672"), "amqp://host:5672");
+        assert_eq!(
+            redact_url("amqps://u:p@ss@host/%2f"),
+            "amqps://u:***@host/%2f"
+        );
+    }
+
+    #[test]
+    fn debug_output_hides_every_password_of_a_cluster() {
+        let args = BrokerArgs::new("amqp://a:pw1@h1/%2f, amqp://b:pw2@h2/%2f", "ns");
+        let shown = format!("{args:?}");
+        assert!(!shown.contains("pw1") && !shown.contains("pw2"), "{shown}");
+        assert!(
+            shown.contains("amqp://a:***@h1/%2f,amqp://b:***@h2/%2f"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn a_ca_file_without_a_certificate_is_named_in_the_error() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("not-a-ca.pem");
+        std::fs::write(&path, "hello")?;
+        let args = BrokerArgs {
+            tls_ca_file: Some(path),
+            ..BrokerArgs::default()
+        };
+        let error = args.tls_ca_pem().err().unwrap_or_default();
+        assert!(
+            error.contains("not-a-ca.pem") && error.contains("no PEM certificate"),
+            "{error}"
+        );
+        let missing = BrokerArgs {
+            tls_ca_file: Some(dir.path().join("missing.pem")),
+            ..BrokerArgs::default()
+        };
+        let error = missing.tls_ca_pem().err().unwrap_or_default();
+        assert!(error.contains("cannot read BATCHQ_TLS_CA_FILE"), "{error}");
+        assert_eq!(BrokerArgs::default().tls_ca_pem(), Ok(None));
+        Ok(())
     }
 
     #[test]

@@ -24,10 +24,19 @@ pub mod wire;
 
 pub use deadpool_lapin::lapin;
 
-/// Sets up `tracing` output on stderr, filtered by `RUST_LOG` (default `info`).
+/// Sets up `tracing` output on stderr, filtered by `RUST_LOG` (default `info`). lapin's own
+/// lines are off unless `RUST_LOG` names lapin: it logs an ERROR for every failed attempt,
+/// where the supervisor reports each cause once, with the URL.
 pub fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut directives = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| "info".to_owned());
+    if !directives.contains("lapin") {
+        directives.push_str(",lapin=off");
+    }
+    let filter = EnvFilter::new(directives);
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

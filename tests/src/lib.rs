@@ -35,7 +35,7 @@ use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 
 pub mod rabbit_node;
-pub use rabbit_node::RabbitNode;
+pub use rabbit_node::{RabbitNode, TestCerts};
 
 /// Broker of the tests: `AMQP_URL`, or the contract's default.
 pub fn amqp_url() -> String {
@@ -259,6 +259,7 @@ impl Proc {
             "BATCHQ_MAX_MESSAGE_BYTES",
             "BATCHQ_MAX_LIFETIME",
             "BATCHQ_RETENTION",
+            "BATCHQ_TLS_CA_FILE",
         ] {
             command.env_remove(var);
         }
@@ -349,6 +350,8 @@ pub struct TestEnv {
     pub names: Names,
     /// The broker of this test: [`amqp_url`], or the one given to [`TestEnv::with_url`].
     url: String,
+    /// `BATCHQ_TLS_CA_FILE` of the test's connections and processes ([`TestEnv::with_tls`]).
+    tls_ca_file: Option<PathBuf>,
     dir: Option<tempfile::TempDir>,
     broker: Broker,
     publisher: Publisher,
@@ -370,13 +373,21 @@ impl TestEnv {
     /// [`TestEnv::new`] on another broker than the shared one (a private node, a cluster's
     /// comma-separated URLs): the test's own connections and every process it starts use `url`.
     pub async fn with_url(test: &str, url: &str) -> Result<Self> {
+        Self::with_tls(test, url, None).await
+    }
+
+    /// [`TestEnv::with_url`] trusting the CA certificates of `tls_ca_file` for `amqps://`:
+    /// the test's connections and every process and `batchctl` it starts.
+    pub async fn with_tls(test: &str, url: &str, tls_ca_file: Option<&Path>) -> Result<Self> {
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let ns = format!("t-{test}-{}", &suffix[..8]);
         let dir = tempfile::Builder::new()
             .prefix(&format!("batchq-{test}-"))
             .tempdir()
             .context("creating the test's data folder")?;
-        let broker = Broker::new(&BrokerArgs::new(url, ns.clone()), "batchq-tests")?;
+        let mut args = BrokerArgs::new(url, ns.clone());
+        args.tls_ca_file = tls_ca_file.map(Path::to_path_buf);
+        let broker = Broker::new(&args, "batchq-tests")?;
         tokio::time::timeout(Duration::from_secs(15), broker.declare_topology())
             .await
             .context("declaring the topology timed out")?
@@ -387,6 +398,7 @@ impl TestEnv {
             names: Names::new(ns.clone()),
             ns,
             url: url.to_owned(),
+            tls_ca_file: args.tls_ca_file,
             dir: Some(dir),
             broker,
             publisher,
@@ -429,10 +441,14 @@ impl TestEnv {
     }
 
     fn base_env(&self) -> Vec<(String, String)> {
-        vec![
+        let mut env = vec![
             ("AMQP_URL".into(), self.url.clone()),
             ("BATCHQ_NAMESPACE".into(), self.ns.clone()),
-        ]
+        ];
+        if let Some(ca) = &self.tls_ca_file {
+            env.push(("BATCHQ_TLS_CA_FILE".into(), ca.display().to_string()));
+        }
+        env
     }
 
     fn start(
@@ -1060,9 +1076,10 @@ impl Drop for TestEnv {
         // Drop cannot await, and may run inside the test's runtime: delete the namespace from a
         // thread of its own, with a runtime and connection of its own.
         let ns = self.ns.clone();
-        let url = self.url.clone();
+        let mut args = BrokerArgs::new(self.url.clone(), ns);
+        args.tls_ca_file = self.tls_ca_file.clone();
         let ops = self.all_operations();
-        let cleanup = std::thread::spawn(move || delete_namespace_blocking(&url, &ns, &ops));
+        let cleanup = std::thread::spawn(move || delete_namespace_blocking(&args, &ops));
         match cleanup.join() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => eprintln!("could not delete namespace: {e:#}"),
@@ -1071,12 +1088,12 @@ impl Drop for TestEnv {
     }
 }
 
-fn delete_namespace_blocking(url: &str, ns: &str, ops: &[String]) -> Result<()> {
+fn delete_namespace_blocking(args: &BrokerArgs, ops: &[String]) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let broker = Broker::new(&BrokerArgs::new(url, ns), "batchq-tests-cleanup")?;
+        let broker = Broker::new(args, "batchq-tests-cleanup")?;
         let channel = broker.channel().await?;
         let ops: Vec<&str> = ops.iter().map(String::as_str).collect();
         tokio::time::timeout(

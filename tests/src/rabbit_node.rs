@@ -4,6 +4,7 @@
 //! epmd (port 4369) is shared, as every Erlang node on the host shares it.
 //!
 //! [`RabbitNode::start`] boots it and waits until it accepts AMQP connections;
+//! [`RabbitNode::start_with_tls`] adds a TLS listener with a certificate of [`TestCerts`];
 //! [`RabbitNode::kill`] SIGKILLs the Erlang VM (`beam.smp`), as a crash or an OOM kill would;
 //! [`RabbitNode::restart`] boots it again on the same data. Dropping the node kills it and
 //! removes its folder, whatever the test's outcome; a failing test first prints the node's log.
@@ -57,6 +58,8 @@ pub struct RabbitNode {
     pub node_name: String,
     pub port: u16,
     pub dist_port: u16,
+    /// Port of the TLS (`amqps://`) listener, for a node started with one.
+    pub tls_port: Option<u16>,
     script: PathBuf,
     dir: Option<tempfile::TempDir>,
     /// The `rabbitmq-server` script of the current incarnation (it waits for the VM).
@@ -72,6 +75,16 @@ pub struct RabbitNode {
 impl RabbitNode {
     /// Boots a fresh node and waits until it accepts AMQP connections.
     pub async fn start() -> Result<Self> {
+        Self::start_node(None).await
+    }
+
+    /// [`RabbitNode::start`] with a TLS listener as well, on [`RabbitNode::tls_url`], serving
+    /// the server certificate of `certs` (clients are not asked for one).
+    pub async fn start_with_tls(certs: &TestCerts) -> Result<Self> {
+        Self::start_node(Some(certs)).await
+    }
+
+    async fn start_node(tls: Option<&TestCerts>) -> Result<Self> {
         let script = server_script()?;
         let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
         let dir = tempfile::Builder::new()
@@ -83,6 +96,16 @@ impl RabbitNode {
         while dist_port == port {
             dist_port = free_port()?;
         }
+        let tls_port = match tls {
+            Some(_) => {
+                let mut tls_port = free_port()?;
+                while tls_port == port || tls_port == dist_port {
+                    tls_port = free_port()?;
+                }
+                Some(tls_port)
+            }
+            None => None,
+        };
         let root = dir.path();
         std::fs::create_dir_all(root.join("mnesia"))?;
         std::fs::create_dir_all(root.join("log"))?;
@@ -92,18 +115,30 @@ impl RabbitNode {
         std::fs::write(root.join("rabbitmq-env.conf"), "")?;
         // The host's rabbitmq.conf binds the shared port; this node binds its own. A low disk
         // limit keeps a nearly full CI disk from blocking publishers with an alarm.
-        std::fs::write(
-            root.join("rabbitmq.conf"),
-            format!(
-                "listeners.tcp.1 = 127.0.0.1:{port}\n\
-                 disk_free_limit.absolute = 10MB\n\
-                 log.file.level = info\n"
-            ),
-        )?;
+        let mut conf = format!(
+            "listeners.tcp.1 = 127.0.0.1:{port}\n\
+             disk_free_limit.absolute = 10MB\n\
+             log.file.level = info\n"
+        );
+        if let (Some(certs), Some(tls_port)) = (tls, tls_port) {
+            conf.push_str(&format!(
+                "listeners.ssl.1 = 127.0.0.1:{tls_port}\n\
+                 ssl_options.cacertfile = {}\n\
+                 ssl_options.certfile = {}\n\
+                 ssl_options.keyfile = {}\n\
+                 ssl_options.verify = verify_none\n\
+                 ssl_options.fail_if_no_peer_cert = false\n",
+                certs.ca_file().display(),
+                certs.server_cert_file().display(),
+                certs.server_key_file().display(),
+            ));
+        }
+        std::fs::write(root.join("rabbitmq.conf"), conf)?;
         let mut node = Self {
             node_name: format!("batchq-test-{suffix}@localhost"),
             port,
             dist_port,
+            tls_port,
             script,
             dir: Some(dir),
             server: None,
@@ -125,6 +160,14 @@ impl RabbitNode {
     /// `amqp://guest:guest@127.0.0.1:{port}/%2f` (guest may log in from localhost).
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// `amqps://guest:guest@127.0.0.1:{tls_port}/%2f`, for a node with a TLS listener.
+    pub fn tls_url(&self) -> Result<String> {
+        let port = self
+            .tls_port
+            .context("the node was started without a TLS listener")?;
+        Ok(format!("amqps://guest:guest@127.0.0.1:{port}/%2f"))
     }
 
     fn pid_file(&self) -> PathBuf {
@@ -313,6 +356,141 @@ impl RabbitNode {
             ));
         }
         out
+    }
+}
+
+/// A CA and a server certificate it signed (for `localhost` and `127.0.0.1`), and a second
+/// CA that signed nothing here, made with the `openssl` command in a temporary folder that
+/// is removed on drop. EC P-256 keys: generated in milliseconds.
+pub struct TestCerts {
+    dir: tempfile::TempDir,
+}
+
+impl TestCerts {
+    pub fn generate() -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("batchq-certs-")
+            .tempdir()
+            .context("creating the certificates' folder")?;
+        let certs = Self { dir };
+        certs.self_signed_ca("ca", "batchq test CA")?;
+        certs.self_signed_ca("other-ca", "batchq unrelated CA")?;
+        let ext = certs.path("server.ext");
+        std::fs::write(
+            &ext,
+            "basicConstraints = CA:FALSE\n\
+             keyUsage = digitalSignature, keyEncipherment\n\
+             extendedKeyUsage = serverAuth\n\
+             subjectAltName = DNS:localhost, IP:127.0.0.1\n",
+        )?;
+        certs.openssl(&[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &certs.arg("server.key"),
+            "-out",
+            &certs.arg("server.csr"),
+            "-subj",
+            "/CN=localhost",
+        ])?;
+        certs.openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &certs.arg("server.csr"),
+            "-CA",
+            &certs.arg("ca.pem"),
+            "-CAkey",
+            &certs.arg("ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &ext.display().to_string(),
+            "-out",
+            &certs.arg("server.pem"),
+        ])?;
+        // The broker reads the key as another user may: RabbitMQ runs as whoever starts it
+        // here, but keep the files readable for it either way.
+        for file in ["server.key", "server.pem", "ca.pem"] {
+            let path = certs.path(file);
+            let mut permissions = std::fs::metadata(&path)?.permissions();
+            std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o644);
+            std::fs::set_permissions(&path, permissions)?;
+        }
+        Ok(certs)
+    }
+
+    fn self_signed_ca(&self, name: &str, subject: &str) -> Result<()> {
+        self.openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &self.arg(&format!("{name}.key")),
+            "-out",
+            &self.arg(&format!("{name}.pem")),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={subject}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ])
+    }
+
+    fn openssl(&self, args: &[&str]) -> Result<()> {
+        let output = Command::new("openssl")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("running openssl (the TLS tests make their certificates with it)")?;
+        if !output.status.success() {
+            bail!(
+                "openssl {} failed ({}): {}",
+                args.first().copied().unwrap_or_default(),
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn arg(&self, name: &str) -> String {
+        self.path(name).display().to_string()
+    }
+
+    /// The CA that signed the server certificate (PEM): what `BATCHQ_TLS_CA_FILE` names.
+    pub fn ca_file(&self) -> PathBuf {
+        self.path("ca.pem")
+    }
+
+    /// A CA that did not sign the server certificate (PEM).
+    pub fn other_ca_file(&self) -> PathBuf {
+        self.path("other-ca.pem")
+    }
+
+    pub fn server_cert_file(&self) -> PathBuf {
+        self.path("server.pem")
+    }
+
+    pub fn server_key_file(&self) -> PathBuf {
+        self.path("server.key")
     }
 }
 
