@@ -4,6 +4,7 @@
 
 pub mod builtin;
 mod control;
+pub mod exec;
 mod heartbeat;
 pub mod operation;
 pub mod runner;
@@ -19,7 +20,8 @@ use common::config::BrokerArgs;
 use common::supervise::{Retryable, supervise};
 use tokio_util::sync::CancellationToken;
 
-pub use crate::operation::{OpError, OpInput, OpMetrics, Operation, Registry};
+pub use crate::exec::{Exec, ExecAllowList};
+pub use crate::operation::{EXEC, OpError, OpInput, OpMetrics, Operation, Registry};
 use crate::runner::CancelledJobs;
 
 /// Settings of a worker.
@@ -35,6 +37,11 @@ pub struct WorkerConfig {
     /// Comma-separated operations this worker offers (default: all it has).
     #[arg(long, env = "BATCHQ_OPERATIONS", value_delimiter = ',')]
     pub operations: Option<Vec<String>>,
+
+    /// Comma-separated programs `exec` may run: names looked up on `PATH` at start, or
+    /// absolute paths. Unset: this worker does not offer `exec`.
+    #[arg(long = "exec-allow", env = "BATCHQ_EXEC_ALLOW", value_delimiter = ',')]
+    pub exec_allow: Option<Vec<String>>,
 
     /// Milliseconds between heartbeats.
     #[arg(
@@ -63,6 +70,7 @@ impl WorkerConfig {
             broker,
             prefetch: 4,
             operations: None,
+            exec_allow: None,
             heartbeat_ms: 2000,
             max_lifetime: None,
             metrics_addr: None,
@@ -207,10 +215,45 @@ pub async fn run(
     Ok(())
 }
 
-/// The operations this worker offers: `registry` restricted to `--operations`.
-fn offered_operations(config: &WorkerConfig, registry: Registry) -> Result<Registry, WorkerError> {
+/// The operations this worker offers: `registry` with the built-in `exec` when an allow-list
+/// is set, restricted to `--operations`. Asking for `exec` without an allow-list is an error:
+/// the worker would not offer what its settings name.
+fn offered_operations(
+    config: &WorkerConfig,
+    mut registry: Registry,
+) -> Result<Registry, WorkerError> {
+    let allowed = config
+        .exec_allow
+        .as_deref()
+        .map(ExecAllowList::resolve)
+        .transpose()
+        .map_err(WorkerError::Config)?;
+    let wants_exec = registry.wants_builtin_exec();
+    match &allowed {
+        Some(allowed) if wants_exec => {
+            tracing::info!(allowed = %allowed.describe(), "exec runs only these programs");
+        }
+        Some(_) => tracing::warn!(
+            "BATCHQ_EXEC_ALLOW is set, but this worker program has no built-in exec; ignored"
+        ),
+        None if wants_exec => {
+            tracing::info!("exec is not offered: BATCHQ_EXEC_ALLOW (--exec-allow) is not set");
+        }
+        None => {}
+    }
+    let offers_exec = registry.allow_exec(allowed);
     let registry = match &config.operations {
-        Some(names) => registry.restrict(names).map_err(WorkerError::Config)?,
+        Some(names) => {
+            if wants_exec && !offers_exec && names.iter().any(|name| name == EXEC) {
+                return Err(WorkerError::Config(
+                    "BATCHQ_OPERATIONS names exec, which a worker offers only with \
+                     BATCHQ_EXEC_ALLOW (--exec-allow): name the programs exec may run, or \
+                     drop exec from the operations"
+                        .into(),
+                ));
+            }
+            registry.restrict(names).map_err(WorkerError::Config)?
+        }
         None => registry,
     };
     if registry.names().is_empty() {
