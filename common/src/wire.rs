@@ -50,10 +50,6 @@ impl Indices {
             Indices::List(list) => Indices::List(list.get(offset..).unwrap_or_default().to_vec()),
         }
     }
-
-    pub fn first(&self) -> Option<u64> {
-        self.get(0)
-    }
 }
 
 /// What a fragment runs on. Range jobs carry no items: the item is `base + index`.
