@@ -163,7 +163,8 @@ pub async fn main_with(registry: Registry) -> Result<(), WorkerError> {
     run(cli.config, registry, common::shutdown::on_signals()).await
 }
 
-/// Runs a worker offering the operations of `registry` (restricted by `--operations`) until
+/// Runs a worker offering the operations of `registry` (with the built-in `exec` when
+/// `registry` has the built-ins and `--exec-allow` is set; restricted by `--operations`) until
 /// `shutdown` fires; fragments in hand stop at their next operation boundary and what they did
 /// not run is handed back.
 pub async fn run(
@@ -307,6 +308,65 @@ mod tests {
             Err("a max lifetime must be longer than zero".to_owned())
         );
         assert!(parse_lifetime("99999999999999999h").is_err());
+    }
+
+    fn config(args: &[&str]) -> WorkerConfig {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            config: WorkerConfig,
+        }
+        let argv = std::iter::once("worker").chain(args.iter().copied());
+        match Cli::try_parse_from(argv) {
+            Ok(cli) => cli.config,
+            Err(e) => panic!("{args:?}: {e}"),
+        }
+    }
+
+    fn offered(args: &[&str]) -> Result<Vec<String>, String> {
+        offered_operations(&config(args), Registry::with_builtins())
+            .map(|registry| registry.names())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn exec_is_offered_only_with_an_allow_list() {
+        assert_eq!(
+            offered(&[]),
+            Ok(vec!["noop".into(), "sha256".into(), "sleep".into()])
+        );
+        assert_eq!(
+            offered(&["--exec-allow", "sh,echo"]),
+            Ok(vec![
+                "exec".into(),
+                "noop".into(),
+                "sha256".into(),
+                "sleep".into()
+            ])
+        );
+        assert_eq!(
+            offered(&["--exec-allow", "sh", "--operations", "exec"]),
+            Ok(vec!["exec".into()])
+        );
+        // An allow-list for a worker told not to offer exec is harmless.
+        assert_eq!(
+            offered(&["--exec-allow", "sh", "--operations", "noop"]),
+            Ok(vec!["noop".into()])
+        );
+    }
+
+    #[test]
+    fn settings_asking_for_an_exec_that_will_not_be_offered_are_refused() {
+        let error = offered(&["--operations", "noop,exec"]).expect_err("no allow-list");
+        assert!(
+            error.starts_with(
+                "BATCHQ_OPERATIONS names exec, which a worker offers only with BATCHQ_EXEC_ALLOW"
+            ),
+            "{error}"
+        );
+        let error = offered(&["--exec-allow", "sh,./run"]).expect_err("a relative entry");
+        assert!(error.contains("\"./run\" is a relative path"), "{error}");
     }
 
     #[test]
