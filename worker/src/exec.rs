@@ -271,6 +271,45 @@ fn how_it_ended(status: std::process::ExitStatus) -> String {
     }
 }
 
+/// Waits for `child` to end within `timeout_ms` while reading its stdout (its beginning) and
+/// stderr (its end); on the timeout it is killed and the error ends with stderr's last line.
+async fn wait_reading(
+    child: &mut tokio::process::Child,
+    timeout_ms: u64,
+    argv0: &str,
+) -> Result<(std::process::ExitStatus, Vec<u8>, Vec<u8>), OpError> {
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    let finished = tokio::time::timeout(Duration::from_millis(timeout_ms), async {
+        let read_out = async {
+            if let Some(s) = stdout.as_mut() {
+                read_capped(s, &mut out, EXEC_MAX_OUTPUT * 2, Keep::Head).await;
+            }
+        };
+        let read_err = async {
+            if let Some(s) = stderr.as_mut() {
+                read_capped(s, &mut err, EXEC_MAX_OUTPUT, Keep::Tail).await;
+            }
+        };
+        let ((), (), status) = tokio::join!(read_out, read_err, child.wait());
+        status
+    })
+    .await;
+    match finished {
+        Err(_) => {
+            let _ = child.kill().await;
+            Err(OpError::new(format!(
+                "timed out after {timeout_ms} ms: {}",
+                last_line(&err)
+            )))
+        }
+        Ok(Err(e)) => Err(OpError::new(format!("waiting for {argv0:?}: {e}"))),
+        Ok(Ok(status)) => Ok((status, out, err)),
+    }
+}
+
 #[async_trait]
 impl Operation for Exec {
     fn name(&self) -> &str {
@@ -296,36 +335,7 @@ impl Operation for Exec {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| OpError::new(format!("cannot run {:?}: {e}", argv[0])))?;
-        let mut stdout = child.stdout.take();
-        let mut stderr = child.stderr.take();
-        let mut out = Vec::new();
-        let mut err = Vec::new();
-        let finished = tokio::time::timeout(Duration::from_millis(timeout_ms), async {
-            let read_out = async {
-                if let Some(s) = stdout.as_mut() {
-                    read_capped(s, &mut out, EXEC_MAX_OUTPUT * 2, Keep::Head).await;
-                }
-            };
-            let read_err = async {
-                if let Some(s) = stderr.as_mut() {
-                    read_capped(s, &mut err, EXEC_MAX_OUTPUT, Keep::Tail).await;
-                }
-            };
-            let ((), (), status) = tokio::join!(read_out, read_err, child.wait());
-            status
-        })
-        .await;
-        let status = match finished {
-            Err(_) => {
-                let _ = child.kill().await;
-                return Err(OpError::new(format!(
-                    "timed out after {timeout_ms} ms: {}",
-                    last_line(&err)
-                )));
-            }
-            Ok(Err(e)) => return Err(OpError::new(format!("waiting for {:?}: {e}", argv[0]))),
-            Ok(Ok(status)) => status,
-        };
+        let (status, out, err) = wait_reading(&mut child, timeout_ms, &argv[0]).await?;
         if status.success() {
             let stdout = String::from_utf8_lossy(&out).trim().to_owned();
             return Ok(Value::String(truncate_utf8(stdout, EXEC_MAX_OUTPUT)));
