@@ -84,6 +84,10 @@ pub async fn run(broker_args: BrokerArgs, args: DemoArgs) -> anyhow::Result<Exit
     for n in 1..=args.workers {
         let mut config = worker::WorkerConfig::new(broker_args.clone());
         config.prefetch = args.prefetch;
+        // The demo's workers offer every built-in; `exec` runs only `echo`, which every
+        // system has (the demo job is sha256, and a worker offers no `exec` unless told what
+        // it may run).
+        config.exec_allow = Some(vec!["echo".to_owned()]);
         let stop = shutdown.clone();
         components.spawn(format!("worker {n}"), async move {
             worker::run(config, worker::Registry::with_builtins(), stop)

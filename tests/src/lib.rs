@@ -202,7 +202,12 @@ pub struct WorkerOpts {
     pub max_lifetime: Option<String>,
     /// `BATCHQ_METRICS_ADDR`; `None`: no Prometheus endpoint.
     pub metrics_addr: Option<String>,
+    /// `BATCHQ_EXEC_ALLOW`: [`TEST_EXEC_ALLOW`] by default; `None`: the worker offers no `exec`.
+    pub exec_allow: Option<String>,
 }
+
+/// The programs the tests' workers let `exec` run: the tests' commands are `sh -c` scripts.
+pub const TEST_EXEC_ALLOW: &str = "sh";
 
 impl Default for WorkerOpts {
     fn default() -> Self {
@@ -212,6 +217,7 @@ impl Default for WorkerOpts {
             heartbeat_ms: 500,
             max_lifetime: None,
             metrics_addr: None,
+            exec_allow: Some(TEST_EXEC_ALLOW.to_owned()),
         }
     }
 }
@@ -260,6 +266,7 @@ impl Proc {
             "BATCHQ_MAX_LIFETIME",
             "BATCHQ_RETENTION",
             "BATCHQ_TLS_CA_FILE",
+            "BATCHQ_EXEC_ALLOW",
         ] {
             command.env_remove(var);
         }
@@ -580,6 +587,9 @@ impl TestEnv {
         }
         if let Some(addr) = &opts.metrics_addr {
             envs.push(("BATCHQ_METRICS_ADDR".into(), addr.clone()));
+        }
+        if let Some(allow) = &opts.exec_allow {
+            envs.push(("BATCHQ_EXEC_ALLOW".into(), allow.clone()));
         }
         if let Some(operations) = &opts.operations {
             for op in operations {

@@ -1,31 +1,24 @@
-//! The built-in operations of the contract: `noop`, `sleep`, `sha256`, `exec`.
+//! The built-in operations of the contract that need no setting: `noop`, `sleep`, `sha256`
+//! (`exec`, which runs only the programs a worker allows, is in `exec.rs`).
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use common::jobspec::{item_text, with_item_text};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncReadExt;
 
 use crate::operation::{OpError, OpInput, Operation, Registry};
 
-/// Most bytes of an `exec` program's stdout kept as its result.
-pub const EXEC_MAX_OUTPUT: usize = 64 * 1024;
-/// `exec` timeout when the job's params give none.
-pub const EXEC_DEFAULT_TIMEOUT_MS: u64 = 60_000;
-
+/// Registers `noop`, `sleep` and `sha256`. The built-in `exec` is not among them: it needs
+/// the worker's allow-list, and [`crate::run`] adds it once it has one
+/// ([`Registry::with_builtins`]).
 pub fn register(registry: &mut Registry) {
-    registry
-        .register(Noop)
-        .register(Sleep)
-        .register(Sha256Op)
-        .register(Exec);
+    registry.register(Noop).register(Sleep).register(Sha256Op);
 }
 
 /// A non-negative integer parameter, or its default when absent.
-fn int_param(
+pub(crate) fn int_param(
     params: &Map<String, Value>,
     name: &str,
     default: Option<u64>,
@@ -135,160 +128,6 @@ fn sha256_param(params: &Map<String, Value>) -> Result<u64, OpError> {
     }
 }
 
-/// Runs a program (no shell) with every `{}` in its arguments replaced by `text(item)`.
-pub struct Exec;
-
-fn exec_argv(params: &Map<String, Value>, text: &str) -> Result<Vec<String>, OpError> {
-    let Some(command) = params.get("command") else {
-        return Err(OpError::new(
-            "params.command: missing; give [program, args...]",
-        ));
-    };
-    let Some(parts) = command.as_array().filter(|a| !a.is_empty()) else {
-        return Err(OpError::new(
-            "params.command: must be a non-empty array of strings",
-        ));
-    };
-    parts
-        .iter()
-        .map(|part| {
-            part.as_str()
-                .map(|s| s.replace("{}", text))
-                .ok_or_else(|| OpError::new(format!("params.command: {part} is not a string")))
-        })
-        .collect()
-}
-
-/// Which part of a long output to keep.
-#[derive(Clone, Copy)]
-enum Keep {
-    /// The first bytes (stdout: the result is its beginning).
-    Head,
-    /// The last bytes (stderr: the error ends with its last line).
-    Tail,
-}
-
-/// Reads a pipe to its end, keeping at most `cap` bytes: a chatty program must neither fill
-/// our memory nor block on a full pipe because we stopped reading.
-async fn read_capped(
-    pipe: &mut (impl tokio::io::AsyncRead + Unpin),
-    kept: &mut Vec<u8>,
-    cap: usize,
-    keep: Keep,
-) {
-    let mut chunk = [0u8; 8192];
-    loop {
-        let n = match pipe.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        match keep {
-            Keep::Head => {
-                let room = cap.saturating_sub(kept.len());
-                kept.extend_from_slice(&chunk[..n.min(room)]);
-            }
-            Keep::Tail => {
-                kept.extend_from_slice(&chunk[..n]);
-                if kept.len() > cap {
-                    let excess = kept.len() - cap;
-                    kept.drain(..excess);
-                }
-            }
-        }
-    }
-}
-
-fn last_line(stderr: &[u8]) -> String {
-    String::from_utf8_lossy(stderr)
-        .lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| !l.is_empty())
-        .unwrap_or("")
-        .to_owned()
-}
-
-fn truncate_utf8(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut end = max;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-    }
-    s
-}
-
-#[async_trait]
-impl Operation for Exec {
-    fn name(&self) -> &str {
-        "exec"
-    }
-
-    async fn run(&self, input: OpInput<'_>) -> Result<Value, OpError> {
-        let text = item_text(input.item);
-        let argv = exec_argv(input.params, &text)?;
-        let timeout_ms = int_param(input.params, "timeout_ms", Some(EXEC_DEFAULT_TIMEOUT_MS))?;
-        let mut child = tokio::process::Command::new(&argv[0])
-            .args(&argv[1..])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| OpError::new(format!("cannot run {:?}: {e}", argv[0])))?;
-        let mut stdout = child.stdout.take();
-        let mut stderr = child.stderr.take();
-        let mut out = Vec::new();
-        let mut err = Vec::new();
-        let finished = tokio::time::timeout(Duration::from_millis(timeout_ms), async {
-            let read_out = async {
-                if let Some(s) = stdout.as_mut() {
-                    read_capped(s, &mut out, EXEC_MAX_OUTPUT * 2, Keep::Head).await;
-                }
-            };
-            let read_err = async {
-                if let Some(s) = stderr.as_mut() {
-                    read_capped(s, &mut err, EXEC_MAX_OUTPUT, Keep::Tail).await;
-                }
-            };
-            let ((), (), status) = tokio::join!(read_out, read_err, child.wait());
-            status
-        })
-        .await;
-        let status = match finished {
-            Err(_) => {
-                let _ = child.kill().await;
-                return Err(OpError::new(format!(
-                    "timed out after {timeout_ms} ms: {}",
-                    last_line(&err)
-                )));
-            }
-            Ok(Err(e)) => return Err(OpError::new(format!("waiting for {:?}: {e}", argv[0]))),
-            Ok(Ok(status)) => status,
-        };
-        if status.success() {
-            let stdout = String::from_utf8_lossy(&out).trim().to_owned();
-            return Ok(Value::String(truncate_utf8(stdout, EXEC_MAX_OUTPUT)));
-        }
-        let how = match status.code() {
-            Some(code) => format!("exited with status {code}"),
-            None => {
-                #[cfg(unix)]
-                {
-                    use std::os::unix::process::ExitStatusExt;
-                    format!("killed by signal {}", status.signal().unwrap_or(0))
-                }
-                #[cfg(not(unix))]
-                {
-                    "killed".to_owned()
-                }
-            }
-        };
-        Err(OpError::new(format!("{how}: {}", last_line(&err))))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,30 +191,5 @@ mod tests {
         assert_eq!(Noop.run_now(input(&item, &none)), Some(Ok(Value::Null)));
         let ms = params(json!({"ms": 1}));
         assert_eq!(Sleep.run_now(input(&item, &ms)), None, "sleep must wait");
-    }
-
-    #[tokio::test]
-    async fn exec_substitutes_and_reports_stderr() {
-        let p = params(
-            json!({"command": ["sh", "-c", "echo got-{}; echo oops >&2; exit $1", "sh", "{}"], "timeout_ms": 5000}),
-        );
-        let ok = Exec.run(input(&json!("0"), &p)).await.expect("exit 0");
-        assert_eq!(ok, json!("got-0"));
-        let failed = Exec.run(input(&json!(3), &p)).await.expect_err("exit 3");
-        assert_eq!(failed.0, "exited with status 3: oops");
-    }
-
-    #[tokio::test]
-    async fn exec_times_out() {
-        let p = params(json!({"command": ["sleep", "5"], "timeout_ms": 100}));
-        let err = Exec.run(input(&json!(1), &p)).await.expect_err("timeout");
-        assert!(err.0.starts_with("timed out after 100 ms"), "{err}");
-    }
-
-    #[tokio::test]
-    async fn exec_missing_program() {
-        let p = params(json!({"command": ["/nonexistent/prog"]}));
-        let err = Exec.run(input(&json!(1), &p)).await.expect_err("spawn");
-        assert!(err.0.contains("cannot run"), "{err}");
     }
 }

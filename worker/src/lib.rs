@@ -3,30 +3,26 @@
 //! worker that dies leaves its fragments to the broker, which hands them to another worker.
 
 pub mod builtin;
+mod control;
+pub mod exec;
+mod heartbeat;
 pub mod operation;
 pub mod runner;
+mod session;
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Args;
-use common::broker::{
-    Broker, BrokerError, Publisher, answered, json_properties, transient_json_properties,
-};
+use common::broker::{Broker, BrokerError};
 use common::config::BrokerArgs;
-use common::consume::consume;
-use common::lapin::message::Delivery;
-use common::lapin::options::{BasicAckOptions, BasicCancelOptions};
 use common::supervise::{Retryable, supervise};
-use common::topology::{KEY_HEARTBEAT, KEY_REDUCER, Names, declare_work_queue};
-use common::wire::{Control, Fragment, Heartbeat};
-use futures::StreamExt;
-use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-pub use crate::operation::{OpError, OpInput, OpMetrics, Operation, Registry};
-use crate::runner::{CancelledJobs, run_fragment};
+pub use crate::exec::{Exec, ExecAllowList};
+pub use crate::operation::{EXEC, OpError, OpInput, OpMetrics, Operation, Registry};
+use crate::runner::CancelledJobs;
 
 /// Settings of a worker.
 #[derive(Debug, Clone, Args)]
@@ -41,6 +37,11 @@ pub struct WorkerConfig {
     /// Comma-separated operations this worker offers (default: all it has).
     #[arg(long, env = "BATCHQ_OPERATIONS", value_delimiter = ',')]
     pub operations: Option<Vec<String>>,
+
+    /// Comma-separated programs `exec` may run: names looked up on `PATH` at start, or
+    /// absolute paths. Unset: this worker does not offer `exec`.
+    #[arg(long = "exec-allow", env = "BATCHQ_EXEC_ALLOW", value_delimiter = ',')]
+    pub exec_allow: Option<Vec<String>>,
 
     /// Milliseconds between heartbeats.
     #[arg(
@@ -69,6 +70,7 @@ impl WorkerConfig {
             broker,
             prefetch: 4,
             operations: None,
+            exec_allow: None,
             heartbeat_ms: 2000,
             max_lifetime: None,
             metrics_addr: None,
@@ -115,7 +117,8 @@ impl Retryable for WorkerError {
     }
 }
 
-/// What every fragment task of a worker shares.
+/// Who this worker is and what it holds: what its session, its heartbeats and its control
+/// subscription share.
 struct WorkerState {
     id: String,
     host: String,
@@ -125,7 +128,7 @@ struct WorkerState {
     heartbeat: Duration,
     cancelled: CancelledJobs,
     /// Fragments delivered and not yet acknowledged, by operation.
-    held: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    held: Mutex<BTreeMap<String, u64>>,
 }
 
 impl WorkerState {
@@ -139,7 +142,7 @@ impl WorkerState {
         }
     }
 
-    fn held(&self) -> std::collections::BTreeMap<String, u64> {
+    fn held(&self) -> BTreeMap<String, u64> {
         self.held.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
@@ -160,7 +163,8 @@ pub async fn main_with(registry: Registry) -> Result<(), WorkerError> {
     run(cli.config, registry, common::shutdown::on_signals()).await
 }
 
-/// Runs a worker offering the operations of `registry` (restricted by `--operations`) until
+/// Runs a worker offering the operations of `registry` (with the built-in `exec` when
+/// `registry` has the built-ins and `--exec-allow` is set; restricted by `--operations`) until
 /// `shutdown` fires; fragments in hand stop at their next operation boundary and what they did
 /// not run is handed back.
 pub async fn run(
@@ -168,18 +172,10 @@ pub async fn run(
     registry: Registry,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
-    let registry = match &config.operations {
-        Some(names) => registry.restrict(names).map_err(WorkerError::Config)?,
-        None => registry,
-    };
-    if registry.names().is_empty() {
-        return Err(WorkerError::Config(
-            "this worker offers no operation".into(),
-        ));
-    }
+    let registry = offered_operations(&config, registry)?;
     common::telemetry::serve_prometheus(config.metrics_addr.as_deref())
         .map_err(WorkerError::Config)?;
-    let host = hostname();
+    let host = common::health::hostname();
     let state = Arc::new(WorkerState {
         id: format!(
             "{host}-{}-{}",
@@ -192,7 +188,7 @@ pub async fn run(
         prefetch: config.prefetch,
         heartbeat: Duration::from_millis(config.heartbeat_ms.max(100)),
         cancelled: CancelledJobs::default(),
-        held: std::sync::Mutex::default(),
+        held: Mutex::default(),
     });
     let broker = Broker::new(&config.broker, "batchq-worker")?;
     tracing::info!(worker = %state.id, operations = ?state.registry.names(), prefetch = state.prefetch, max_lifetime_s = config.max_lifetime.map(|l| l.as_secs()), "worker starting");
@@ -211,7 +207,7 @@ pub async fn run(
             }
         })
     });
-    let outcome = supervise("worker", &retire, || session(&broker, &state, &retire)).await;
+    let outcome = supervise("worker", &retire, || session::run(&broker, &state, &retire)).await;
     if let Some(timer) = lifetime {
         timer.abort();
     }
@@ -220,318 +216,59 @@ pub async fn run(
     Ok(())
 }
 
+/// The operations this worker offers: `registry` with the built-in `exec` when an allow-list
+/// is set, restricted to `--operations`. Asking for `exec` without an allow-list is an error:
+/// the worker would not offer what its settings name.
+fn offered_operations(
+    config: &WorkerConfig,
+    mut registry: Registry,
+) -> Result<Registry, WorkerError> {
+    let allowed = config
+        .exec_allow
+        .as_deref()
+        .map(ExecAllowList::resolve)
+        .transpose()
+        .map_err(WorkerError::Config)?;
+    let wants_exec = registry.wants_builtin_exec();
+    match &allowed {
+        Some(allowed) if wants_exec => {
+            tracing::info!(allowed = %allowed.describe(), "exec runs only these programs");
+        }
+        Some(_) => tracing::warn!(
+            "BATCHQ_EXEC_ALLOW is set, but this worker program has no built-in exec; ignored"
+        ),
+        None if wants_exec => {
+            tracing::info!("exec is not offered: BATCHQ_EXEC_ALLOW (--exec-allow) is not set");
+        }
+        None => {}
+    }
+    let offers_exec = registry.allow_exec(allowed);
+    let registry = match &config.operations {
+        Some(names) => {
+            if wants_exec && !offers_exec && names.iter().any(|name| name == EXEC) {
+                return Err(WorkerError::Config(
+                    "BATCHQ_OPERATIONS names exec, which a worker offers only with \
+                     BATCHQ_EXEC_ALLOW (--exec-allow): name the programs exec may run, or \
+                     drop exec from the operations"
+                        .into(),
+                ));
+            }
+            registry.restrict(names).map_err(WorkerError::Config)?
+        }
+        None => registry,
+    };
+    if registry.names().is_empty() {
+        return Err(WorkerError::Config(
+            "this worker offers no operation".into(),
+        ));
+    }
+    Ok(registry)
+}
+
 /// `lifetime` plus up to a tenth of it (`draw` in `[0, 1)` picks how much), so that workers
 /// started together (a deployment, a scale-up) do not all retire at the same moment.
 fn jittered_lifetime(lifetime: Duration, draw: f64) -> Duration {
     lifetime + lifetime.mul_f64(draw.clamp(0.0, 1.0) / 10.0)
-}
-
-fn hostname() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| {
-            std::fs::read_to_string("/etc/hostname")
-                .ok()
-                .map(|h| h.trim().to_owned())
-        })
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "unknown-host".to_owned())
-}
-
-async fn session(
-    broker: &Broker,
-    state: &Arc<WorkerState>,
-    shutdown: &CancellationToken,
-) -> Result<(), WorkerError> {
-    broker.declare_topology().await?;
-    let names = broker.names().clone();
-    let session = broker.session().await?;
-    let publisher = session.publisher().await?;
-    let channel = session.consumer_channel(state.prefetch).await?;
-    // Tasks report broker failures here; one ends the session.
-    let (failed_tx, mut failed_rx) = mpsc::channel::<BrokerError>(1);
-    let mut streams = Vec::new();
-    let mut tags = Vec::new();
-    for operation in state.registry.names() {
-        answered(
-            &format!("the declaration of {}", names.work_queue(&operation)),
-            declare_work_queue(&channel, &names, &operation),
-        )
-        .await?;
-        let tag = format!("{}:{operation}", state.id);
-        let consumer = consume(&channel, &names.work_queue(&operation), &tag).await?;
-        // `select_all` silently drops a stream that ends; an operation whose consumer the
-        // broker cancelled would never be served again. Its end ends the session instead.
-        streams.push(
-            consumer
-                .map(|next| next.map_err(BrokerError::from))
-                .chain(futures::stream::once(async {
-                    Err(BrokerError::ConsumerEnded)
-                }))
-                .boxed(),
-        );
-        tags.push(tag);
-    }
-    let control = listen_to_control(&session, &names, state, failed_tx.clone()).await?;
-    let mut deliveries = futures::stream::select_all(streams);
-    tracing::info!(worker = %state.id, queues = tags.len(), "consuming");
-
-    let tracker = TaskTracker::new();
-    let running = Arc::new(Semaphore::new(usize::from(state.prefetch)));
-    // Cancelled on shutdown, and when the session breaks: fragments in hand then stop at
-    // their next operation boundary instead of running on for a report that cannot be sent.
-    let session_stop = shutdown.child_token();
-    let heartbeat = tokio::spawn(heartbeats(
-        publisher.clone(),
-        names.clone(),
-        Arc::clone(state),
-        session_stop.clone(),
-        failed_tx.clone(),
-    ));
-
-    let result = loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break Ok(()),
-            Some(error) = failed_rx.recv() => break Err(WorkerError::from(error)),
-            next = deliveries.next() => match next {
-                Some(Ok(delivery)) => {
-                    spawn_fragment(&tracker, delivery, &publisher, &names, state, &running, &session_stop, &failed_tx);
-                }
-                Some(Err(e)) => break Err(e.into()),
-                None => break Err(BrokerError::ConsumerEnded.into()),
-            },
-        }
-    };
-
-    if result.is_ok() {
-        // Graceful stop: take no new work; fragments already delivered to us are handed back
-        // (reported with nothing run) rather than requeued, which would count against their
-        // delivery limit.
-        for tag in &tags {
-            let _ = channel
-                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                .await;
-        }
-        while let Ok(Some(Ok(delivery))) =
-            tokio::time::timeout(Duration::from_millis(200), deliveries.next()).await
-        {
-            spawn_fragment(
-                &tracker,
-                delivery,
-                &publisher,
-                &names,
-                state,
-                &running,
-                &session_stop,
-                &failed_tx,
-            );
-        }
-    } else {
-        // What is in hand cannot be acknowledged on a broken session: stop it at once; the
-        // broker hands the fragments out again.
-        session_stop.cancel();
-    }
-    tracker.close();
-    tracker.wait().await;
-    session_stop.cancel();
-    heartbeat.abort();
-    control.abort();
-    let _ = channel.close(200, "worker stopping".into()).await;
-    let _ = publisher
-        .channel()
-        .close(200, "worker stopping".into())
-        .await;
-    result
-}
-
-#[allow(clippy::too_many_arguments)]
-fn spawn_fragment(
-    tracker: &TaskTracker,
-    delivery: Delivery,
-    publisher: &Publisher,
-    names: &Names,
-    state: &Arc<WorkerState>,
-    running: &Arc<Semaphore>,
-    stop: &CancellationToken,
-    failed: &mpsc::Sender<BrokerError>,
-) {
-    let publisher = publisher.clone();
-    let names = names.clone();
-    let state = Arc::clone(state);
-    let running = Arc::clone(running);
-    let stop = stop.clone();
-    let failed = failed.clone();
-    // Fragments are published with their operation as routing key.
-    let operation = delivery.routing_key.as_str().to_owned();
-    state.hold(&operation, true);
-    tracker.spawn(async move {
-        let outcome = match running.acquire_owned().await {
-            Ok(_permit) => handle_fragment(&delivery, &publisher, &names, &state, &stop).await,
-            Err(_) => Ok(()),
-        };
-        state.hold(&operation, false);
-        if let Err(error) = outcome {
-            tracing::warn!(error = %error, "fragment not acknowledged; the broker will redeliver it");
-            let _ = failed.try_send(error);
-        }
-    });
-}
-
-/// Runs one delivered fragment, publishes its report (confirmed), then acks it. `stop` cuts
-/// the fragment at its next operation boundary.
-async fn handle_fragment(
-    delivery: &Delivery,
-    publisher: &Publisher,
-    names: &Names,
-    state: &WorkerState,
-    stop: &CancellationToken,
-) -> Result<(), BrokerError> {
-    let fragment: Fragment = match serde_json::from_slice(&delivery.data) {
-        Ok(fragment) => fragment,
-        Err(e) => {
-            return dead_letter(delivery, publisher, names, &format!("not a fragment: {e}")).await;
-        }
-    };
-    let Some(operation) = state.registry.get(&fragment.operation) else {
-        let reason = format!(
-            "operation {:?} is not offered by this worker",
-            fragment.operation
-        );
-        return dead_letter(delivery, publisher, names, &reason).await;
-    };
-    let report = run_fragment(
-        &fragment,
-        operation.as_ref(),
-        &state.id,
-        &state.cancelled,
-        stop,
-    )
-    .await;
-    tracing::debug!(job_id = %report.job_id, fragment = report.fragment, done = report.done, cut = ?report.cut, "fragment ended");
-    metrics::counter!("batchq_worker_fragments_total", "operation" => fragment.operation.clone())
-        .increment(1);
-    metrics::counter!("batchq_worker_operations_total", "operation" => fragment.operation.clone())
-        .increment(u64::from(report.done));
-    let body = serde_json::to_vec(&common::wire::ReducerInput::Fragment(report))?;
-    publisher
-        .start_with(&names.events(), KEY_REDUCER, &body, json_properties(), true)
-        .await?
-        .wait()
-        .await?;
-    delivery.acker.ack(BasicAckOptions::default()).await?;
-    Ok(())
-}
-
-/// Keeps an undecodable message on `{ns}.dead` with the reason, and takes it off the queue.
-async fn dead_letter(
-    delivery: &Delivery,
-    publisher: &Publisher,
-    names: &Names,
-    reason: &str,
-) -> Result<(), BrokerError> {
-    tracing::warn!(%reason, "fragment message kept on the dead-letter queue");
-    common::dead::keep(publisher, names, delivery, reason, None).await?;
-    delivery.acker.ack(BasicAckOptions::default()).await?;
-    Ok(())
-}
-
-/// Binds a private queue to `{ns}.control` and applies what arrives (cancellations). The
-/// subscription ending (its channel closed) ends the session through `failed`, so the next
-/// session subscribes again instead of the worker going deaf to cancels.
-async fn listen_to_control(
-    session: &common::broker::Session,
-    names: &Names,
-    state: &Arc<WorkerState>,
-    failed: mpsc::Sender<BrokerError>,
-) -> Result<tokio::task::JoinHandle<()>, BrokerError> {
-    let channel = session.consumer_channel(16).await?;
-    let mut consumer = common::consume::subscribe(
-        &channel,
-        &names.control(),
-        "",
-        &format!("{}:control", state.id),
-    )
-    .await?;
-    let state = Arc::clone(state);
-    Ok(tokio::spawn(async move {
-        // The channel must live as long as its consumer.
-        let _channel = channel;
-        loop {
-            let delivery = match consumer.next().await {
-                Some(Ok(delivery)) => delivery,
-                Some(Err(e)) => {
-                    let _ = failed.try_send(e.into());
-                    return;
-                }
-                None => {
-                    let _ = failed.try_send(BrokerError::ConsumerEnded);
-                    return;
-                }
-            };
-            match serde_json::from_slice::<Control>(&delivery.data) {
-                Ok(Control::Cancel { job_id }) => {
-                    tracing::info!(%job_id, "job cancelled; its fragments stop at the next operation");
-                    state.cancelled.insert(job_id);
-                }
-                Err(e) => tracing::warn!(error = %e, "ignoring a malformed control message"),
-            }
-        }
-    }))
-}
-
-/// Publishes a heartbeat every interval. A publish the channel refuses (it closed) ends the
-/// session through `failed`: a worker the reducer cannot hear must reconnect.
-async fn heartbeats(
-    publisher: Publisher,
-    names: Names,
-    state: Arc<WorkerState>,
-    stop: CancellationToken,
-    failed: mpsc::Sender<BrokerError>,
-) {
-    let mut tick = tokio::time::interval(state.heartbeat);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let held = state.held();
-        let beat = Heartbeat {
-            worker: state.id.clone(),
-            host: state.host.clone(),
-            pid: std::process::id(),
-            operations: state.registry.names(),
-            prefetch: state.prefetch,
-            fragments_in_flight: held.values().sum(),
-            held_by_operation: held,
-            started_at_ms: state.started_at_ms,
-            at_ms: common::timefmt::now_ms(),
-            interval_ms: state.heartbeat.as_millis() as u64,
-        };
-        let Ok(body) = serde_json::to_vec(&beat) else {
-            continue;
-        };
-        // A lost heartbeat is harmless; do not hold anything up waiting for its confirm.
-        match publisher
-            .start(
-                &names.events(),
-                KEY_HEARTBEAT,
-                &body,
-                transient_json_properties(),
-            )
-            .await
-        {
-            Ok(pending) => {
-                tokio::spawn(async move {
-                    let _ = pending.wait().await;
-                });
-            }
-            Err(error) => {
-                let _ = failed.try_send(error);
-                return;
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -558,6 +295,65 @@ mod tests {
             Err("a max lifetime must be longer than zero".to_owned())
         );
         assert!(parse_lifetime("99999999999999999h").is_err());
+    }
+
+    fn config(args: &[&str]) -> WorkerConfig {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            config: WorkerConfig,
+        }
+        let argv = std::iter::once("worker").chain(args.iter().copied());
+        match Cli::try_parse_from(argv) {
+            Ok(cli) => cli.config,
+            Err(e) => panic!("{args:?}: {e}"),
+        }
+    }
+
+    fn offered(args: &[&str]) -> Result<Vec<String>, String> {
+        offered_operations(&config(args), Registry::with_builtins())
+            .map(|registry| registry.names())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn exec_is_offered_only_with_an_allow_list() {
+        assert_eq!(
+            offered(&[]),
+            Ok(vec!["noop".into(), "sha256".into(), "sleep".into()])
+        );
+        assert_eq!(
+            offered(&["--exec-allow", "sh,echo"]),
+            Ok(vec![
+                "exec".into(),
+                "noop".into(),
+                "sha256".into(),
+                "sleep".into()
+            ])
+        );
+        assert_eq!(
+            offered(&["--exec-allow", "sh", "--operations", "exec"]),
+            Ok(vec!["exec".into()])
+        );
+        // An allow-list for a worker told not to offer exec is harmless.
+        assert_eq!(
+            offered(&["--exec-allow", "sh", "--operations", "noop"]),
+            Ok(vec!["noop".into()])
+        );
+    }
+
+    #[test]
+    fn settings_asking_for_an_exec_that_will_not_be_offered_are_refused() {
+        let error = offered(&["--operations", "noop,exec"]).expect_err("no allow-list");
+        assert!(
+            error.starts_with(
+                "BATCHQ_OPERATIONS names exec, which a worker offers only with BATCHQ_EXEC_ALLOW"
+            ),
+            "{error}"
+        );
+        let error = offered(&["--exec-allow", "sh,./run"]).expect_err("a relative entry");
+        assert!(error.contains("\"./run\" is a relative path"), "{error}");
     }
 
     #[test]

@@ -9,6 +9,8 @@ use async_trait::async_trait;
 use common::measure::{Histogram, UserMetrics};
 use serde_json::{Map, Value};
 
+use crate::exec::{Exec, ExecAllowList};
+
 /// One operation's input.
 #[derive(Debug, Clone, Copy)]
 pub struct OpInput<'a> {
@@ -99,6 +101,9 @@ pub trait Operation: Send + Sync + 'static {
 #[derive(Clone, Default)]
 pub struct Registry {
     operations: BTreeMap<String, Arc<dyn Operation>>,
+    /// Whether the built-in `exec` joins the operations once [`crate::run`] knows which
+    /// programs it may run (`BATCHQ_EXEC_ALLOW`); without that setting it is not offered.
+    builtin_exec: bool,
 }
 
 impl Registry {
@@ -106,15 +111,21 @@ impl Registry {
         Self::default()
     }
 
-    /// The built-in operations `noop`, `sleep`, `sha256` and `exec`.
+    /// The built-in operations `noop`, `sleep` and `sha256`, and `exec` when the worker is
+    /// given an allow-list.
     pub fn with_builtins() -> Self {
         let mut registry = Self::new();
         crate::builtin::register(&mut registry);
+        registry.builtin_exec = true;
         registry
     }
 
-    /// Adds (or replaces) an operation under its name.
+    /// Adds (or replaces) an operation under its name. An operation of one's own named
+    /// `exec` replaces the built-in one, allow-list and all.
     pub fn register(&mut self, operation: impl Operation) -> &mut Self {
+        if operation.name() == EXEC {
+            self.builtin_exec = false;
+        }
         self.operations
             .insert(operation.name().to_owned(), Arc::new(operation));
         self
@@ -126,6 +137,25 @@ impl Registry {
 
     pub fn names(&self) -> Vec<String> {
         self.operations.keys().cloned().collect()
+    }
+
+    /// Adds the built-in `exec`, allowed to run `allowed`, when this registry asked for the
+    /// built-ins. `None` leaves `exec` out. Returns whether `exec` is now offered as a
+    /// built-in.
+    pub fn allow_exec(&mut self, allowed: Option<ExecAllowList>) -> bool {
+        match allowed {
+            Some(allowed) if self.builtin_exec => {
+                self.operations
+                    .insert(EXEC.to_owned(), Arc::new(Exec::new(allowed)));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the built-in `exec` would be offered, given an allow-list.
+    pub fn wants_builtin_exec(&self) -> bool {
+        self.builtin_exec
     }
 
     /// Keeps only `names`, failing on a name this registry does not have.
@@ -141,5 +171,29 @@ impl Registry {
             restricted.operations.insert(name.clone(), op);
         }
         Ok(restricted)
+    }
+}
+
+/// The name of the built-in operation that runs programs.
+pub const EXEC: &str = "exec";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_is_offered_only_with_an_allow_list() {
+        let mut registry = Registry::with_builtins();
+        assert_eq!(registry.names(), ["noop", "sha256", "sleep"]);
+        assert!(!registry.allow_exec(None));
+        assert_eq!(registry.names(), ["noop", "sha256", "sleep"]);
+        let allowed = ExecAllowList::resolve(&["sh".to_owned()]).expect("sh on PATH");
+        assert!(registry.allow_exec(Some(allowed.clone())));
+        assert_eq!(registry.names(), ["exec", "noop", "sha256", "sleep"]);
+
+        // A registry that did not ask for the built-ins gets no `exec` from the setting.
+        let mut own = Registry::new();
+        assert!(!own.allow_exec(Some(allowed)));
+        assert!(own.names().is_empty());
     }
 }

@@ -169,6 +169,79 @@ fn should_stop(
     None
 }
 
+/// What a fragment's operations produced so far, and how large its report has grown.
+struct Outcomes {
+    collect_results: bool,
+    results: Vec<Value>,
+    failures: Vec<Failure>,
+    report_bytes: usize,
+}
+
+impl Outcomes {
+    fn new(collect_results: bool, total: usize) -> Self {
+        Self {
+            collect_results,
+            results: Vec::with_capacity(if collect_results { total } else { 0 }),
+            failures: Vec::new(),
+            report_bytes: 0,
+        }
+    }
+
+    /// Keeps the outcome of the operation at `offset`: its result when the job collects
+    /// results, its (bounded) error always.
+    fn record(&mut self, offset: usize, outcome: Result<Value, String>) {
+        match outcome {
+            Ok(result) => {
+                if self.collect_results {
+                    self.report_bytes += json_size(&result);
+                    self.results.push(result);
+                }
+            }
+            Err(error) => {
+                let error = bounded_error(error);
+                self.report_bytes += json_str_size(&error) + 24;
+                self.failures.push(Failure {
+                    offset: offset as u32,
+                    error,
+                });
+                if self.collect_results {
+                    self.results.push(Value::Null);
+                }
+            }
+        }
+    }
+
+    /// Whether the report reached its budget: the fragment then stops (`Cut::Size`).
+    fn full(&self) -> bool {
+        self.report_bytes >= REPORT_BUDGET_BYTES
+    }
+}
+
+/// Runs the operation at `offset` of `fragment`, at once when it can (`run_now`).
+async fn run_operation(
+    fragment: &Fragment,
+    operation: &dyn Operation,
+    offset: usize,
+    metrics: &OpMetrics,
+) -> Result<Value, String> {
+    let (Some(index), Some(item)) = (fragment.indices.get(offset), fragment.item(offset)) else {
+        return Err(format!("fragment has no item at offset {offset}"));
+    };
+    let input = OpInput {
+        job_id: &fragment.job_id,
+        index,
+        item: &item,
+        params: &fragment.params,
+        attempt: fragment.attempt,
+        metrics,
+    };
+    match operation.run_now(input) {
+        Some(outcome) => outcome,
+        None => operation.run(input).await,
+    }
+    .map_err(|e| e.0)
+}
+
 /// Runs `fragment` with `operation` and reports what ran.
 pub async fn run_fragment(
     fragment: &Fragment,
@@ -181,8 +254,7 @@ pub async fn run_fragment(
     let started_at_ms = common::timefmt::now_ms();
     let deadline = started + Duration::from_millis(fragment.lifespan_ms);
     let total = fragment.indices.len();
-    let mut failures = Vec::new();
-    let mut results = Vec::with_capacity(if fragment.collect_results { total } else { 0 });
+    let mut outcomes = Outcomes::new(fragment.collect_results, total);
     let mut done = 0usize;
     let mut cut = None;
     let metrics = OpMetrics::default();
@@ -193,9 +265,8 @@ pub async fn run_fragment(
     let mut now = started;
     let mut next_check = started;
     let mut shutting_down = false;
-    let mut report_bytes = 0usize;
     while done < total {
-        if report_bytes >= REPORT_BUDGET_BYTES {
+        if outcomes.full() {
             cut = Some(Cut::Size);
             break;
         }
@@ -212,47 +283,11 @@ pub async fn run_fragment(
             cut = Some(reason);
             break;
         }
-        let outcome = match (fragment.indices.get(done), fragment.item(done)) {
-            (Some(index), Some(item)) => {
-                let input = OpInput {
-                    job_id: &fragment.job_id,
-                    index,
-                    item: &item,
-                    params: &fragment.params,
-                    attempt: fragment.attempt,
-                    metrics: &metrics,
-                };
-                let outcome = match operation.run_now(input) {
-                    Some(outcome) => outcome,
-                    None => operation.run(input).await,
-                }
-                .map_err(|e| e.0);
-                let ended = Instant::now();
-                operation_seconds.record(ended.duration_since(now).as_secs_f64());
-                now = ended;
-                outcome
-            }
-            _ => Err(format!("fragment has no item at offset {done}")),
-        };
-        match outcome {
-            Ok(result) => {
-                if fragment.collect_results {
-                    report_bytes += json_size(&result);
-                    results.push(result);
-                }
-            }
-            Err(error) => {
-                let error = bounded_error(error);
-                report_bytes += json_str_size(&error) + 24;
-                failures.push(Failure {
-                    offset: done as u32,
-                    error,
-                });
-                if fragment.collect_results {
-                    results.push(Value::Null);
-                }
-            }
-        }
+        let outcome = run_operation(fragment, operation, done, &metrics).await;
+        let ended = Instant::now();
+        operation_seconds.record(ended.duration_since(now).as_secs_f64());
+        now = ended;
+        outcomes.record(done, outcome);
         done += 1;
     }
     FragmentReport {
@@ -263,8 +298,8 @@ pub async fn run_fragment(
         worker: worker.to_owned(),
         indices: fragment.indices.clone(),
         done: done as u32,
-        failures,
-        results,
+        failures: outcomes.failures,
+        results: outcomes.results,
         cut,
         started_at_ms,
         // Never 0 once something ran: the splitter reads 0 as "no cost observed" (a fragment
