@@ -9,9 +9,9 @@
 # Build context: the repository root (.dockerignore keeps target/ and data out of it).
 
 # The builder's Rust must satisfy every locked dependency's rust-version, not only the
-# workspace's (rusqlite 0.43 asks for 1.89). tests/tests/deploy.rs checks this against
+# workspace's (refinery 0.10 asks for 1.92). tests/tests/deploy.rs checks this against
 # Cargo.lock.
-ARG RUST_VERSION=1.89
+ARG RUST_VERSION=1.92
 ARG DEBIAN_RELEASE=bookworm
 
 # ---------------------------------------------------------------------------------------------

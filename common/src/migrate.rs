@@ -1,53 +1,88 @@
-//! Schema versions of the embedded SQLite stores.
+//! Schema versions of the stores, kept by `refinery`.
 //!
-//! A store records its version in SQLite's `user_version` (0 on a store written before
-//! versions existed: those hold migration 1's tables already, which is why migration 1 only
-//! creates what is missing). At start the pending migrations run in one transaction, each
-//! followed by its version, so a crash half-way leaves the store as it was; a store of a
-//! version above what the binary knows is refused, never touched.
+//! Each store lists its migrations in order (migration `n` is `migrations[n - 1]`); refinery
+//! records what it applied in the table `refinery_schema_history` (version, name, time,
+//! checksum). At start the pending migrations run grouped in one transaction, so a crash or a
+//! failed migration leaves the store as it was. A store without the table is one written
+//! before versions existed (batchq 0.1): it holds migration 1's tables already, which is why
+//! migration 1 only creates what is missing. A store that records a version above what this
+//! binary knows was written by a newer batchq and is refused, untouched. refinery also refuses
+//! a store whose applied migration differs from the binary's (another name or checksum): the
+//! SQL of a released migration never changes; a change is a new migration.
 //!
-//! `rusqlite_migration` and `refinery` do exactly this, but no release of either builds with
-//! rusqlite 0.43 (they pin 0.40 and ≤ 0.41), so these few lines stand in until one does.
+//! The same runner drives a PostgreSQL store through refinery's `tokio-postgres` driver.
 
-use rusqlite::{Connection, TransactionBehavior};
+use refinery::{Migration, Runner};
+use rusqlite::{Connection, OptionalExtension};
 
 use crate::store::StoreError;
 
-/// Brings the store on `conn` to `migrations.len()`: migration `n` (1-based) is
-/// `migrations[n - 1]`, SQL run as one batch. Returns the version the store had before.
+/// Where refinery keeps the applied versions.
+pub const HISTORY_TABLE: &str = "refinery_schema_history";
+
+/// Brings the store on `conn` to `migrations.len()`. Returns the version it had before.
 pub fn migrate(conn: &mut Connection, migrations: &[&str]) -> Result<i64, StoreError> {
     let supported = migrations.len() as i64;
-    // IMMEDIATE: a second process opening the same store waits here instead of upgrading it
-    // at the same time.
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let found: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let found = version(conn)?;
     if found > supported {
         return Err(StoreError::NewerSchema { found, supported });
     }
-    if found < 0 {
-        return Err(StoreError::Migration(format!(
-            "the store's schema version {found} is not one batchq writes"
-        )));
-    }
-    for (version, sql) in migrations.iter().enumerate().skip(found as usize) {
-        let version = version as i64 + 1;
-        tx.execute_batch(sql)
-            .map_err(|e| StoreError::Migration(format!("migration {version}: {e}")))?;
-        // PRAGMA takes no parameters; `version` is an integer we computed.
-        tx.execute_batch(&format!("PRAGMA user_version = {version}"))
-            .map_err(|e| StoreError::Migration(format!("recording version {version}: {e}")))?;
-    }
-    tx.commit()
-        .map_err(|e| StoreError::Migration(format!("commit: {e}")))?;
+    let migrations = migrations
+        .iter()
+        .enumerate()
+        .map(|(i, sql)| Migration::unapplied(&format!("V{}__batchq_schema", i + 1), sql))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StoreError::Migration(e.to_string()))?;
+    Runner::new(&migrations)
+        .set_grouped(true)
+        .set_abort_divergent(true)
+        .set_abort_missing(true)
+        .run(conn)
+        .map_err(|e| StoreError::Migration(e.to_string()))?;
     if found < supported {
         tracing::info!(from = found, to = supported, "store schema upgraded");
     }
     Ok(found)
 }
 
-/// The schema version a store holds (0 for a new or pre-version store).
+/// The schema version a store holds: 0 for a new store or one written before versions.
 pub fn version(conn: &Connection) -> Result<i64, StoreError> {
-    Ok(conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+    let recorded: Option<String> = conn
+        .query_row(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            [HISTORY_TABLE],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if recorded.is_none() {
+        return Ok(0);
+    }
+    let version: Option<i64> = conn.query_row(
+        &format!("SELECT MAX(version) FROM {HISTORY_TABLE}"),
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(version.unwrap_or(0))
+}
+
+/// Records `version` as applied without running anything: what a newer batchq leaves in a
+/// store. For tests and for tools that stand in for one.
+pub fn stamp(conn: &Connection, version: i64) -> Result<(), StoreError> {
+    conn.execute_batch(&format!(
+        "CREATE TABLE IF NOT EXISTS {HISTORY_TABLE}(
+             version INTEGER PRIMARY KEY,
+             name VARCHAR(255),
+             applied_on VARCHAR(255),
+             checksum VARCHAR(255));"
+    ))?;
+    conn.execute(
+        &format!(
+            "INSERT INTO {HISTORY_TABLE} (version, name, applied_on, checksum)
+             VALUES (?1, ?2, '', '0')"
+        ),
+        rusqlite::params![version, format!("V{version}__batchq_schema")],
+    )?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -78,10 +113,7 @@ mod tests {
         migrate(&mut conn, &[V1]).expect("version 1");
         let error = migrate(&mut conn, &[V1, V2, "ALTER TABLE nope ADD COLUMN c;"])
             .expect_err("migration 3 fails");
-        assert!(
-            matches!(&error, StoreError::Migration(m) if m.starts_with("migration 3: ")),
-            "{error}"
-        );
+        assert!(matches!(&error, StoreError::Migration(_)), "{error}");
         assert_eq!(version(&conn).expect("version"), 1, "rolled back");
         let columns: i64 = conn
             .query_row("SELECT COUNT(*) FROM pragma_table_info('t')", [], |r| {
@@ -94,8 +126,8 @@ mod tests {
     #[test]
     fn a_newer_store_is_refused_untouched() {
         let mut conn = Connection::open_in_memory().expect("in-memory database");
-        conn.execute_batch("PRAGMA user_version = 9")
-            .expect("newer");
+        migrate(&mut conn, &[V1, V2]).expect("version 2");
+        stamp(&conn, 9).expect("a newer batchq's version");
         let error = migrate(&mut conn, &[V1, V2]).expect_err("refused");
         assert!(matches!(
             error,
@@ -106,5 +138,14 @@ mod tests {
         ));
         assert!(!error.is_transient());
         assert_eq!(version(&conn).expect("version"), 9);
+    }
+
+    #[test]
+    fn a_changed_migration_is_refused() {
+        let mut conn = Connection::open_in_memory().expect("in-memory database");
+        migrate(&mut conn, &[V1]).expect("version 1");
+        let error = migrate(&mut conn, &["CREATE TABLE IF NOT EXISTS u (a INTEGER);"])
+            .expect_err("a released migration never changes");
+        assert!(matches!(error, StoreError::Migration(_)), "{error}");
     }
 }

@@ -159,7 +159,7 @@ pub trait ReducerQueries: Send + 'static {
 
 /// Schema version 1: the tables as they were before versions were recorded. Written with
 /// `IF NOT EXISTS`, so it applies to an empty database and to a store written then (which has
-/// them all, and `user_version` 0).
+/// them all, and no recorded version).
 const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
@@ -903,8 +903,7 @@ mod tests {
         assert_eq!(rows(&store.conn, "results", "old"), 1);
         drop(store);
         let conn = Connection::open(&path).expect("reopen");
-        conn.execute_batch("PRAGMA user_version = 99")
-            .expect("from the future");
+        common::migrate::stamp(&conn, 99).expect("from the future");
         drop(conn);
         match SqliteStore::open(&path) {
             Err(StoreError::NewerSchema {

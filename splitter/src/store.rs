@@ -170,7 +170,7 @@ pub struct SqliteStore {
 
 /// Schema version 1: the tables as they were before versions were recorded. Written with
 /// `IF NOT EXISTS`, so it applies to an empty database and to a store written then (which has
-/// them all, and `user_version` 0).
+/// them all, and no recorded version).
 const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
@@ -826,8 +826,7 @@ mod tests {
         assert_eq!(old.map(|j| j.state), Some(DispatchState::Finished));
         drop(store);
         let conn = Connection::open(&path).expect("reopen");
-        conn.execute_batch("PRAGMA user_version = 3")
-            .expect("from the future");
+        common::migrate::stamp(&conn, 3).expect("from the future");
         drop(conn);
         assert!(matches!(
             SqliteStore::open(&path),

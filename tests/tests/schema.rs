@@ -35,10 +35,11 @@ fn install_fixture_stores(data_dir: &Path, ns: &str) -> Result<()> {
     Ok(())
 }
 
+/// The schema version the store at `path` records (0: none, as before versions).
 fn user_version(path: &Path) -> Result<i64> {
     let conn =
         rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    Ok(conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+    Ok(common::migrate::version(&conn)?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,7 +165,7 @@ async fn a_store_of_a_newer_schema_is_refused_at_start() -> Result<()> {
             .join(component)
             .join(format!("{}.db", env.ns));
         let conn = rusqlite::Connection::open(&path)?;
-        conn.execute_batch("PRAGMA user_version = 7")?;
+        common::migrate::stamp(&conn, 7)?;
     }
     for bin in [Bin::Splitter, Bin::Reducer] {
         let (code, stderr) = run_on_newer_store(bin, &env).await?;
