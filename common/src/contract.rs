@@ -1,10 +1,7 @@
-//! Messages of the public wire contract (CONTRACT.md v1) that batchq publishes or accepts,
+//! Messages of the public wire contract (CONTRACT.md v1.1) that batchq publishes or accepts,
 //! other than the JobSpec itself (see [`crate::jobspec`]).
 
 use serde::{Deserialize, Serialize};
-
-/// Version of the public wire contract this build implements.
-pub const CONTRACT_VERSION: u32 = 1;
 
 /// Lifecycle of a job. The last four are terminal and never change again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
