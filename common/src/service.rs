@@ -29,3 +29,12 @@ impl Retryable for ServiceError {
         }
     }
 }
+
+/// What a panic said, as far as it said anything: for the reason a message is set aside.
+pub fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned())
+}

@@ -196,6 +196,34 @@ impl StoreHealth {
     }
 }
 
+/// Runs `f` on tokio's blocking pool, where store work belongs (SQLite blocks). A panic in it
+/// goes on unwinding in the caller, which may set the message at fault aside.
+pub async fn blocking<R: Send + 'static>(
+    f: impl FnOnce() -> Result<R, StoreError> + Send + 'static,
+) -> Result<R, StoreError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result,
+        Err(join) => match join.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(_) => Err(StoreError::Corrupt("the store task was cancelled".into())),
+        },
+    }
+}
+
+/// Runs `f` on `shared`, locked, on the blocking pool (see [`blocking`]). A lock poisoned by
+/// an earlier panic is taken over: SQLite rolled that transaction back.
+pub async fn blocking_locked<S: Send + 'static, R: Send + 'static>(
+    shared: &std::sync::Arc<std::sync::Mutex<S>>,
+    f: impl FnOnce(&mut S) -> Result<R, StoreError> + Send + 'static,
+) -> Result<R, StoreError> {
+    let shared = std::sync::Arc::clone(shared);
+    blocking(move || {
+        let mut guard = shared.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard)
+    })
+    .await
+}
+
 const FIRST_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 /// Longest pause between two attempts at a store operation that failed transiently.
 pub const MAX_RETRY: std::time::Duration = std::time::Duration::from_secs(5);

@@ -112,7 +112,7 @@ pub type WorkerTable = Arc<Mutex<HashMap<String, (Heartbeat, i64)>>>;
 pub type ServiceTable = Arc<Mutex<HashMap<String, (ServiceBeat, i64)>>>;
 
 struct Shared {
-    store: Mutex<SqliteStore>,
+    store: Arc<Mutex<SqliteStore>>,
     /// The read-only connection of the fold loop's status ticks and the queue poller, opened
     /// on first use.
     queries: Mutex<Option<SqliteQueries>>,
@@ -135,9 +135,7 @@ impl Shared {
         R: Send + 'static,
         F: FnOnce(&mut dyn store::ReducerTx) -> Result<R, StoreError> + Send + 'static,
     {
-        let shared = Arc::clone(self);
-        blocking(move || {
-            let mut store = shared.store.lock().unwrap_or_else(|p| p.into_inner());
+        common::store::blocking_locked(&self.store, move |store: &mut SqliteStore| {
             store.transaction(f)
         })
         .await
@@ -175,7 +173,7 @@ impl Shared {
         common::store::retry("reducer", task, &self.health, stop, || {
             let shared = Arc::clone(self);
             let f = f.clone();
-            blocking(move || {
+            common::store::blocking(move || {
                 let mut queries = shared.queries.lock().unwrap_or_else(|p| p.into_inner());
                 if queries.is_none() {
                     *queries = Some(SqliteQueries::open(&shared.path)?);
@@ -187,19 +185,6 @@ impl Shared {
             })
         })
         .await
-    }
-}
-
-/// `f` on the blocking pool. A panic in it goes on unwinding in the caller.
-async fn blocking<R: Send + 'static>(
-    f: impl FnOnce() -> Result<R, StoreError> + Send + 'static,
-) -> Result<R, StoreError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(result) => result,
-        Err(join) => match join.try_into_panic() {
-            Ok(panic) => std::panic::resume_unwind(panic),
-            Err(_) => Err(StoreError::Corrupt("the store task was cancelled".into())),
-        },
     }
 }
 
@@ -219,7 +204,7 @@ pub async fn run(config: ReducerConfig, shutdown: CancellationToken) -> Result<(
     let store = SqliteStore::open(&path)?;
     let pruning = retention::Pruning::open(&path, config.retention)?;
     let shared = Arc::new(Shared {
-        store: Mutex::new(store),
+        store: Arc::new(Mutex::new(store)),
         queries: Mutex::new(None),
         health: StoreHealth::default(),
         path: path.clone(),
@@ -389,7 +374,7 @@ async fn fold_events(
             Ok(Err(e)) => return stopped(e),
             Err(panic) => {
                 tracing::error!(
-                    panic = panic_text(&*panic),
+                    panic = common::service::panic_text(&*panic),
                     "folding a batch panicked; folding its messages one by one to set the one at fault aside"
                 );
                 match fold_one_by_one(&batch, publisher, names, shared, stop, now).await {
@@ -457,22 +442,13 @@ async fn fold_one_by_one(
             Err(panic) => {
                 let reason = format!(
                     "the reducer panicked folding this message: {}",
-                    panic_text(&*panic)
+                    common::service::panic_text(&*panic)
                 );
                 keep_on_dead(publisher, names, delivery, &reason).await?;
             }
         }
     }
     Ok(effects)
-}
-
-/// What a panic said, as far as it said anything.
-fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".to_owned())
 }
 
 /// Keeps a message the reducer cannot use on `{ns}.dead`, with the reason in its headers, and

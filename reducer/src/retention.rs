@@ -52,17 +52,7 @@ impl Pruning {
         &self,
         f: impl FnOnce(&mut SqlitePruner) -> Result<T, crate::store::StoreError> + Send + 'static,
     ) -> Result<T, ReducerError> {
-        let pruner = Arc::clone(&self.pruner);
-        let task = tokio::task::spawn_blocking(move || {
-            let mut pruner = pruner.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut pruner)
-        });
-        match task.await {
-            Ok(result) => Ok(result?),
-            Err(e) => {
-                Err(crate::store::StoreError::Corrupt(format!("retention task failed: {e}")).into())
-            }
-        }
+        Ok(common::store::blocking_locked(&self.pruner, f).await?)
     }
 
     /// `batchctl delete`: buries a finished job now (the caller is on the blocking pool);

@@ -107,20 +107,7 @@ impl SharedStore {
         R: Send + 'static,
         F: FnOnce(&mut SqliteStore) -> Result<R, StoreError> + Send + 'static,
     {
-        let store = Arc::clone(&self.store);
-        let task = tokio::task::spawn_blocking(move || {
-            let mut store = store
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            f(&mut store)
-        });
-        match task.await {
-            Ok(result) => result,
-            Err(join) => match join.try_into_panic() {
-                Ok(panic) => std::panic::resume_unwind(panic),
-                Err(_) => Err(StoreError::Corrupt("the store task was cancelled".into())),
-            },
-        }
+        common::store::blocking_locked(&self.store, f).await
     }
 
     /// Runs what `make()` builds on the store, building it afresh and trying again while the
@@ -245,7 +232,7 @@ async fn commit_units(
         Err(panic) => panic,
     };
     tracing::error!(
-        panic = panic_text(&*panic),
+        panic = common::service::panic_text(&*panic),
         task = ctx.1,
         "a batch panicked; committing its messages one by one to set the one at fault aside"
     );
@@ -258,7 +245,7 @@ async fn commit_units(
             Err(panic) => {
                 let reason = format!(
                     "the splitter panicked applying this message: {}",
-                    panic_text(&*panic)
+                    common::service::panic_text(&*panic)
                 );
                 tracing::error!(%reason, "keeping the message on the dead-letter queue");
                 commit(store, names, outbox_ready, ctx, || {
@@ -269,15 +256,6 @@ async fn commit_units(
         }
     }
     Ok(())
-}
-
-/// What a panic said, as far as it said anything.
-fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".to_owned())
 }
 
 async fn intake_jobs(

@@ -47,15 +47,7 @@ impl Pruning {
         &self,
         f: impl FnOnce(&mut SqlitePruner) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, SplitterError> {
-        let pruner = Arc::clone(&self.pruner);
-        let task = tokio::task::spawn_blocking(move || {
-            let mut pruner = pruner.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut pruner)
-        });
-        match task.await {
-            Ok(result) => Ok(result?),
-            Err(e) => Err(StoreError::Corrupt(format!("retention task failed: {e}")).into()),
-        }
+        Ok(common::store::blocking_locked(&self.pruner, f).await?)
     }
 
     /// Every [`SWEEP_EVERY`], deletes what the retention says, until `shutdown`. Nothing to
