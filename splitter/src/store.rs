@@ -76,6 +76,30 @@ pub struct JobRow {
 }
 
 impl JobRow {
+    /// A job of `state` with nothing to dispatch and nothing known about it but its id: a
+    /// rejected JobSpec's record, or what a deleted job's tombstone stands for.
+    pub fn inert(job_id: &str, state: DispatchState) -> Self {
+        JobRow {
+            job_id: job_id.to_owned(),
+            state,
+            operation: String::new(),
+            params: "{}".to_owned(),
+            range_base: None,
+            ops_total: 0,
+            fragment_size: 1,
+            max_concurrent: 1,
+            lifespan_ms: 0,
+            max_attempts: 1,
+            collect_results: false,
+            cursor: 0,
+            next_fragment: 0,
+            in_flight: 0,
+            progress_seq: 0,
+            adaptive: false,
+            op_cost_ns: None,
+        }
+    }
+
     /// The size of this job's next fragments from its observed cost, when it has no
     /// `fragment_size` of its own and a cost is known.
     pub fn sized_fragment(&self) -> Option<u32> {
@@ -272,25 +296,7 @@ fn ended_at(state: DispatchState) -> Option<i64> {
 /// What a lookup of a deleted job finds: a job with nothing left to dispatch, so that a
 /// re-submitted JobSpec, a cancel, a late settlement or a halt of it changes nothing.
 fn expired_job(job_id: &str) -> JobRow {
-    JobRow {
-        job_id: job_id.to_owned(),
-        state: DispatchState::Finished,
-        operation: String::new(),
-        params: "{}".to_owned(),
-        range_base: None,
-        ops_total: 0,
-        fragment_size: 1,
-        max_concurrent: 1,
-        lifespan_ms: 0,
-        max_attempts: 1,
-        collect_results: false,
-        cursor: 0,
-        next_fragment: 0,
-        in_flight: 0,
-        progress_seq: 0,
-        adaptive: false,
-        op_cost_ns: None,
-    }
+    JobRow::inert(job_id, DispatchState::Finished)
 }
 
 use common::store::{get_u64, to_i64};

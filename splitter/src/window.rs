@@ -308,25 +308,7 @@ impl Batch<'_> {
     ) -> Result<(), StoreError> {
         tracing::warn!(job_id = %rejection.job_id, error = %rejection.error, "job rejected");
         if self.load(&rejection.job_id)?.is_none() {
-            let job = JobRow {
-                job_id: rejection.job_id.clone(),
-                state: DispatchState::Rejected,
-                operation: String::new(),
-                params: "{}".to_owned(),
-                range_base: None,
-                ops_total: 0,
-                fragment_size: 1,
-                max_concurrent: 1,
-                lifespan_ms: 0,
-                max_attempts: 1,
-                collect_results: false,
-                cursor: 0,
-                next_fragment: 0,
-                in_flight: 0,
-                progress_seq: 0,
-                adaptive: false,
-                op_cost_ns: None,
-            };
+            let job = JobRow::inert(&rejection.job_id, DispatchState::Rejected);
             self.tx.insert_job(&job)?;
             self.jobs.insert(job.job_id.clone(), (job, false));
             self.tell_reducer(&ReducerInput::Rejected {
