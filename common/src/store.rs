@@ -117,6 +117,45 @@ pub fn get_u64(row: &rusqlite::Row<'_>, column: usize) -> rusqlite::Result<u64> 
     })
 }
 
+/// Deletes up to `limit` rows of one deleted job (one whose tombstone is not yet marked
+/// `purged`) in one transaction: `statements` in order, each `DELETE ... WHERE job_id = ?1
+/// ... LIMIT ?2` given what is left of the budget. A statement that deletes less than its
+/// budget has emptied its table of the job; when all have, the tombstone is marked purged.
+/// `None` when no deleted job has rows left. Short transactions: a writer waiting behind one
+/// (busy_timeout) never waits long.
+pub fn purge_tombstoned(
+    conn: &mut rusqlite::Connection,
+    statements: &[&str],
+    limit: u32,
+) -> Result<Option<u64>, StoreError> {
+    use rusqlite::OptionalExtension;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let job_id: Option<String> = tx
+        .prepare_cached("SELECT job_id FROM tombstones WHERE purged = 0 LIMIT 1")?
+        .query_row([], |r| r.get(0))
+        .optional()?;
+    let Some(job_id) = job_id else {
+        return Ok(None);
+    };
+    let limit = u64::from(limit.max(1));
+    let mut deleted = 0u64;
+    for sql in statements {
+        let budget = limit - deleted;
+        deleted += tx
+            .prepare_cached(sql)?
+            .execute(rusqlite::params![job_id, to_i64(budget)])? as u64;
+        if deleted >= limit {
+            break;
+        }
+    }
+    if deleted < limit {
+        tx.prepare_cached("UPDATE tombstones SET purged = 1 WHERE job_id = ?1")?
+            .execute([&job_id])?;
+    }
+    tx.commit()?;
+    Ok(Some(deleted))
+}
+
 /// The state of one component's store, shared with whoever reports health: the faults its
 /// tasks (an intake loop, an outbox pump) are waiting out.
 #[derive(Debug, Clone, Default)]

@@ -666,42 +666,18 @@ impl SqlitePruner {
     /// Deletes up to `limit` rows (items, then fragments still out) of one deleted job, in
     /// one transaction. `None` when no deleted job has rows left.
     pub fn purge_some(&mut self, limit: u32) -> Result<Option<u64>, StoreError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let job_id: Option<String> = tx
-            .prepare_cached("SELECT job_id FROM tombstones WHERE purged = 0 LIMIT 1")?
-            .query_row([], |r| r.get(0))
-            .optional()?;
-        let Some(job_id) = job_id else {
-            return Ok(None);
-        };
-        let limit = u64::from(limit.max(1));
-        let mut deleted = 0u64;
-        // Each statement deletes at most what is left of the budget; one that deletes less
-        // has emptied its table of the job.
-        for sql in [
-            "DELETE FROM items WHERE job_id = ?1 AND idx IN
-                (SELECT idx FROM items WHERE job_id = ?1 ORDER BY idx LIMIT ?2)",
-            "DELETE FROM fragments WHERE job_id = ?1 AND fragment IN
-                (SELECT fragment FROM fragments WHERE job_id = ?1 ORDER BY fragment LIMIT ?2)",
-        ] {
-            let budget = limit - deleted;
-            deleted += tx
-                .prepare_cached(sql)?
-                .execute(params![job_id, to_i64(budget)])? as u64;
-            if deleted >= limit {
-                break;
-            }
-        }
-        if deleted < limit {
-            tx.prepare_cached("UPDATE tombstones SET purged = 1 WHERE job_id = ?1")?
-                .execute([&job_id])?;
-        }
-        tx.commit()?;
-        Ok(Some(deleted))
+        common::store::purge_tombstoned(&mut self.conn, PURGE_STATEMENTS, limit)
     }
 }
+
+/// What a deleted job leaves, in the order it is purged (see
+/// [`common::store::purge_tombstoned`]).
+const PURGE_STATEMENTS: &[&str] = &[
+    "DELETE FROM items WHERE job_id = ?1 AND idx IN
+        (SELECT idx FROM items WHERE job_id = ?1 ORDER BY idx LIMIT ?2)",
+    "DELETE FROM fragments WHERE job_id = ?1 AND fragment IN
+        (SELECT fragment FROM fragments WHERE job_id = ?1 ORDER BY fragment LIMIT ?2)",
+];
 
 #[cfg(test)]
 mod tests {
