@@ -222,3 +222,59 @@ async fn max_fragments_zero_is_refused_at_start() -> Result<()> {
     );
     env.finish().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_queue_runs_dry_waits_for_the_rest_of_its_budget() -> Result<()> {
+    let mut env = TestEnv::new("ephemeral-dry").await?;
+    env.start_splitter()?;
+    env.start_reducer()?;
+    // Prefetch 4 against a budget of 3: the broker gets room for 3 and no acknowledgement
+    // may give it more, so both of the first job's acknowledgements wait.
+    let worker = env.start_worker(WorkerOpts {
+        prefetch: 4,
+        operations: Some(vec!["noop".into()]),
+        max_fragments: Some(3),
+        ..WorkerOpts::default()
+    })?;
+    let job = |name: &str, ops: u64| {
+        json!({
+            "job_id": env.job_id(name),
+            "operation": "noop",
+            "range": {"start": 0, "end": ops},
+            "fragment_size": 10,
+        })
+    };
+    let (first_spec, second_spec) = (job("dry-first", 20), job("dry-second", 10));
+    let first = env.submit(&first_spec).await?;
+    let status = env.wait_for_terminal(&first, JOB_TIMEOUT).await?;
+    assert_counts(&status, JobState::Succeeded, 20, 0);
+    assert_eq!(status.fragments_done, 2, "{status:?}");
+    // Two of three run: it waits for the third rather than leave with less.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        env.is_running(worker),
+        "a worker with fragments left waits for them\n{}",
+        env.log_text(worker)
+    );
+
+    let second = env.submit(&second_spec).await?;
+    let exit = env.wait_exit(worker, Duration::from_secs(30)).await?;
+    assert!(exit.success(), "the worker retires with exit 0: {exit}");
+    let status = env.wait_for_terminal(&second, JOB_TIMEOUT).await?;
+    assert_counts(&status, JobState::Succeeded, 10, 0);
+    let log = env.log_text(worker);
+    assert_eq!(
+        fragments_run_on(&log, "max fragments run; retiring gracefully"),
+        [3],
+        "it retired on its own after its third fragment:\n{log}"
+    );
+    // The acknowledgements it held went before it left: the work queue holds nothing, ready
+    // or unacknowledged, to be delivered again.
+    let queue = env.broker().names().work_queue("noop");
+    assert_eq!(env.queue_depth(&queue).await?, 0, "{queue} is empty");
+    ensure!(
+        !log.contains("came back from the broker") && !log.contains("handed back unrun"),
+        "nothing went back:\n{log}"
+    );
+    env.finish().await
+}
