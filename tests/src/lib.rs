@@ -200,6 +200,8 @@ pub struct WorkerOpts {
     pub heartbeat_ms: u64,
     /// `BATCHQ_MAX_LIFETIME` (`"3s"`, `"30m"`); `None`: the worker runs until stopped.
     pub max_lifetime: Option<String>,
+    /// `BATCHQ_MAX_FRAGMENTS`; `None`: no limit.
+    pub max_fragments: Option<u64>,
     /// `BATCHQ_METRICS_ADDR`; `None`: no Prometheus endpoint.
     pub metrics_addr: Option<String>,
     /// `BATCHQ_EXEC_ALLOW`: [`TEST_EXEC_ALLOW`] by default; `None`: the worker offers no `exec`.
@@ -216,6 +218,7 @@ impl Default for WorkerOpts {
             operations: None,
             heartbeat_ms: 500,
             max_lifetime: None,
+            max_fragments: None,
             metrics_addr: None,
             exec_allow: Some(TEST_EXEC_ALLOW.to_owned()),
         }
@@ -264,6 +267,7 @@ impl Proc {
             "BATCHQ_DATA_DIR",
             "BATCHQ_MAX_MESSAGE_BYTES",
             "BATCHQ_MAX_LIFETIME",
+            "BATCHQ_MAX_FRAGMENTS",
             "BATCHQ_RETENTION",
             "BATCHQ_TLS_CA_FILE",
             "BATCHQ_EXEC_ALLOW",
@@ -584,6 +588,9 @@ impl TestEnv {
         envs.push(("BATCHQ_HEARTBEAT_MS".into(), opts.heartbeat_ms.to_string()));
         if let Some(lifetime) = &opts.max_lifetime {
             envs.push(("BATCHQ_MAX_LIFETIME".into(), lifetime.clone()));
+        }
+        if let Some(max) = opts.max_fragments {
+            envs.push(("BATCHQ_MAX_FRAGMENTS".into(), max.to_string()));
         }
         if let Some(addr) = &opts.metrics_addr {
             envs.push(("BATCHQ_METRICS_ADDR".into(), addr.clone()));

@@ -611,8 +611,13 @@ fn scaled_object_scales_the_workers_on_the_work_queues_of_the_namespace() -> Res
         "ScaledObject {name}: minReplicaCount above maxReplicaCount"
     );
 
-    // One trigger per built-in operation's work queue, named after the namespace of the
-    // ConfigMap, counting ready plus unacknowledged messages.
+    check_work_queue_triggers(&m, &format!("ScaledObject {name}"), spec)
+}
+
+/// A KEDA scaler's triggers (`owner`, its `spec`): one per built-in operation's work queue,
+/// named after the namespace of the ConfigMap, counting ready plus unacknowledged messages,
+/// one worker per `BATCHQ_PREFETCH` of them, the broker's credentials from a Secret.
+fn check_work_queue_triggers(m: &Manifests, owner: &str, spec: &Value) -> Result<()> {
     let names = Names::new(m.config_value("BATCHQ_NAMESPACE")?);
     let prefetch = m.config_value("BATCHQ_PREFETCH")?;
     let mut queues = BTreeSet::new();
@@ -664,9 +669,120 @@ fn scaled_object_scales_the_workers_on_the_work_queues_of_the_namespace() -> Res
         .collect();
     assert_eq!(
         queues, expected,
-        "the ScaledObject's queues against {{ns}}.work.{{op}}"
+        "the {owner}'s queues against {{ns}}.work.{{op}}"
     );
     Ok(())
+}
+
+#[test]
+fn scaled_job_runs_ephemeral_workers_on_the_work_queues_of_the_namespace() -> Result<()> {
+    let m = Manifests::load()?;
+    let env_vars = env_vars_read_by_the_binaries()?;
+    let jobs: Vec<_> = m.of_kind("ScaledJob").collect();
+    ensure!(jobs.len() == 1, "one ScaledJob, found {}", jobs.len());
+    let (name, job) = jobs[0];
+    let spec = &job["spec"];
+
+    // The ScaledJob and the ScaledObject scale on the same queues: one of the two ships
+    // paused, or KEDA would start Jobs and replicas for the same backlog.
+    let paused = |doc: &Value| {
+        scalar_text(&doc["metadata"]["annotations"]["autoscaling.keda.sh/paused"])
+            .is_some_and(|v| v == "true")
+            || !doc["metadata"]["annotations"]["autoscaling.keda.sh/paused-replicas"].is_null()
+    };
+    let objects: Vec<_> = m.of_kind("ScaledObject").collect();
+    ensure!(
+        paused(job) || objects.iter().all(|(_, object)| paused(object)),
+        "ScaledJob {name} and the ScaledObject both scale the workers"
+    );
+
+    // Its pods are workers that exit on their own, each Job once.
+    let pod = &spec["jobTargetRef"]["template"]["spec"];
+    let restart = str_of(&pod["restartPolicy"], "restartPolicy")?;
+    ensure!(
+        ["Never", "OnFailure"].contains(&restart),
+        "ScaledJob {name}: a Job's restartPolicy is Never or OnFailure, not {restart}"
+    );
+    let grace = pod["terminationGracePeriodSeconds"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("ScaledJob {name} sets no terminationGracePeriodSeconds"))?;
+    ensure!(
+        grace > DEFAULT_LIFESPAN_SECS,
+        "ScaledJob {name}: terminationGracePeriodSeconds {grace} must exceed the default \
+         lifespan of {DEFAULT_LIFESPAN_SECS} s"
+    );
+    assert_eq!(
+        pod["securityContext"]["runAsNonRoot"].as_bool(),
+        Some(true),
+        "ScaledJob {name}: runAsNonRoot"
+    );
+    let containers = seq_of(&pod["containers"], "containers")?;
+    ensure!(containers.len() == 1, "one container per batchq pod");
+    let container = &containers[0];
+    let args = strings_of(&container["args"], "args")?;
+    assert_eq!(
+        args.first().map(String::as_str),
+        Some("worker"),
+        "ScaledJob {name} runs workers"
+    );
+
+    let mut env = BTreeMap::new();
+    for source in seq_of(&container["envFrom"], "envFrom")? {
+        let config = str_of(&source["configMapRef"]["name"], "configMapRef name")?;
+        ensure!(
+            m.has("ConfigMap", config),
+            "ScaledJob {name}: no ConfigMap {config}"
+        );
+        for key in m.keys("ConfigMap", config)? {
+            env.insert(key, None);
+        }
+    }
+    for variable in seq_of(&container["env"], "env")? {
+        let var = str_of(&variable["name"], "env name")?.to_owned();
+        ensure!(
+            env_vars.contains(&var),
+            "ScaledJob {name} sets {var}, which no batchq binary reads"
+        );
+        let secret = &variable["valueFrom"]["secretKeyRef"];
+        if !secret.is_null() {
+            let object = str_of(&secret["name"], "secretKeyRef name")?;
+            let key = str_of(&secret["key"], "secretKeyRef key")?;
+            ensure!(
+                m.keys("Secret", object)?.contains(key),
+                "ScaledJob {name}: {var} refers to key {key} that Secret {object} lacks"
+            );
+        }
+        env.insert(var, scalar_text(&variable["value"]));
+    }
+    for var in ["AMQP_URL", "BATCHQ_NAMESPACE"] {
+        ensure!(env.contains_key(var), "ScaledJob {name} gets no {var}");
+    }
+    // What makes the worker ephemeral: a budget the worker accepts (a positive count).
+    let max_fragments = env
+        .get("BATCHQ_MAX_FRAGMENTS")
+        .cloned()
+        .flatten()
+        .ok_or_else(|| anyhow!("ScaledJob {name} sets no BATCHQ_MAX_FRAGMENTS"))?;
+    worker::parse_max_fragments(&max_fragments)
+        .map_err(|e| anyhow!("ScaledJob {name}: BATCHQ_MAX_FRAGMENTS: {e}"))?;
+    if let Some(Some(lifetime)) = env.get("BATCHQ_MAX_LIFETIME") {
+        worker::parse_lifetime(lifetime)
+            .map_err(|e| anyhow!("ScaledJob {name}: BATCHQ_MAX_LIFETIME: {e}"))?;
+    }
+
+    let volumes: BTreeSet<&str> = seq_of(&pod["volumes"], "volumes")?
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+    for mount in seq_of(&container["volumeMounts"], "volumeMounts")? {
+        let volume = str_of(&mount["name"], "volumeMount name")?;
+        ensure!(
+            volumes.contains(volume),
+            "ScaledJob {name} mounts volume {volume}, which its pod does not define"
+        );
+    }
+
+    check_work_queue_triggers(&m, &format!("ScaledJob {name}"), spec)
 }
 
 #[test]
@@ -699,6 +815,7 @@ fn kustomize_builds_the_manifests() -> Result<()> {
             "Deployment",
             "Service",
             "ScaledObject",
+            "ScaledJob",
             "TriggerAuthentication",
         ] {
             ensure!(kinds.contains(kind), "{program} built no {kind}: {kinds:?}");

@@ -2,6 +2,7 @@
 //! operations, publishes a confirmed report, and only then acknowledges the fragment, so a
 //! worker that dies leaves its fragments to the broker, which hands them to another worker.
 
+mod budget;
 pub mod builtin;
 mod control;
 pub mod exec;
@@ -11,6 +12,7 @@ pub mod runner;
 mod session;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -58,6 +60,12 @@ pub struct WorkerConfig {
     #[arg(long = "max-lifetime", env = "BATCHQ_MAX_LIFETIME", value_parser = parse_lifetime)]
     pub max_lifetime: Option<Duration>,
 
+    /// Retire after this many fragments, as on SIGTERM: take no more once the last ones are
+    /// in hand, run those to their end, exit 0. For short-lived instances (a Kubernetes Job
+    /// of a KEDA ScaledJob, a batch VM). Unset: no limit.
+    #[arg(long = "max-fragments", env = "BATCHQ_MAX_FRAGMENTS", value_parser = parse_max_fragments)]
+    pub max_fragments: Option<u64>,
+
     /// Address of a Prometheus endpoint (`GET /metrics`) for this worker; none unless set
     /// (workers report their measurements through the broker; the reducer serves them).
     #[arg(long = "metrics-addr", env = "BATCHQ_METRICS_ADDR")]
@@ -73,6 +81,7 @@ impl WorkerConfig {
             exec_allow: None,
             heartbeat_ms: 2000,
             max_lifetime: None,
+            max_fragments: None,
             metrics_addr: None,
         }
     }
@@ -98,6 +107,22 @@ pub fn parse_lifetime(text: &str) -> Result<Duration, String> {
         .checked_mul(unit_secs)
         .map(Duration::from_secs)
         .ok_or_else(|| format!("{text:?} is too long a lifetime"))
+}
+
+/// Parses `--max-fragments`: a positive integer. Zero is refused: a worker that may run no
+/// fragment would start, connect and exit having done nothing.
+pub fn parse_max_fragments(text: &str) -> Result<u64, String> {
+    match text.trim().parse::<u64>() {
+        Ok(0) => Err(
+            "a worker with max fragments 0 would exit without running anything: \
+             give at least 1, or leave BATCHQ_MAX_FRAGMENTS (--max-fragments) unset for no limit"
+                .into(),
+        ),
+        Ok(count) => Ok(count),
+        Err(_) => Err(format!(
+            "{text:?} is not a number of fragments: give a positive integer"
+        )),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +154,11 @@ struct WorkerState {
     cancelled: CancelledJobs,
     /// Fragments delivered and not yet acknowledged, by operation.
     held: Mutex<BTreeMap<String, u64>>,
+    /// `--max-fragments`.
+    max_fragments: Option<u64>,
+    /// Fragments taken within `max_fragments` and settled (reported and acknowledged), over
+    /// every session.
+    fragments_run: AtomicU64,
 }
 
 impl WorkerState {
@@ -144,6 +174,21 @@ impl WorkerState {
 
     fn held(&self) -> BTreeMap<String, u64> {
         self.held.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Fragments this worker may still take; `None` without `--max-fragments`.
+    fn fragments_left(&self) -> Option<u64> {
+        self.max_fragments
+            .map(|max| max.saturating_sub(self.fragments_run()))
+    }
+
+    fn fragments_run(&self) -> u64 {
+        self.fragments_run.load(Ordering::Acquire)
+    }
+
+    /// A fragment taken within `--max-fragments` was acknowledged.
+    fn fragment_settled(&self) {
+        self.fragments_run.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -189,9 +234,11 @@ pub async fn run(
         heartbeat: Duration::from_millis(config.heartbeat_ms.max(100)),
         cancelled: CancelledJobs::default(),
         held: Mutex::default(),
+        max_fragments: config.max_fragments,
+        fragments_run: AtomicU64::new(0),
     });
     let broker = Broker::new(&config.broker, "batchq-worker")?;
-    tracing::info!(worker = %state.id, operations = ?state.registry.names(), prefetch = state.prefetch, max_lifetime_s = config.max_lifetime.map(|l| l.as_secs()), "worker starting");
+    tracing::info!(worker = %state.id, operations = ?state.registry.names(), prefetch = state.prefetch, max_lifetime_s = config.max_lifetime.map(|l| l.as_secs()), max_fragments = config.max_fragments, "worker starting");
     // Reaching the max lifetime is a shutdown like SIGTERM, from the inside.
     let retire = shutdown.child_token();
     let lifetime = config.max_lifetime.map(|lifetime| {
@@ -212,7 +259,17 @@ pub async fn run(
         timer.abort();
     }
     outcome?;
-    tracing::info!(worker = %state.id, "worker stopped");
+    if let Some(max) = state.max_fragments {
+        // The session ends cleanly on its own only once the budget is spent.
+        if !retire.is_cancelled() {
+            tracing::info!(
+                fragments_run = state.fragments_run(),
+                max_fragments = max,
+                "max fragments run; retiring gracefully"
+            );
+        }
+    }
+    tracing::info!(worker = %state.id, fragments_run = state.fragments_run(), "worker stopped");
     Ok(())
 }
 
@@ -354,6 +411,16 @@ mod tests {
         );
         let error = offered(&["--exec-allow", "sh,./run"]).expect_err("a relative entry");
         assert!(error.contains("\"./run\" is a relative path"), "{error}");
+    }
+
+    #[test]
+    fn max_fragments_is_a_positive_count() {
+        assert_eq!(config(&["--max-fragments", "5"]).max_fragments, Some(5));
+        assert_eq!(config(&[]).max_fragments, None);
+        let zero = parse_max_fragments("0").expect_err("zero");
+        assert!(zero.contains("exit without running anything"), "{zero}");
+        assert!(parse_max_fragments("-1").is_err());
+        assert!(parse_max_fragments("five").is_err());
     }
 
     #[test]

@@ -18,6 +18,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::budget::{SessionBudget, Taken, consumer_prefetch};
 use crate::runner::run_fragment;
 use crate::{WorkerError, WorkerState};
 
@@ -34,6 +35,8 @@ struct Consumers {
     channel: Channel,
     tags: Vec<String>,
     deliveries: Deliveries,
+    /// What is left of `--max-fragments` in this session; `None` without the setting.
+    budget: Option<Arc<SessionBudget>>,
 }
 
 /// Runs one session until `shutdown` (then stops gracefully) or until the session breaks.
@@ -42,13 +45,18 @@ pub(crate) async fn run(
     state: &Arc<WorkerState>,
     shutdown: &CancellationToken,
 ) -> Result<(), WorkerError> {
+    // A worker that already ran its `--max-fragments` (in an earlier session) takes no more.
+    let remaining = state.fragments_left();
+    if remaining == Some(0) {
+        return Ok(());
+    }
     broker.declare_topology().await?;
     let names = broker.names().clone();
     let session = broker.session().await?;
     let publisher = session.publisher().await?;
     // Tasks report broker failures here; one ends the session.
     let (failed_tx, mut failed_rx) = mpsc::channel::<BrokerError>(1);
-    let mut consumers = Consumers::start(&session, &names, state).await?;
+    let mut consumers = Consumers::start(&session, &names, state, remaining).await?;
     let control = crate::control::listen(&session, &names, state, failed_tx.clone()).await?;
     tracing::info!(worker = %state.id, queues = consumers.tags.len(), "consuming");
 
@@ -65,7 +73,13 @@ pub(crate) async fn run(
         shutdown: shutdown.clone(),
         consumers_cancelled: CancellationToken::new(),
         failed: failed_tx.clone(),
+        budget: consumers.budget.clone(),
     };
+    // Never fires for a worker without `--max-fragments`.
+    let exhausted = consumers
+        .budget
+        .as_ref()
+        .map_or_else(CancellationToken::new, |budget| budget.exhausted().clone());
     let heartbeat = tokio::spawn(crate::heartbeat::publish(
         publisher.clone(),
         names.clone(),
@@ -77,6 +91,12 @@ pub(crate) async fn run(
     let result = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
+            // The rest of the budget is in hand: stop consuming as on SIGTERM, but let the
+            // fragments in hand run to their end.
+            _ = exhausted.cancelled() => {
+                tracing::info!(worker = %state.id, "max fragments in hand; no more are taken");
+                break Ok(());
+            }
             Some(error) = failed_rx.recv() => break Err(WorkerError::from(error)),
             next = consumers.deliveries.next() => match next {
                 Some(Ok(delivery)) => fragments.spawn(&tracker, delivery),
@@ -109,16 +129,26 @@ pub(crate) async fn run(
 
 impl Consumers {
     /// Declares the work queue of every operation the worker offers and consumes it, on one
-    /// channel whose prefetch bounds what the worker holds.
+    /// channel whose prefetch bounds what the worker holds: no more than the `remaining`
+    /// fragments of `--max-fragments`, when it is set.
     async fn start(
         session: &common::broker::Session,
         names: &Names,
         state: &WorkerState,
+        remaining: Option<u64>,
     ) -> Result<Self, BrokerError> {
-        let channel = session.consumer_channel(state.prefetch).await?;
+        let operations = state.registry.names();
+        let prefetch = remaining.map_or(state.prefetch, |remaining| {
+            consumer_prefetch(state.prefetch, remaining, operations.len())
+        });
+        let budget = remaining.map(|remaining| {
+            let window = u64::from(prefetch) * operations.len() as u64;
+            Arc::new(SessionBudget::new(remaining, window))
+        });
+        let channel = session.consumer_channel(prefetch).await?;
         let mut streams = Vec::new();
         let mut tags = Vec::new();
-        for operation in state.registry.names() {
+        for operation in operations {
             let queue = names.work_queue(&operation);
             answered(
                 &format!("the declaration of {queue}"),
@@ -143,6 +173,7 @@ impl Consumers {
             channel,
             tags,
             deliveries: futures::stream::select_all(streams),
+            budget,
         })
     }
 
@@ -241,6 +272,8 @@ struct FragmentTasks {
     /// itself (a quorum queue does so for deliveries in flight), marked redelivered.
     consumers_cancelled: CancellationToken,
     failed: mpsc::Sender<BrokerError>,
+    /// `--max-fragments` in this session; `None` without the setting.
+    budget: Option<Arc<SessionBudget>>,
 }
 
 impl FragmentTasks {
@@ -249,13 +282,39 @@ impl FragmentTasks {
         let tasks = self.clone();
         // Fragments are published with their operation as routing key.
         let operation = delivery.routing_key.as_str().to_owned();
+        if delivery.redelivered {
+            // Handed out before and returned (a worker died or a session broke): each return
+            // counts against the work queue's delivery limit.
+            tracing::info!(%operation, "a fragment came back from the broker and is delivered again");
+        }
+        let taken = self
+            .budget
+            .as_ref()
+            .map_or(Taken::Counted, |budget| budget.take());
+        // A delivery past the budget runs with its stop already given: it reports nothing
+        // run, which hands it back to the splitter without a broker requeue.
+        let stop = match taken {
+            Taken::Counted => self.stop.clone(),
+            Taken::Excess => {
+                tracing::info!("a fragment past --max-fragments is handed back unrun");
+                let stopped = CancellationToken::new();
+                stopped.cancel();
+                stopped
+            }
+        };
         tasks.state.hold(&operation, true);
         tracker.spawn(async move {
+            // Whether the fragment was settled (reported and acknowledged).
             let outcome = match Arc::clone(&tasks.running).acquire_owned().await {
-                Ok(_permit) => handle_fragment(&delivery, &tasks).await,
-                Err(_) => Ok(()),
+                Ok(_permit) => handle_fragment(&delivery, &tasks, &stop)
+                    .await
+                    .map(|()| true),
+                Err(_) => Ok(false),
             };
             tasks.state.hold(&operation, false);
+            if matches!(outcome, Ok(true)) && taken == Taken::Counted {
+                tasks.state.fragment_settled();
+            }
             if let Err(error) = outcome {
                 tracing::warn!(error = %error, "fragment not acknowledged; the broker will redeliver it");
                 let _ = tasks.failed.try_send(error);
@@ -263,9 +322,15 @@ impl FragmentTasks {
         });
     }
 
-    /// Acknowledges `delivery`, once the consumers are cancelled if the session is stopping.
+    /// Acknowledges `delivery`, once the consumers are cancelled if the session is stopping,
+    /// or if the room the acknowledgement gives the broker would let it send past
+    /// `--max-fragments` (which then stops the consuming).
     async fn ack(&self, delivery: &Delivery) -> Result<(), BrokerError> {
-        if self.shutdown.is_cancelled() {
+        let past_budget = self
+            .budget
+            .as_ref()
+            .is_some_and(|budget| !budget.release_ack());
+        if self.shutdown.is_cancelled() || past_budget {
             self.consumers_cancelled.cancelled().await;
         }
         delivery.acker.ack(BasicAckOptions::default()).await?;
@@ -273,9 +338,13 @@ impl FragmentTasks {
     }
 }
 
-/// Runs one delivered fragment, publishes its report (confirmed), then acks it. The tasks'
-/// `stop` cuts the fragment at its next operation boundary.
-async fn handle_fragment(delivery: &Delivery, tasks: &FragmentTasks) -> Result<(), BrokerError> {
+/// Runs one delivered fragment, publishes its report (confirmed), then acks it. `stop` cuts
+/// the fragment at its next operation boundary.
+async fn handle_fragment(
+    delivery: &Delivery,
+    tasks: &FragmentTasks,
+    stop: &CancellationToken,
+) -> Result<(), BrokerError> {
     let fragment: Fragment = match serde_json::from_slice(&delivery.data) {
         Ok(fragment) => fragment,
         Err(e) => {
@@ -294,7 +363,7 @@ async fn handle_fragment(delivery: &Delivery, tasks: &FragmentTasks) -> Result<(
         operation.as_ref(),
         &tasks.state.id,
         &tasks.state.cancelled,
-        &tasks.stop,
+        stop,
     )
     .await;
     tracing::debug!(job_id = %report.job_id, fragment = report.fragment, done = report.done, cut = ?report.cut, "fragment ended");

@@ -252,6 +252,7 @@ impl Deployment {
             "BATCHQ_DATA_DIR",
             "BATCHQ_MAX_MESSAGE_BYTES",
             "BATCHQ_MAX_LIFETIME",
+            "BATCHQ_MAX_FRAGMENTS",
         ] {
             command.env_remove(var);
         }
