@@ -346,6 +346,11 @@ impl Session {
         Publisher::open(&self.publish).await
     }
 
+    /// The consuming connection, for declarations that open channels of their own.
+    pub fn consume_connection(&self) -> &deadpool_lapin::lapin::Connection {
+        &self.consume
+    }
+
     /// A channel without confirms on the consuming connection (for replies that may be lost).
     pub async fn plain_channel(&self) -> Result<Channel, BrokerError> {
         Ok(self.consume.create_channel().await?)

@@ -1,26 +1,32 @@
-//! The client side of the reducer's request/reply on `{ns}.rpc` (direct reply-to).
+//! The client side of the reducer's request/reply: requests to the `{ns}.rpc` exchange,
+//! replies through direct reply-to (`amq.rabbitmq.reply-to`), which needs no queue at all.
 
 use std::time::Duration;
 
-use deadpool_lapin::lapin::options::{BasicConsumeOptions, BasicPublishOptions};
+use deadpool_lapin::lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
+};
 use deadpool_lapin::lapin::types::{FieldTable, ShortString};
-use deadpool_lapin::lapin::{Channel, Consumer};
+use deadpool_lapin::lapin::{Channel, Confirmation, Consumer};
 use futures::StreamExt;
 
 use crate::broker::{Broker, BrokerError, transient_json_properties};
+use crate::topology::KEY_RPC;
 use crate::wire::{Request, Response};
 
 const REPLY_TO: &str = "amq.rabbitmq.reply-to";
+/// Pause before a request that found no reducer bound is sent again.
+const UNROUTED_RETRY: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RpcError {
     #[error(transparent)]
     Broker(#[from] BrokerError),
     #[error(
-        "no reducer answered on {queue} within {secs} s (is a reducer running in namespace {namespace:?}?)"
+        "no reducer answered on {exchange} within {secs} s (is a reducer running in namespace {namespace:?}?)"
     )]
     NoAnswer {
-        queue: String,
+        exchange: String,
         namespace: String,
         secs: u64,
     },
@@ -32,7 +38,7 @@ pub enum RpcError {
 pub struct RpcClient {
     channel: Channel,
     replies: Consumer,
-    queue: String,
+    exchange: String,
     namespace: String,
     timeout: Duration,
     next_id: u64,
@@ -53,10 +59,15 @@ impl RpcClient {
             )
             .await
             .map_err(BrokerError::from)?;
+        // Confirms tell a request no reducer took (returned) from one a reducer's queue holds.
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(BrokerError::from)?;
         Ok(Self {
             channel,
             replies,
-            queue: broker.names().rpc_queue(),
+            exchange: broker.names().rpc(),
             namespace: broker.names().namespace().to_owned(),
             timeout,
             next_id: 0,
@@ -78,18 +89,11 @@ impl RpcClient {
         self.next_id += 1;
         let correlation = format!("rpc-{}", self.next_id);
         let body = serde_json::to_vec(request).map_err(BrokerError::from)?;
-        self.channel
-            .basic_publish(
-                "".into(),
-                self.queue.as_str().into(),
-                BasicPublishOptions::default(),
-                &body,
-                transient_json_properties()
-                    .with_reply_to(ShortString::from(REPLY_TO))
-                    .with_correlation_id(ShortString::from(correlation.as_str())),
-            )
-            .await
-            .map_err(BrokerError::from)?;
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        match tokio::time::timeout_at(deadline, self.deliver(&body, &correlation)).await {
+            Ok(delivered) => delivered?,
+            Err(_) => return Err(self.no_answer()),
+        }
         let wait = async {
             while let Some(delivery) = self.replies.next().await {
                 let delivery = delivery.map_err(BrokerError::from)?;
@@ -106,13 +110,54 @@ impl RpcClient {
             }
             Err(RpcError::Broker(BrokerError::ConsumerEnded))
         };
-        match tokio::time::timeout(self.timeout, wait).await {
+        match tokio::time::timeout_at(deadline, wait).await {
             Ok(result) => result,
-            Err(_) => Err(RpcError::NoAnswer {
-                queue: self.queue.clone(),
-                namespace: self.namespace.clone(),
-                secs: self.timeout.as_secs(),
-            }),
+            Err(_) => Err(self.no_answer()),
+        }
+    }
+
+    fn no_answer(&self) -> RpcError {
+        RpcError::NoAnswer {
+            exchange: self.exchange.clone(),
+            namespace: self.namespace.clone(),
+            secs: self.timeout.as_secs(),
+        }
+    }
+
+    /// Publishes the request until a reducer's queue takes it. The queue is private to a
+    /// reducer session, so between sessions (a restart, a broker node lost) nothing is bound:
+    /// the publish is mandatory, the broker returns it, and it is sent again shortly, until
+    /// the caller's deadline, as the durable queue of earlier releases would have held it.
+    async fn deliver(&self, body: &[u8], correlation: &str) -> Result<(), RpcError> {
+        loop {
+            let confirm = self
+                .channel
+                .basic_publish(
+                    self.exchange.as_str().into(),
+                    KEY_RPC.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    body,
+                    transient_json_properties()
+                        .with_reply_to(ShortString::from(REPLY_TO))
+                        .with_correlation_id(ShortString::from(correlation)),
+                )
+                .await
+                .map_err(BrokerError::from)?
+                .await
+                .map_err(BrokerError::from)?;
+            match confirm {
+                Confirmation::Ack(None) => return Ok(()),
+                // Returned: no reducer session is bound right now.
+                Confirmation::Ack(Some(_)) => tokio::time::sleep(UNROUTED_RETRY).await,
+                Confirmation::Nack(_) | Confirmation::NotRequested => {
+                    return Err(RpcError::Broker(BrokerError::Nacked {
+                        exchange: self.exchange.clone(),
+                    }));
+                }
+            }
         }
     }
 }
