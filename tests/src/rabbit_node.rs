@@ -70,21 +70,30 @@ pub struct RabbitNode {
     boots: u32,
     /// Set by [`RabbitNode::stop`]: the test passed, nothing to show or keep.
     stopped: bool,
+    /// `HOME` of the node and of `rabbitmqctl` for it: where the Erlang cookie is. The
+    /// node's own folder, unless it is a cluster member, whose members share one cookie.
+    home: Option<PathBuf>,
 }
 
 impl RabbitNode {
     /// Boots a fresh node and waits until it accepts AMQP connections.
     pub async fn start() -> Result<Self> {
-        Self::start_node(None).await
+        Self::start_node(None, None).await
+    }
+
+    /// [`RabbitNode::start`] for a cluster member: `HOME` is `home`, which holds the cookie
+    /// every member shares (see [`crate::cluster::RabbitCluster`]).
+    pub async fn start_member(home: &Path) -> Result<Self> {
+        Self::start_node(None, Some(home.to_path_buf())).await
     }
 
     /// [`RabbitNode::start`] with a TLS listener as well, on [`RabbitNode::tls_url`], serving
     /// the server certificate of `certs` (clients are not asked for one).
     pub async fn start_with_tls(certs: &TestCerts) -> Result<Self> {
-        Self::start_node(Some(certs)).await
+        Self::start_node(Some(certs), None).await
     }
 
-    async fn start_node(tls: Option<&TestCerts>) -> Result<Self> {
+    async fn start_node(tls: Option<&TestCerts>, home: Option<PathBuf>) -> Result<Self> {
         let script = server_script()?;
         let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
         let dir = tempfile::Builder::new()
@@ -145,6 +154,7 @@ impl RabbitNode {
             beam_pid: None,
             boots: 0,
             stopped: false,
+            home,
         };
         node.boot().await?;
         Ok(node)
@@ -193,7 +203,7 @@ impl RabbitNode {
             // Its own process group: the cleanup reaches the script and the VM together.
             .process_group(0)
             // The Erlang cookie is created in, and read from, $HOME.
-            .env("HOME", &root)
+            .env("HOME", self.home.as_deref().unwrap_or(&root))
             .env("RABBITMQ_NODENAME", &self.node_name)
             .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
             .env("RABBITMQ_NODE_PORT", self.port.to_string())
@@ -274,10 +284,20 @@ impl RabbitNode {
 
     /// SIGKILLs the node's Erlang VM: no clean shutdown, no goodbye to its clients.
     pub fn kill(&mut self) -> Result<()> {
-        let pid = self
+        let recorded = self
             .beam_pid
             .take()
             .context("the RabbitMQ node is not running")?;
+        // The pid file names the VM; the VM's environment proves it is this node's (a pid
+        // could have been reused), since its node name is in no process's arguments.
+        let pid = match beam_pid_of(&self.node_name) {
+            Some(found) => found,
+            None => bail!(
+                "no process has RABBITMQ_NODENAME={} in its environment (pid file said \
+                 {recorded})",
+                self.node_name
+            ),
+        };
         signal("KILL", &pid.to_string())?;
         // The script was waiting for the VM; it exits now.
         if let Some(mut server) = self.server.take() {
@@ -334,6 +354,41 @@ impl RabbitNode {
         let stopped = asked.elapsed();
         let boot = self.boot().await?;
         Ok((stopped, boot))
+    }
+
+    /// Whether the node's VM is running (it was booted and not killed since).
+    pub fn is_running(&self) -> bool {
+        self.beam_pid.is_some()
+    }
+
+    /// Runs `rabbitmqctl -n {node} ARGS` with the node's cookie and returns its stdout.
+    pub fn ctl(&self, args: &[&str]) -> Result<String> {
+        let ctl = self.script.with_file_name("rabbitmqctl");
+        let output = Command::new(&ctl)
+            .arg("-n")
+            .arg(&self.node_name)
+            .args(args)
+            .current_dir(self.root())
+            .env("HOME", self.home.as_deref().unwrap_or(self.root()))
+            .env(
+                "RABBITMQ_CONF_ENV_FILE",
+                self.root().join("rabbitmq-env.conf"),
+            )
+            .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {}", ctl.display()))?;
+        if !output.status.success() {
+            bail!(
+                "rabbitmqctl -n {} {} failed ({}): {}{}",
+                self.node_name,
+                args.join(" "),
+                output.status,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
     /// Kills the node and removes its folder: the end of a test that passed. A node dropped
@@ -492,6 +547,36 @@ impl TestCerts {
     pub fn server_key_file(&self) -> PathBuf {
         self.path("server.key")
     }
+}
+
+/// The pid of the Erlang VM (`beam.smp`) whose environment has `RABBITMQ_NODENAME=node_name`.
+pub fn beam_pid_of(node_name: &str) -> Option<u32> {
+    let wanted = format!("RABBITMQ_NODENAME={node_name}");
+    let entries = std::fs::read_dir("/proc").ok()?;
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        if !comm.trim().starts_with("beam") {
+            continue;
+        }
+        // A process that ended meanwhile, or of another user, is just not a match.
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if environ
+            .split(|b| *b == 0)
+            .any(|var| var == wanted.as_bytes())
+        {
+            return Some(pid);
+        }
+    }
+    None
 }
 
 fn signal(name: &str, target: &str) -> Result<()> {
