@@ -17,6 +17,9 @@ use crate::wire::{Request, Response};
 const REPLY_TO: &str = "amq.rabbitmq.reply-to";
 /// Pause before a request that found no reducer bound is sent again.
 const UNROUTED_RETRY: Duration = Duration::from_millis(100);
+/// Wait for a reply before the request is sent again, doubled at each copy: long enough for
+/// the heaviest query (a results page, the recent jobs) on a busy reducer, so copies stay few.
+const FIRST_RESEND: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RpcError {
@@ -90,30 +93,43 @@ impl RpcClient {
         let correlation = format!("rpc-{}", self.next_id);
         let body = serde_json::to_vec(request).map_err(BrokerError::from)?;
         let deadline = tokio::time::Instant::now() + self.timeout;
-        match tokio::time::timeout_at(deadline, self.deliver(&body, &correlation)).await {
-            Ok(delivered) => delivered?,
-            Err(_) => return Err(self.no_answer()),
-        }
-        let wait = async {
-            while let Some(delivery) = self.replies.next().await {
-                let delivery = delivery.map_err(BrokerError::from)?;
-                let matches = delivery
-                    .properties
-                    .correlation_id()
-                    .as_ref()
-                    .is_some_and(|id| id.as_str() == correlation);
-                if matches {
-                    return serde_json::from_slice::<Response>(&delivery.data)
-                        .map_err(|e| RpcError::Malformed(e.to_string()));
+        let exchange = async {
+            let mut patience = FIRST_RESEND;
+            loop {
+                self.deliver(&body, &correlation).await?;
+                // A reducer session that took the request and then lost its connection (its
+                // node died) never answers, and its private queue is gone with the request:
+                // unanswered, the request is sent again, to whichever session is bound now.
+                // The first reply wins; one to an earlier copy is told apart by nothing, as
+                // every copy asks the same.
+                match tokio::time::timeout(patience, self.reply(&correlation)).await {
+                    Ok(reply) => return reply,
+                    Err(_) => patience *= 2,
                 }
-                // A late reply to an earlier, timed-out request: skip it.
             }
-            Err(RpcError::Broker(BrokerError::ConsumerEnded))
         };
-        match tokio::time::timeout_at(deadline, wait).await {
+        match tokio::time::timeout_at(deadline, exchange).await {
             Ok(result) => result,
             Err(_) => Err(self.no_answer()),
         }
+    }
+
+    /// The next reply that answers `correlation`.
+    async fn reply(&mut self, correlation: &str) -> Result<Response, RpcError> {
+        while let Some(delivery) = self.replies.next().await {
+            let delivery = delivery.map_err(BrokerError::from)?;
+            let matches = delivery
+                .properties
+                .correlation_id()
+                .as_ref()
+                .is_some_and(|id| id.as_str() == correlation);
+            if matches {
+                return serde_json::from_slice::<Response>(&delivery.data)
+                    .map_err(|e| RpcError::Malformed(e.to_string()));
+            }
+            // A late reply to an earlier request, or a second one to a copy sent again.
+        }
+        Err(RpcError::Broker(BrokerError::ConsumerEnded))
     }
 
     fn no_answer(&self) -> RpcError {

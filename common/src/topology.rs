@@ -485,3 +485,21 @@ pub async fn delete(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_fixed_queue_is_a_classic_queue_of_earlier_releases() {
+        let names = Names::new("ns");
+        let fixed = names.fixed_queues();
+        for legacy in names.legacy_queues() {
+            assert!(!fixed.contains(&legacy), "{legacy} is declared again");
+        }
+        assert_eq!(names.legacy_queues(), vec!["ns.heartbeats", "ns.rpc"]);
+        // The RPC exchange takes the old queue's name: exchanges and queues are separate
+        // namespaces in AMQP, so both may exist while an upgraded deployment still has it.
+        assert!(names.exchanges().contains(&"ns.rpc".to_owned()));
+    }
+}
