@@ -157,9 +157,9 @@ async fn losing_any_one_broker_node_costs_time_not_operations() -> Result<()> {
     );
 
     // 1. A node SIGKILLed mid-job, and booted again a little later.
+    let reducer_node = only_node_of(&cluster, "batchq-reducer")?;
     let first = env.submit(&sha_job(&env.job_id("first"))).await?;
     wait_in_flight(&env, &first).await?;
-    let reducer_node = only_node_of(&cluster, "batchq-reducer")?;
     let first_started = Instant::now();
     cluster.kill(reducer_node)?;
     let status_first_down = status_answers(&env, &first, first_started).await?;
@@ -169,14 +169,14 @@ async fn losing_any_one_broker_node_costs_time_not_operations() -> Result<()> {
     let first_took = first_started.elapsed();
 
     // 2. Another node SIGKILLed mid-job; it stays down until the end.
-    let second = env.job_id("second");
-    submit_with_batchctl(&env, &second).await?;
-    wait_in_flight(&env, &second).await?;
     let splitter_nodes = cluster.nodes_serving("batchq-splitter")?;
     let second_node = splitter_nodes
         .into_iter()
         .find(|&n| n != reducer_node)
         .unwrap_or((reducer_node + 1) % cluster.len());
+    let second = env.job_id("second");
+    submit_with_batchctl(&env, &second).await?;
+    wait_in_flight(&env, &second).await?;
     let second_started = Instant::now();
     cluster.kill(second_node)?;
     let status_second_down = status_answers(&env, &second, second_started).await?;
