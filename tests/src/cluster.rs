@@ -2,7 +2,7 @@
 //!
 //! Each member is a [`RabbitNode`]: its own node name, AMQP and distribution ports (free ones,
 //! so private nodes of tests running in parallel do not collide), data and log folders and
-//! configuration. What makes them one cluster: a shared `HOME` holding one Erlang cookie, and
+//! configuration, all run as and owned by the `rabbitmq` user when the tests run as root. What makes them one cluster: a shared `HOME` holding one Erlang cookie, and
 //! members 2 and 3 joined to member 1 (`stop_app`, `reset`, `join_cluster`, `start_app`).
 //! Quorum queues declared afterwards get a member on each node.
 //!
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 
-use crate::rabbit_node::RabbitNode;
+use crate::rabbit_node::{RabbitNode, RunAs};
 
 /// Longest wait for the joined members to report a three-node cluster.
 const FORM_TIMEOUT: Duration = Duration::from_secs(60);
@@ -37,10 +37,16 @@ impl RabbitCluster {
             .tempdir()
             .context("creating the cluster's home folder")?;
         write_cookie(home.path())?;
+        // As RabbitMQ runs in production: nodes, their data and their cookie belong to the
+        // `rabbitmq` user (when the tests run as root and that user exists).
+        let run_as = RunAs::rabbitmq_user();
+        if let Some(user) = run_as {
+            user.own(home.path())?;
+        }
         let (a, b, c) = tokio::join!(
-            RabbitNode::start_member(home.path()),
-            RabbitNode::start_member(home.path()),
-            RabbitNode::start_member(home.path()),
+            RabbitNode::start_member(home.path(), run_as),
+            RabbitNode::start_member(home.path(), run_as),
+            RabbitNode::start_member(home.path(), run_as),
         );
         // Whatever booted is dropped (killed, removed) if another member failed.
         let nodes = vec![a?, b?, c?];

@@ -73,27 +73,81 @@ pub struct RabbitNode {
     /// `HOME` of the node and of `rabbitmqctl` for it: where the Erlang cookie is. The
     /// node's own folder, unless it is a cluster member, whose members share one cookie.
     home: Option<PathBuf>,
+    /// The user the node and `rabbitmqctl` run as, owner of the node's folder; the test's
+    /// own user when `None`.
+    run_as: Option<RunAs>,
+}
+
+/// A user and group to run a node as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl RunAs {
+    /// The `rabbitmq` user, when this process runs as root (only root may switch users) and
+    /// the user exists; `None` otherwise, and nodes then run as the test's own user.
+    pub fn rabbitmq_user() -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let is_root = std::fs::metadata("/proc/self").ok()?.uid() == 0;
+        if !is_root {
+            return None;
+        }
+        let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+        passwd.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            match fields.as_slice() {
+                ["rabbitmq", _, uid, gid, ..] => Some(Self {
+                    uid: uid.parse().ok()?,
+                    gid: gid.parse().ok()?,
+                }),
+                _ => None,
+            }
+        })
+    }
+
+    /// Gives `path` and everything under it to this user.
+    pub fn own(&self, path: &Path) -> Result<()> {
+        std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid))
+            .with_context(|| format!("giving {} to uid {}", path.display(), self.uid))?;
+        if path.is_dir() {
+            for entry in std::fs::read_dir(path)? {
+                self.own(&entry?.path())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&self, command: &mut Command) {
+        command.uid(self.uid).gid(self.gid);
+    }
 }
 
 impl RabbitNode {
     /// Boots a fresh node and waits until it accepts AMQP connections.
     pub async fn start() -> Result<Self> {
-        Self::start_node(None, None).await
+        Self::start_node(None, None, None).await
     }
 
     /// [`RabbitNode::start`] for a cluster member: `HOME` is `home`, which holds the cookie
-    /// every member shares (see [`crate::cluster::RabbitCluster`]).
-    pub async fn start_member(home: &Path) -> Result<Self> {
-        Self::start_node(None, Some(home.to_path_buf())).await
+    /// every member shares (see [`crate::cluster::RabbitCluster`]); the node, its folder and
+    /// `rabbitmqctl` for it belong to `run_as` when given.
+    pub async fn start_member(home: &Path, run_as: Option<RunAs>) -> Result<Self> {
+        Self::start_node(None, Some(home.to_path_buf()), run_as).await
     }
 
     /// [`RabbitNode::start`] with a TLS listener as well, on [`RabbitNode::tls_url`], serving
     /// the server certificate of `certs` (clients are not asked for one).
     pub async fn start_with_tls(certs: &TestCerts) -> Result<Self> {
-        Self::start_node(Some(certs), None).await
+        Self::start_node(Some(certs), None, None).await
     }
 
-    async fn start_node(tls: Option<&TestCerts>, home: Option<PathBuf>) -> Result<Self> {
+    async fn start_node(
+        tls: Option<&TestCerts>,
+        home: Option<PathBuf>,
+        run_as: Option<RunAs>,
+    ) -> Result<Self> {
         let script = server_script()?;
         let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
         let dir = tempfile::Builder::new()
@@ -155,7 +209,11 @@ impl RabbitNode {
             boots: 0,
             stopped: false,
             home,
+            run_as,
         };
+        if let Some(user) = run_as {
+            user.own(node.root())?;
+        }
         node.boot().await?;
         Ok(node)
     }
@@ -224,6 +282,9 @@ impl RabbitNode {
             .env("ERL_EPMD_ADDRESS", "127.0.0.1");
         for inherited in ["RABBITMQ_CONFIG_FILES", "RABBITMQ_LOGS", "ERL_FLAGS"] {
             command.env_remove(inherited);
+        }
+        if let Some(user) = self.run_as {
+            user.apply(&mut command);
         }
         let child = command
             .spawn()
@@ -364,7 +425,11 @@ impl RabbitNode {
     /// Runs `rabbitmqctl -n {node} ARGS` with the node's cookie and returns its stdout.
     pub fn ctl(&self, args: &[&str]) -> Result<String> {
         let ctl = self.script.with_file_name("rabbitmqctl");
-        let output = Command::new(&ctl)
+        let mut command = Command::new(&ctl);
+        if let Some(user) = self.run_as {
+            user.apply(&mut command);
+        }
+        let output = command
             .arg("-n")
             .arg(&self.node_name)
             .args(args)
