@@ -1,5 +1,5 @@
-//! Connections to RabbitMQ (pooled by deadpool, one pool per cluster URL, tried in turn,
-//! `amqps://` through rustls) and a publisher that always waits for the broker's confirm.
+//! Connections to RabbitMQ (pooled by deadpool, one pool per cluster URL, tried in turn from
+//! a random one, `amqps://` through rustls) and a publisher that always waits for the broker's confirm.
 
 mod connector;
 mod refusal;
@@ -169,7 +169,9 @@ pub fn transient_json_properties() -> BasicProperties {
 #[derive(Clone)]
 pub struct Broker {
     pools: Arc<Vec<(String, ConnectionPool)>>,
-    /// Index of the URL that last answered, tried first next time.
+    /// Index of the URL that last answered, tried first next time; random at the start. A
+    /// connection whose node died is discarded by the pool's recycle check, and the next
+    /// attempt on that dead URL fails at once, so the caller moves on to the next URL.
     preferred: Arc<AtomicUsize>,
     names: Names,
 }
@@ -244,9 +246,13 @@ impl Broker {
                 .map_err(|e| BrokerError::Config(format!("{}: {e}", redact_url(&url))))?;
             pools.push((url, pool));
         }
+        // Each process starts at a random node of a cluster, so a fleet given the same list
+        // spreads its connections (and the private queues they own) over every node instead
+        // of all sitting on the first one.
+        let first = rand::random_range(0..pools.len());
         Ok(Self {
             pools: Arc::new(pools),
-            preferred: Arc::new(AtomicUsize::new(0)),
+            preferred: Arc::new(AtomicUsize::new(first)),
             names: crate::topology::Names::new(args.namespace.clone()),
         })
     }
@@ -264,7 +270,8 @@ impl Broker {
             .join(", ")
     }
 
-    /// A pooled connection, trying each URL in turn from the one that answered last.
+    /// A pooled connection, trying each URL in turn from the one that answered last (at
+    /// first a random one).
     pub async fn connection(&self) -> Result<PooledConnection, BrokerError> {
         Ok(self.connection_and_url().await?.0)
     }
@@ -344,6 +351,11 @@ pub struct Session {
 impl Session {
     pub async fn publisher(&self) -> Result<Publisher, BrokerError> {
         Publisher::open(&self.publish).await
+    }
+
+    /// The consuming connection, for declarations that open channels of their own.
+    pub fn consume_connection(&self) -> &deadpool_lapin::lapin::Connection {
+        &self.consume
     }
 
     /// A channel without confirms on the consuming connection (for replies that may be lost).

@@ -21,6 +21,8 @@ pub const KEY_HEARTBEAT: &str = "heartbeat";
 /// Routing key under which poison fragments are dead-lettered from the work queues into
 /// `{ns}.events` (and so to the reducer).
 pub const KEY_POISON: &str = "poison";
+/// Routing key of requests to the reducer on `{ns}.rpc`.
+pub const KEY_RPC: &str = "request";
 /// Routing key on `{ns}.metrics`.
 pub const KEY_METRICS: &str = "batch";
 
@@ -96,15 +98,21 @@ impl Names {
     pub fn splitter_queue(&self) -> String {
         self.name("splitter")
     }
-    pub fn heartbeats_queue(&self) -> String {
-        self.name("heartbeats")
-    }
     /// Exchange and queue that keep rejected messages for inspection.
     pub fn dead(&self) -> String {
         self.name("dead")
     }
-    pub fn rpc_queue(&self) -> String {
+    /// Exchange of requests to the reducer (`batchctl`); each reducer session consumes them
+    /// from a private queue bound to it, so no durable queue of one node carries them.
+    pub fn rpc(&self) -> String {
         self.name("rpc")
+    }
+    /// Durable classic queues that earlier batchq releases declared for heartbeats and RPC. A
+    /// classic queue lives on one node, and with that node down every declaration of it
+    /// fails: they are no longer declared or used, only deleted by [`delete`] (and by hand
+    /// on an upgraded deployment, docs/operations.md "Upgrading").
+    pub fn legacy_queues(&self) -> Vec<String> {
+        vec![self.name("heartbeats"), self.name("rpc")]
     }
     /// Fanout exchange that reaches every live worker.
     pub fn control(&self) -> String {
@@ -122,8 +130,6 @@ impl Names {
             self.jobs(),
             self.reducer_queue(),
             self.splitter_queue(),
-            self.heartbeats_queue(),
-            self.rpc_queue(),
             self.dead(),
         ]
         .into_iter()
@@ -140,6 +146,7 @@ impl Names {
             self.events(),
             self.dead(),
             self.control(),
+            self.rpc(),
         ]
         .into_iter()
         .chain(RETRY_DELAYS_MS.iter().map(|&ms| self.retry(ms)))
@@ -159,8 +166,20 @@ fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s))
 }
 
+/// Queue argument that places a new quorum queue's leader on the node that leads the fewest
+/// (`balanced`, RabbitMQ 3.10+) instead of the node the declaring client is connected to:
+/// spread leaders mean that one node's loss stalls only its share of the queues for the few
+/// seconds a new leader takes, and that no node carries every queue's traffic.
+pub const LEADER_LOCATOR: &str = "x-queue-leader-locator";
+pub const LEADER_LOCATOR_VALUE: &str = "balanced";
+
+fn leader_locator() -> (&'static str, AMQPValue) {
+    (LEADER_LOCATOR, text(LEADER_LOCATOR_VALUE))
+}
+
 /// A work queue's arguments: quorum, with a delivery limit past which a fragment is poison.
-fn quorum_args(names: &Names, extra: &[(&str, AMQPValue)]) -> FieldTable {
+/// Without the leader locator, which [`declare_quorum_queue`] adds.
+fn quorum_args(names: &Names, extra: &[(&'static str, AMQPValue)]) -> QueueArgs {
     let mut entries = vec![
         ("x-queue-type", text("quorum")),
         ("x-delivery-limit", AMQPValue::LongLongInt(DELIVERY_LIMIT)),
@@ -170,32 +189,67 @@ fn quorum_args(names: &Names, extra: &[(&str, AMQPValue)]) -> FieldTable {
         ("x-overflow", text("reject-publish")),
     ];
     entries.extend_from_slice(extra);
-    table(&entries)
+    entries
 }
+
+/// A quorum queue's arguments, as (name, value) pairs so the leader locator can be added or
+/// left out.
+type QueueArgs = Vec<(&'static str, AMQPValue)>;
 
 /// The arguments of a queue that batchq's splitter or reducer consumes: quorum, and no
 /// delivery limit. Those consumers never give a message back for a reason the message
 /// carries: what they cannot use they keep on `{ns}.dead` themselves and ack, and a store
 /// fault is waited out while the message is held. A limit would only dead-letter healthy
 /// messages after a few restarts or lost connections.
-fn internal_queue_args() -> FieldTable {
-    table(&[
+fn internal_queue_args() -> QueueArgs {
+    vec![
         ("x-queue-type", text("quorum")),
         ("x-overflow", text("reject-publish")),
-    ])
+    ]
 }
 
-/// Declares a queue of batchq's splitter or reducer. One declared by batchq 0.1 carries a
-/// delivery limit and a dead-letter exchange, and the broker refuses to re-declare it with
-/// other arguments (406, which closes the channel): it is then used as it is, with a warning
-/// that points to the upgrade step, on a fresh channel.
-async fn declare_internal_queue(
+/// What [`declare_quorum_queue`] does when the queue exists with arguments of an older
+/// release that even the form without the leader locator does not match.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Older {
+    /// Use it as it is, with a warning (the splitter's and reducer's queues: batchq 0.1
+    /// declared them with a delivery limit; see [`internal_queue_args`]).
+    Use,
+    /// Refuse: the queue is not one batchq can work with.
+    Refuse,
+}
+
+/// Declares a quorum queue with `args` and the leader locator, on `channel`.
+///
+/// RabbitMQ refuses a re-declaration whose arguments differ from the queue's (406, which
+/// closes the channel), and queues declared by earlier releases have no leader locator. Such
+/// a queue is declared again, on a fresh channel, without it: it keeps working, its leader
+/// stays where it is (docs/operations.md, "Upgrading", says how to re-create it or set the
+/// locator by policy). Failing here would leave every process looping on reconnect.
+async fn declare_quorum_queue(
     connection: &Connection,
     channel: &mut Channel,
     name: String,
+    args: QueueArgs,
+    older: Older,
 ) -> Result<(), deadpool_lapin::lapin::Error> {
-    match declare_queue(channel, name.clone(), internal_queue_args()).await {
-        Err(e) if is_precondition_failed(&e) => {
+    let mut located = args.clone();
+    located.push(leader_locator());
+    match declare_queue(channel, name.clone(), table(&located)).await {
+        Err(e) if is_precondition_failed(&e) => {}
+        other => return other,
+    }
+    *channel = connection.create_channel().await?;
+    match declare_queue(channel, name.clone(), table(&args)).await {
+        Ok(()) => {
+            tracing::info!(
+                queue = %name,
+                "queue was declared by an earlier batchq without a leader locator; its leader \
+                 stays where it is (docs/operations.md, \"Upgrading\")"
+            );
+            Ok(())
+        }
+        Err(e) if is_precondition_failed(&e) && older == Older::Use => {
             tracing::warn!(
                 queue = %name,
                 "queue was declared by an older batchq with a delivery limit; using it as it \
@@ -204,7 +258,7 @@ async fn declare_internal_queue(
             *channel = connection.create_channel().await?;
             Ok(())
         }
-        other => other,
+        Err(e) => Err(e),
     }
 }
 
@@ -278,43 +332,46 @@ pub async fn declare(
     declare_exchange(channel, names.events(), ExchangeKind::Direct).await?;
     declare_exchange(channel, names.dead(), ExchangeKind::Fanout).await?;
     declare_exchange(channel, names.control(), ExchangeKind::Fanout).await?;
+    declare_exchange(channel, names.rpc(), ExchangeKind::Direct).await?;
 
-    declare_internal_queue(connection, channel, names.jobs()).await?;
+    declare_quorum_queue(
+        connection,
+        channel,
+        names.jobs(),
+        internal_queue_args(),
+        Older::Use,
+    )
+    .await?;
     bind(channel, names.jobs(), names.jobs(), KEY_SUBMIT).await?;
     bind(channel, names.jobs(), names.jobs(), KEY_CANCEL).await?;
 
-    declare_internal_queue(connection, channel, names.reducer_queue()).await?;
+    declare_quorum_queue(
+        connection,
+        channel,
+        names.reducer_queue(),
+        internal_queue_args(),
+        Older::Use,
+    )
+    .await?;
     bind(channel, names.reducer_queue(), names.events(), KEY_REDUCER).await?;
     bind(channel, names.reducer_queue(), names.events(), KEY_POISON).await?;
 
-    declare_internal_queue(connection, channel, names.splitter_queue()).await?;
+    declare_quorum_queue(
+        connection,
+        channel,
+        names.splitter_queue(),
+        internal_queue_args(),
+        Older::Use,
+    )
+    .await?;
     bind(channel, names.splitter_queue(), names.events(), KEY_SETTLED).await?;
 
-    declare_queue(
-        channel,
-        names.heartbeats_queue(),
-        table(&[("x-message-ttl", AMQPValue::LongLongInt(HEARTBEAT_TTL_MS))]),
-    )
-    .await?;
-    bind(
-        channel,
-        names.heartbeats_queue(),
-        names.events(),
-        KEY_HEARTBEAT,
-    )
-    .await?;
-
-    declare_queue(
-        channel,
-        names.rpc_queue(),
-        table(&[("x-message-ttl", AMQPValue::LongLongInt(RPC_TTL_MS))]),
-    )
-    .await?;
-
-    declare_queue(
+    declare_quorum_queue(
+        connection,
         channel,
         names.dead(),
-        table(&[("x-queue-type", text("quorum"))]),
+        vec![("x-queue-type", text("quorum"))],
+        Older::Refuse,
     )
     .await?;
     bind(channel, names.dead(), names.dead(), "").await?;
@@ -324,15 +381,17 @@ pub async fn declare(
     for delay_ms in RETRY_DELAYS_MS {
         let name = names.retry(delay_ms);
         declare_exchange(channel, name.clone(), ExchangeKind::Fanout).await?;
-        declare_queue(
+        declare_quorum_queue(
+            connection,
             channel,
             name.clone(),
-            table(&[
+            vec![
                 ("x-queue-type", text("quorum")),
                 ("x-dead-letter-exchange", text(&names.work())),
                 ("x-dead-letter-strategy", text("at-least-once")),
                 ("x-overflow", text("reject-publish")),
-            ]),
+            ],
+            Older::Refuse,
         )
         .await?;
         bind(channel, name.clone(), name, "").await?;
@@ -341,10 +400,49 @@ pub async fn declare(
     Ok(())
 }
 
-/// Declares the work queue of one operation. A fragment that kills its worker
-/// [`MAX_DELIVERIES`] times is dead-lettered to the reducer, which records it as failed.
-pub async fn declare_work_queue(
+/// Declares a private queue (server-named, exclusive, deleted with its channel) bound to
+/// `exchange` with `routing_key`, whose messages expire after `ttl_ms`, and returns its name.
+///
+/// For heartbeats and RPC requests: their value dies within seconds, so a durable queue buys
+/// nothing, and a private queue lives on the node the consumer is connected to. When that
+/// node dies, the connection and the queue go together and the next session declares a new
+/// one on whichever node it reaches; no node's absence can fail the declaration.
+pub async fn declare_private_queue(
     channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    ttl_ms: i64,
+) -> Result<ShortString, deadpool_lapin::lapin::Error> {
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            table(&[("x-message-ttl", AMQPValue::LongLongInt(ttl_ms))]),
+        )
+        .await?;
+    let name = queue.name().clone();
+    channel
+        .queue_bind(
+            name.clone(),
+            exchange.into(),
+            routing_key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(name)
+}
+
+/// Declares the work queue of one operation, on a channel of its own on `connection` (a
+/// refused re-declaration closes the channel it was asked on, see [`declare_quorum_queue`]).
+/// A fragment that kills its worker [`MAX_DELIVERIES`] times is dead-lettered to the
+/// reducer, which records it as failed.
+pub async fn declare_work_queue(
+    connection: &Connection,
     names: &Names,
     operation: &str,
 ) -> Result<(), deadpool_lapin::lapin::Error> {
@@ -356,8 +454,11 @@ pub async fn declare_work_queue(
             ("x-dead-letter-routing-key", text(KEY_POISON)),
         ],
     );
-    declare_queue(channel, queue.clone(), args).await?;
-    bind(channel, queue, names.work(), operation).await
+    let mut channel = connection.create_channel().await?;
+    declare_quorum_queue(connection, &mut channel, queue.clone(), args, Older::Refuse).await?;
+    bind(&channel, queue, names.work(), operation).await?;
+    let _ = channel.close(200, "work queue declared".into()).await;
+    Ok(())
 }
 
 /// Deletes every exchange and queue of the namespace (fixed ones and the work queues of
@@ -368,7 +469,11 @@ pub async fn delete(
     operations: &[&str],
 ) -> Result<(), deadpool_lapin::lapin::Error> {
     let work_queues = operations.iter().map(|op| names.work_queue(op));
-    for queue in names.fixed_queues().into_iter().chain(work_queues) {
+    let queues = names
+        .fixed_queues()
+        .into_iter()
+        .chain(names.legacy_queues());
+    for queue in queues.chain(work_queues) {
         channel
             .queue_delete(queue.into(), QueueDeleteOptions::default())
             .await?;
@@ -379,4 +484,22 @@ pub async fn delete(
             .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_fixed_queue_is_a_classic_queue_of_earlier_releases() {
+        let names = Names::new("ns");
+        let fixed = names.fixed_queues();
+        for legacy in names.legacy_queues() {
+            assert!(!fixed.contains(&legacy), "{legacy} is declared again");
+        }
+        assert_eq!(names.legacy_queues(), vec!["ns.heartbeats", "ns.rpc"]);
+        // The RPC exchange takes the old queue's name: exchanges and queues are separate
+        // namespaces in AMQP, so both may exist while an upgraded deployment still has it.
+        assert!(names.exchanges().contains(&"ns.rpc".to_owned()));
+    }
 }

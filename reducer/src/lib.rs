@@ -562,7 +562,19 @@ async fn track_heartbeats(
     stop: &CancellationToken,
 ) -> Result<(), ReducerError> {
     let channel = session.consumer_channel(64).await?;
-    let mut consumer = consume(&channel, &names.heartbeats_queue(), "reducer-heartbeats").await?;
+    // A private queue on whichever node this session reached: a lost heartbeat is replaced
+    // by the next one, so nothing here is worth a queue that one node's loss could block.
+    let queue = common::broker::answered(
+        "the declaration of the reducer's heartbeat queue",
+        common::topology::declare_private_queue(
+            &channel,
+            &names.events(),
+            common::topology::KEY_HEARTBEAT,
+            common::topology::HEARTBEAT_TTL_MS,
+        ),
+    )
+    .await?;
+    let mut consumer = consume(&channel, queue.as_str(), "reducer-heartbeats").await?;
     while let Some(batch) = next_batch(&mut consumer, 64, stop).await? {
         let now = common::timefmt::now_ms();
         for delivery in &batch {

@@ -1,4 +1,4 @@
-//! Answers to `batchctl` over the broker: requests on `{ns}.rpc`, replies through RabbitMQ's
+//! Answers to `batchctl` over the broker: requests through the `{ns}.rpc` exchange, replies through RabbitMQ's
 //! direct reply-to, so `batchctl` works from any host that reaches the broker.
 
 use std::path::PathBuf;
@@ -30,7 +30,20 @@ pub async fn serve(
     let channel = session.consumer_channel(16).await?;
     // Replies go without confirms: a lost reply is retried by batchctl.
     let replies = session.plain_channel().await?;
-    let mut consumer = consume(&channel, &names.rpc_queue(), "reducer-rpc").await?;
+    // Requests come through `{ns}.rpc` into a private queue of this session, on whichever
+    // node it reached (see `declare_private_queue`). A request published while no reducer
+    // session is bound is dropped, and batchctl's timeout reports it.
+    let queue = common::broker::answered(
+        "the declaration of the reducer's RPC queue",
+        common::topology::declare_private_queue(
+            &channel,
+            &names.rpc(),
+            common::topology::KEY_RPC,
+            common::topology::RPC_TTL_MS,
+        ),
+    )
+    .await?;
+    let mut consumer = consume(&channel, queue.as_str(), "reducer-rpc").await?;
     let mut queries = Some(SqliteQueries::open(&store_path)?);
     while let Some(batch) = next_batch(&mut consumer, 16, stop).await? {
         for delivery in &batch {

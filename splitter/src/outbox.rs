@@ -66,7 +66,11 @@ async fn publish_round(
                     "the declaration of {}",
                     names.work_queue(&message.routing_key)
                 ),
-                declare_work_queue(publisher.channel(), names, &message.routing_key),
+                async {
+                    let connection = broker.connection().await?;
+                    declare_work_queue(&connection, names, &message.routing_key).await?;
+                    Ok::<_, common::broker::BrokerError>(())
+                },
             )
             .await?;
             declared_work_queues.insert(message.routing_key.clone());

@@ -34,7 +34,9 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 
+pub mod cluster;
 pub mod rabbit_node;
+pub use cluster::RabbitCluster;
 pub use rabbit_node::{RabbitNode, TestCerts};
 
 /// Broker of the tests: `AMQP_URL`, or the contract's default.

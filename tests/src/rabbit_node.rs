@@ -70,21 +70,84 @@ pub struct RabbitNode {
     boots: u32,
     /// Set by [`RabbitNode::stop`]: the test passed, nothing to show or keep.
     stopped: bool,
+    /// `HOME` of the node and of `rabbitmqctl` for it: where the Erlang cookie is. The
+    /// node's own folder, unless it is a cluster member, whose members share one cookie.
+    home: Option<PathBuf>,
+    /// The user the node and `rabbitmqctl` run as, owner of the node's folder; the test's
+    /// own user when `None`.
+    run_as: Option<RunAs>,
+}
+
+/// A user and group to run a node as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl RunAs {
+    /// The `rabbitmq` user, when this process runs as root (only root may switch users) and
+    /// the user exists; `None` otherwise, and nodes then run as the test's own user.
+    pub fn rabbitmq_user() -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let is_root = std::fs::metadata("/proc/self").ok()?.uid() == 0;
+        if !is_root {
+            return None;
+        }
+        let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+        passwd.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            match fields.as_slice() {
+                ["rabbitmq", _, uid, gid, ..] => Some(Self {
+                    uid: uid.parse().ok()?,
+                    gid: gid.parse().ok()?,
+                }),
+                _ => None,
+            }
+        })
+    }
+
+    /// Gives `path` and everything under it to this user.
+    pub fn own(&self, path: &Path) -> Result<()> {
+        std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid))
+            .with_context(|| format!("giving {} to uid {}", path.display(), self.uid))?;
+        if path.is_dir() {
+            for entry in std::fs::read_dir(path)? {
+                self.own(&entry?.path())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&self, command: &mut Command) {
+        command.uid(self.uid).gid(self.gid);
+    }
 }
 
 impl RabbitNode {
     /// Boots a fresh node and waits until it accepts AMQP connections.
     pub async fn start() -> Result<Self> {
-        Self::start_node(None).await
+        Self::start_node(None, None, None).await
+    }
+
+    /// [`RabbitNode::start`] for a cluster member: `HOME` is `home`, which holds the cookie
+    /// every member shares (see [`crate::cluster::RabbitCluster`]); the node, its folder and
+    /// `rabbitmqctl` for it belong to `run_as` when given.
+    pub async fn start_member(home: &Path, run_as: Option<RunAs>) -> Result<Self> {
+        Self::start_node(None, Some(home.to_path_buf()), run_as).await
     }
 
     /// [`RabbitNode::start`] with a TLS listener as well, on [`RabbitNode::tls_url`], serving
     /// the server certificate of `certs` (clients are not asked for one).
     pub async fn start_with_tls(certs: &TestCerts) -> Result<Self> {
-        Self::start_node(Some(certs)).await
+        Self::start_node(Some(certs), None, None).await
     }
 
-    async fn start_node(tls: Option<&TestCerts>) -> Result<Self> {
+    async fn start_node(
+        tls: Option<&TestCerts>,
+        home: Option<PathBuf>,
+        run_as: Option<RunAs>,
+    ) -> Result<Self> {
         let script = server_script()?;
         let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
         let dir = tempfile::Builder::new()
@@ -145,7 +208,12 @@ impl RabbitNode {
             beam_pid: None,
             boots: 0,
             stopped: false,
+            home,
+            run_as,
         };
+        if let Some(user) = run_as {
+            user.own(node.root())?;
+        }
         node.boot().await?;
         Ok(node)
     }
@@ -193,7 +261,7 @@ impl RabbitNode {
             // Its own process group: the cleanup reaches the script and the VM together.
             .process_group(0)
             // The Erlang cookie is created in, and read from, $HOME.
-            .env("HOME", &root)
+            .env("HOME", self.home.as_deref().unwrap_or(&root))
             .env("RABBITMQ_NODENAME", &self.node_name)
             .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
             .env("RABBITMQ_NODE_PORT", self.port.to_string())
@@ -214,6 +282,9 @@ impl RabbitNode {
             .env("ERL_EPMD_ADDRESS", "127.0.0.1");
         for inherited in ["RABBITMQ_CONFIG_FILES", "RABBITMQ_LOGS", "ERL_FLAGS"] {
             command.env_remove(inherited);
+        }
+        if let Some(user) = self.run_as {
+            user.apply(&mut command);
         }
         let child = command
             .spawn()
@@ -274,10 +345,20 @@ impl RabbitNode {
 
     /// SIGKILLs the node's Erlang VM: no clean shutdown, no goodbye to its clients.
     pub fn kill(&mut self) -> Result<()> {
-        let pid = self
+        let recorded = self
             .beam_pid
             .take()
             .context("the RabbitMQ node is not running")?;
+        // The pid file names the VM; the VM's environment proves it is this node's (a pid
+        // could have been reused), since its node name is in no process's arguments.
+        let pid = match beam_pid_of(&self.node_name) {
+            Some(found) => found,
+            None => bail!(
+                "no process has RABBITMQ_NODENAME={} in its environment (pid file said \
+                 {recorded})",
+                self.node_name
+            ),
+        };
         signal("KILL", &pid.to_string())?;
         // The script was waiting for the VM; it exits now.
         if let Some(mut server) = self.server.take() {
@@ -334,6 +415,45 @@ impl RabbitNode {
         let stopped = asked.elapsed();
         let boot = self.boot().await?;
         Ok((stopped, boot))
+    }
+
+    /// Whether the node's VM is running (it was booted and not killed since).
+    pub fn is_running(&self) -> bool {
+        self.beam_pid.is_some()
+    }
+
+    /// Runs `rabbitmqctl -n {node} ARGS` with the node's cookie and returns its stdout.
+    pub fn ctl(&self, args: &[&str]) -> Result<String> {
+        let ctl = self.script.with_file_name("rabbitmqctl");
+        let mut command = Command::new(&ctl);
+        if let Some(user) = self.run_as {
+            user.apply(&mut command);
+        }
+        let output = command
+            .arg("-n")
+            .arg(&self.node_name)
+            .args(args)
+            .current_dir(self.root())
+            .env("HOME", self.home.as_deref().unwrap_or(self.root()))
+            .env(
+                "RABBITMQ_CONF_ENV_FILE",
+                self.root().join("rabbitmq-env.conf"),
+            )
+            .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {}", ctl.display()))?;
+        if !output.status.success() {
+            bail!(
+                "rabbitmqctl -n {} {} failed ({}): {}{}",
+                self.node_name,
+                args.join(" "),
+                output.status,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
     /// Kills the node and removes its folder: the end of a test that passed. A node dropped
@@ -492,6 +612,36 @@ impl TestCerts {
     pub fn server_key_file(&self) -> PathBuf {
         self.path("server.key")
     }
+}
+
+/// The pid of the Erlang VM (`beam.smp`) whose environment has `RABBITMQ_NODENAME=node_name`.
+pub fn beam_pid_of(node_name: &str) -> Option<u32> {
+    let wanted = format!("RABBITMQ_NODENAME={node_name}");
+    let entries = std::fs::read_dir("/proc").ok()?;
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        if !comm.trim().starts_with("beam") {
+            continue;
+        }
+        // A process that ended meanwhile, or of another user, is just not a match.
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if environ
+            .split(|b| *b == 0)
+            .any(|var| var == wanted.as_bytes())
+        {
+            return Some(pid);
+        }
+    }
+    None
 }
 
 fn signal(name: &str, target: &str) -> Result<()> {

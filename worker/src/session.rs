@@ -152,7 +152,7 @@ impl Consumers {
             let queue = names.work_queue(&operation);
             answered(
                 &format!("the declaration of {queue}"),
-                declare_work_queue(&channel, names, &operation),
+                declare_work_queue(session.consume_connection(), names, &operation),
             )
             .await?;
             let tag = format!("{}:{operation}", state.id);
