@@ -247,7 +247,17 @@ async fn refused_until_fixed(
         .wait_for_terminal(&job_id, Duration::from_secs(30))
         .await?;
     assert_counts(&status, JobState::Succeeded, 200, 0);
-    assert_eq!(splitter.error_lines().len(), 1, "{}", splitter.log_text());
+    // One ERROR for the cause however many attempts it refused. A fix made of two steps (a
+    // user created, then given permissions) may show the splitter one other cause in
+    // between, logged once too: one line per change of cause.
+    let errors = splitter.error_lines();
+    assert_eq!(
+        errors.iter().filter(|l| l.contains(cause)).count(),
+        1,
+        "{}",
+        splitter.log_text()
+    );
+    assert!(errors.len() <= 2, "{}", splitter.log_text());
 
     drop(splitter);
     let mut logs = String::new();
@@ -336,7 +346,20 @@ async fn a_splitter_logs_a_missing_vhost_once_and_declares_its_topology_once_it_
         "the splitter declared {} in the new vhost",
         queues[0]
     );
-    assert_eq!(splitter.error_lines().len(), 1, "{}", splitter.log_text());
+    // One ERROR for the cause however many attempts it refused. A fix made of two steps (a
+    // user created, then given permissions) may show the splitter one other cause in
+    // between, logged once too: one line per change of cause.
+    let errors = splitter.error_lines();
+    assert_eq!(
+        errors
+            .iter()
+            .filter(|l| l.contains("vhost refused (NOT_ALLOWED 530)"))
+            .count(),
+        1,
+        "{}",
+        splitter.log_text()
+    );
+    assert!(errors.len() <= 2, "{}", splitter.log_text());
     let log = splitter.log_text();
     assert!(
         !log.contains(&format!("{user}:{password}@")),
