@@ -27,6 +27,16 @@ pub enum StoreError {
     NewerSchema { found: i64, supported: i64 },
     #[error("schema upgrade failed: {0}")]
     Migration(String),
+    /// PostgreSQL (`BATCHQ_DATABASE_URL`) answered with an error, or the connection failed.
+    #[error("postgresql: {}", crate::pg::describe(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+    /// No pooled PostgreSQL connection could be had (the server is down or unreachable).
+    #[error("postgresql connection: {0}")]
+    Pool(String),
+    /// This replica no longer holds its role's lease: another replica took over, and nothing
+    /// this one was about to commit was committed. It steps down.
+    #[error("lost the {role} lease (fencing token {token} is no longer current)")]
+    Fenced { role: String, token: i64 },
 }
 
 impl StoreError {
@@ -38,9 +48,12 @@ impl StoreError {
             // A data directory that cannot be created now (a volume not mounted yet, a
             // permission being fixed) may be creatable later.
             StoreError::Io { .. } => true,
-            StoreError::Corrupt(_) | StoreError::NewerSchema { .. } | StoreError::Migration(_) => {
-                false
-            }
+            StoreError::Postgres(e) => crate::pg::is_transient(e),
+            StoreError::Pool(_) => true,
+            StoreError::Corrupt(_)
+            | StoreError::NewerSchema { .. }
+            | StoreError::Migration(_)
+            | StoreError::Fenced { .. } => false,
         }
     }
 
@@ -62,6 +75,9 @@ impl StoreError {
             StoreError::Corrupt(_) => "malformed record",
             StoreError::NewerSchema { .. } => "newer schema",
             StoreError::Migration(_) => "schema upgrade failed",
+            StoreError::Postgres(e) => crate::pg::cause(e),
+            StoreError::Pool(_) => "database unreachable",
+            StoreError::Fenced { .. } => "lost the lease",
         }
     }
 }
