@@ -1575,6 +1575,23 @@ fn compose_file_passes_docker_compose_config() -> Result<()> {
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
+        // And with every profile on (the services of a profile are only fully checked then):
+        // `--profile` goes before the command, after `compose` for the plugin.
+        let mut all = args.to_vec();
+        let at = all.iter().position(|a| *a == "config").expect("config");
+        for profile in ["ha", "monitoring", "tools"] {
+            all.insert(at, profile);
+            all.insert(at, "--profile");
+        }
+        let output = run_tool(program, &all)?
+            .ok_or_else(|| anyhow!("{program} vanished between two runs"))?;
+        ensure!(
+            output.status.success(),
+            "{program} {} failed: {}{}",
+            all.join(" "),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
         return Ok(());
     }
     eprintln!(
