@@ -1156,12 +1156,46 @@ impl TestEnv {
             .close(200, "test over".into())
             .await;
         if let Some(database) = self.database.take() {
+            let used = self.check_database_used(&database).await;
             database.drop_now().await?;
+            used?;
         }
         if std::env::var_os("BATCHQ_TEST_KEEP").is_some()
             && let Some(dir) = self.dir.take()
         {
             eprintln!("BATCHQ_TEST_KEEP: keeping {}", dir.keep().display());
+        }
+        Ok(())
+    }
+
+    /// The schemas of the test's database (lower-cased), `information_schema` and the like
+    /// included; empty in SQLite mode.
+    pub async fn database_schemas(&self) -> Result<Vec<String>> {
+        match &self.database {
+            Some(database) => database_schemas(database).await,
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// In PostgreSQL mode, that the splitters and reducers kept their state in the test's
+    /// database: a schema `…_splitter` when a splitter ran, `…_reducer` when a reducer ran.
+    /// Without this a binary that ignored `BATCHQ_DATABASE_URL` would pass the PostgreSQL
+    /// suites on SQLite.
+    async fn check_database_used(&self, database: &TestDatabase) -> Result<()> {
+        let schemas = database_schemas(database).await?;
+        for (bin, suffix) in [(Bin::Splitter, "_splitter"), (Bin::Reducer, "_reducer")] {
+            if !self.procs.iter().any(|p| p.bin == bin) {
+                continue;
+            }
+            ensure!(
+                schemas.iter().any(|s| s.ends_with(suffix)),
+                "the test ran a {} in PostgreSQL mode, but its database {} holds no schema \
+                 `{{namespace}}{suffix}`: the {} did not keep its state there (does it read \
+                 BATCHQ_DATABASE_URL?); schemas: {schemas:?}",
+                bin.name(),
+                database.name(),
+                bin.name()
+            );
         }
         Ok(())
     }
@@ -1241,6 +1275,20 @@ impl Drop for TestEnv {
             Err(_) => eprintln!("the namespace cleanup thread panicked"),
         }
     }
+}
+
+async fn database_schemas(database: &TestDatabase) -> Result<Vec<String>> {
+    let client = database.connect().await?;
+    Ok(client
+        .query(
+            "SELECT schema_name::text FROM information_schema.schemata",
+            &[],
+        )
+        .await
+        .context("listing the schemas of the test's database")?
+        .iter()
+        .map(|row| row.get::<_, String>(0).to_lowercase())
+        .collect())
 }
 
 fn delete_namespace_blocking(args: &BrokerArgs, ops: &[String]) -> Result<()> {

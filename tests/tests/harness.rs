@@ -3,7 +3,7 @@
 //! and dropped at the end.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use batchq_tests::postgres::test_postgres_url;
@@ -136,6 +136,24 @@ async fn postgres_replicas_share_a_database_of_the_test_dropped_at_the_end() -> 
     tokio::time::sleep(Duration::from_millis(300)).await;
     check_replicas(&env, splitter, splitter_2, "splitter")?;
     check_replicas(&env, reducer, reducer_2, "reducer")?;
+
+    // The processes keep their state there (finish() checks it too): their schemas appear.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let schemas = env.database_schemas().await?;
+        if ["_splitter", "_reducer"]
+            .iter()
+            .all(|suffix| schemas.iter().any(|s| s.ends_with(suffix)))
+        {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no schemas of the splitter and reducer in {name} within 30 s (do they read \
+             BATCHQ_DATABASE_URL?): {schemas:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // finish() drops the database, whoever is still connected to it.
     env.finish().await?;
