@@ -12,6 +12,11 @@
 //! The programs under test are the workspace's binaries, found next to the test executable:
 //! `cargo build --workspace --bins && cargo test -p batchq-tests`. RabbitMQ is `AMQP_URL`
 //! (default `amqp://guest:guest@127.0.0.1:5672/%2f`).
+//!
+//! The splitters and reducers keep their state in SQLite files under the test's folder, or,
+//! in the PostgreSQL suites (`tests/tests/*_pg.rs`, or any test with
+//! `BATCHQ_TEST_STORE=postgres`), in a database of the test's own ([`postgres`]), given to
+//! every splitter and reducer as `BATCHQ_DATABASE_URL` and dropped at the end.
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -35,8 +40,10 @@ use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 
 pub mod cluster;
+pub mod postgres;
 pub mod rabbit_node;
 pub use cluster::RabbitCluster;
+pub use postgres::{StoreMode, TestDatabase};
 pub use rabbit_node::{RabbitNode, TestCerts};
 
 /// Broker of the tests: `AMQP_URL`, or the contract's default.
@@ -191,6 +198,11 @@ pub enum Signal {
     Kill,
     /// SIGTERM: the process is asked to stop gracefully.
     Term,
+    /// SIGSTOP: the process is frozen where it stands (a GC pause, a stalled VM), holding
+    /// everything it holds; SIGKILL still kills it.
+    Stop,
+    /// SIGCONT: a process frozen by [`Signal::Stop`] carries on.
+    Cont,
 }
 
 /// Settings of one worker process.
@@ -267,6 +279,7 @@ impl Proc {
             "BATCHQ_HEARTBEAT_MS",
             "BATCHQ_METRICS_ADDR",
             "BATCHQ_DATA_DIR",
+            "BATCHQ_DATABASE_URL",
             "BATCHQ_MAX_MESSAGE_BYTES",
             "BATCHQ_MAX_LIFETIME",
             "BATCHQ_MAX_FRAGMENTS",
@@ -310,6 +323,8 @@ fn send_signal(pid: u32, signal: Signal) -> Result<()> {
     let name = match signal {
         Signal::Kill => "KILL",
         Signal::Term => "TERM",
+        Signal::Stop => "STOP",
+        Signal::Cont => "CONT",
     };
     let status = Command::new("kill")
         .args(["-s", name, &pid.to_string()])
@@ -366,6 +381,8 @@ pub struct TestEnv {
     /// `BATCHQ_TLS_CA_FILE` of the test's connections and processes ([`TestEnv::with_tls`]).
     tls_ca_file: Option<PathBuf>,
     dir: Option<tempfile::TempDir>,
+    /// The database of the splitters and reducers in [`StoreMode::Postgres`].
+    database: Option<TestDatabase>,
     broker: Broker,
     publisher: Publisher,
     rpc: RpcClient,
@@ -392,6 +409,39 @@ impl TestEnv {
     /// [`TestEnv::with_url`] trusting the CA certificates of `tls_ca_file` for `amqps://`:
     /// the test's connections and every process and `batchctl` it starts.
     pub async fn with_tls(test: &str, url: &str, tls_ca_file: Option<&Path>) -> Result<Self> {
+        Self::with_store(test, url, tls_ca_file, StoreMode::detect()?).await
+    }
+
+    /// [`TestEnv::new`] whose splitters and reducers keep their state in a PostgreSQL database
+    /// of the test's own, whatever the test executable: for tests of standby replicas, which
+    /// only PostgreSQL allows.
+    pub async fn postgres(test: &str) -> Result<Self> {
+        Self::with_store(test, &amqp_url(), None, StoreMode::Postgres).await
+    }
+
+    /// [`TestEnv::postgres`] on another broker (a private node, a cluster's URLs).
+    pub async fn postgres_with_url(test: &str, url: &str) -> Result<Self> {
+        Self::with_store(test, url, None, StoreMode::Postgres).await
+    }
+
+    /// [`TestEnv::with_tls`] with the store chosen by the test rather than by
+    /// [`StoreMode::detect`]. In [`StoreMode::Postgres`] a fresh database is created
+    /// ([`TestDatabase`]); every splitter and reducer gets it as `BATCHQ_DATABASE_URL` (and a
+    /// `BATCHQ_DATA_DIR` as in SQLite mode), and it is dropped with the namespace.
+    pub async fn with_store(
+        test: &str,
+        url: &str,
+        tls_ca_file: Option<&Path>,
+        store: StoreMode,
+    ) -> Result<Self> {
+        let database = match store {
+            StoreMode::Sqlite => None,
+            StoreMode::Postgres => Some(
+                TestDatabase::create()
+                    .await
+                    .context("creating the test's PostgreSQL database")?,
+            ),
+        };
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let ns = format!("t-{test}-{}", &suffix[..8]);
         let dir = tempfile::Builder::new()
@@ -413,6 +463,7 @@ impl TestEnv {
             url: url.to_owned(),
             tls_ca_file: args.tls_ca_file,
             dir: Some(dir),
+            database,
             broker,
             publisher,
             rpc,
@@ -431,8 +482,52 @@ impl TestEnv {
             .unwrap_or_else(|| Path::new("/nonexistent"))
     }
 
+    /// `BATCHQ_DATA_DIR` of the first splitter and the first reducer (each binary keeps its
+    /// store in a subfolder of its own). Further replicas get folders of their own
+    /// ([`TestEnv::data_dir_of`]).
     pub fn data_dir(&self) -> PathBuf {
         self.dir().join("data")
+    }
+
+    /// `BATCHQ_DATA_DIR` of the `n`-th (from 1) splitter or reducer this test starts: the
+    /// first of each shares [`TestEnv::data_dir`] (in subfolders of their own), the second of
+    /// each `data-2`, and so on, so two replicas never share a SQLite store; in PostgreSQL
+    /// mode they share the test's database, which is the point of replicas.
+    fn replica_data_dir(&self, n: usize) -> PathBuf {
+        if n <= 1 {
+            self.data_dir()
+        } else {
+            self.dir().join(format!("data-{n}"))
+        }
+    }
+
+    /// The `BATCHQ_DATA_DIR` a process was started with (`None` for workers).
+    pub fn data_dir_of(&self, id: ProcId) -> Option<PathBuf> {
+        self.procs[id.0]
+            .envs
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "BATCHQ_DATA_DIR")
+            .map(|(_, v)| PathBuf::from(v))
+    }
+
+    /// Where the test's splitters and reducers keep their state.
+    pub fn store_mode(&self) -> StoreMode {
+        if self.database.is_some() {
+            StoreMode::Postgres
+        } else {
+            StoreMode::Sqlite
+        }
+    }
+
+    /// `BATCHQ_DATABASE_URL` of the test's splitters and reducers: `Some` in PostgreSQL mode.
+    pub fn database_url(&self) -> Option<&str> {
+        self.database.as_ref().map(TestDatabase::url)
+    }
+
+    /// The test's PostgreSQL database, in PostgreSQL mode (to look at what the stores wrote).
+    pub fn database(&self) -> Option<&TestDatabase> {
+        self.database.as_ref()
     }
 
     pub fn broker(&self) -> &Broker {
@@ -473,6 +568,27 @@ impl TestEnv {
         self.start_program(bin, bin_path(bin), args, envs)
     }
 
+    /// The environment of the next splitter or reducer: broker, namespace, its own
+    /// `BATCHQ_DATA_DIR`, the test's `BATCHQ_DATABASE_URL` in PostgreSQL mode, then `extra`
+    /// (which may override any of them).
+    fn stateful_env(&self, bin: Bin, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+        let n = self.procs.iter().filter(|p| p.bin == bin).count() + 1;
+        let mut envs = self.base_env();
+        envs.push((
+            "BATCHQ_DATA_DIR".into(),
+            self.replica_data_dir(n).display().to_string(),
+        ));
+        if let Some(url) = self.database_url() {
+            envs.push(("BATCHQ_DATABASE_URL".into(), url.to_owned()));
+        }
+        envs.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        envs
+    }
+
     fn start_program(
         &mut self,
         bin: Bin,
@@ -510,43 +626,36 @@ impl TestEnv {
         self.start_splitter_full(&[], extra)
     }
 
-    fn start_splitter_full(&mut self, args: &[&str], extra: &[(&str, &str)]) -> Result<ProcId> {
-        let mut envs = self.base_env();
-        envs.push((
-            "BATCHQ_DATA_DIR".into(),
-            self.data_dir().display().to_string(),
-        ));
-        envs.extend(
-            extra
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
-        );
+    /// A splitter with extra flags and environment variables. Every splitter of a test is a
+    /// replica of one deployment: the same namespace (and, in PostgreSQL mode, database), a
+    /// log and a data folder of its own.
+    pub fn start_splitter_full(&mut self, args: &[&str], extra: &[(&str, &str)]) -> Result<ProcId> {
+        let envs = self.stateful_env(Bin::Splitter, extra);
         let args = args.iter().map(|a| (*a).to_owned()).collect();
         self.start(Bin::Splitter, args, envs)
     }
 
     /// The reducer, with no Prometheus port (tests run side by side).
     pub fn start_reducer(&mut self) -> Result<ProcId> {
-        let mut envs = self.base_env();
-        envs.push((
-            "BATCHQ_DATA_DIR".into(),
-            self.data_dir().display().to_string(),
-        ));
-        self.start(
-            Bin::Reducer,
-            vec!["--metrics-addr".into(), "off".into()],
-            envs,
-        )
+        self.start_reducer_full(&[], &[])
     }
 
     /// The reducer with extra flags; without a `--metrics-addr` among them it serves no
     /// Prometheus port, as [`TestEnv::start_reducer`].
     pub fn start_reducer_with(&mut self, args: &[&str]) -> Result<ProcId> {
-        let mut envs = self.base_env();
-        envs.push((
-            "BATCHQ_DATA_DIR".into(),
-            self.data_dir().display().to_string(),
-        ));
+        self.start_reducer_full(args, &[])
+    }
+
+    /// The reducer with extra environment variables (a failpoint), serving no Prometheus port.
+    pub fn start_reducer_env(&mut self, extra: &[(&str, &str)]) -> Result<ProcId> {
+        self.start_reducer_full(&[], extra)
+    }
+
+    /// A reducer with extra flags and environment variables; without a `--metrics-addr` among
+    /// the flags it serves no Prometheus port. Every reducer of a test is a replica of one
+    /// deployment, as for [`TestEnv::start_splitter_full`].
+    pub fn start_reducer_full(&mut self, args: &[&str], extra: &[(&str, &str)]) -> Result<ProcId> {
+        let envs = self.stateful_env(Bin::Reducer, extra);
         let mut all: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
         if !args
             .iter()
@@ -557,23 +666,43 @@ impl TestEnv {
         self.start(Bin::Reducer, all, envs)
     }
 
-    /// The reducer with extra environment variables (a failpoint), serving no Prometheus port.
-    pub fn start_reducer_env(&mut self, extra: &[(&str, &str)]) -> Result<ProcId> {
-        let mut envs = self.base_env();
-        envs.push((
-            "BATCHQ_DATA_DIR".into(),
-            self.data_dir().display().to_string(),
-        ));
-        envs.extend(
-            extra
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    /// Another replica of a splitter or reducer: the same program, flags and settings as
+    /// `like`, with a log and a data folder of its own (the same database in PostgreSQL
+    /// mode). A standby, once the store elects one replica of each role.
+    pub fn start_replica(&mut self, like: ProcId) -> Result<ProcId> {
+        let source = &self.procs[like.0];
+        let bin = source.bin;
+        ensure!(
+            matches!(bin, Bin::Splitter | Bin::Reducer),
+            "{} is no splitter or reducer: only those have replicas",
+            source.label
         );
-        self.start(
-            Bin::Reducer,
-            vec!["--metrics-addr".into(), "off".into()],
-            envs,
-        )
+        let program = source.program.clone();
+        let args = source.args.clone();
+        let n = self.procs.iter().filter(|p| p.bin == bin).count() + 1;
+        let data_dir = self.replica_data_dir(n).display().to_string();
+        let envs = source
+            .envs
+            .iter()
+            .map(|(k, v)| {
+                if k == "BATCHQ_DATA_DIR" {
+                    (k.clone(), data_dir.clone())
+                } else {
+                    (k.clone(), v.clone())
+                }
+            })
+            .collect();
+        self.start_program(bin, program, args, envs)
+    }
+
+    /// The label of a process, as in its log file names: `reducer-2`.
+    pub fn label(&self, id: ProcId) -> &str {
+        &self.procs[id.0].label
+    }
+
+    /// The log files of a process, one per incarnation, oldest first.
+    pub fn log_paths(&self, id: ProcId) -> &[PathBuf] {
+        &self.procs[id.0].logs
     }
 
     pub fn start_worker(&mut self, opts: WorkerOpts) -> Result<ProcId> {
@@ -643,7 +772,7 @@ impl TestEnv {
             Signal::Kill => {
                 proc.kill_now();
             }
-            Signal::Term => send_signal(pid, Signal::Term)?,
+            other => send_signal(pid, other)?,
         }
         Ok(())
     }
@@ -1026,10 +1155,47 @@ impl TestEnv {
             .channel()
             .close(200, "test over".into())
             .await;
+        if let Some(database) = self.database.take() {
+            let used = self.check_database_used(&database).await;
+            database.drop_now().await?;
+            used?;
+        }
         if std::env::var_os("BATCHQ_TEST_KEEP").is_some()
             && let Some(dir) = self.dir.take()
         {
             eprintln!("BATCHQ_TEST_KEEP: keeping {}", dir.keep().display());
+        }
+        Ok(())
+    }
+
+    /// The schemas of the test's database (lower-cased), `information_schema` and the like
+    /// included; empty in SQLite mode.
+    pub async fn database_schemas(&self) -> Result<Vec<String>> {
+        match &self.database {
+            Some(database) => database_schemas(database).await,
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// In PostgreSQL mode, that the splitters and reducers kept their state in the test's
+    /// database: a schema `…_splitter` when a splitter ran, `…_reducer` when a reducer ran.
+    /// Without this a binary that ignored `BATCHQ_DATABASE_URL` would pass the PostgreSQL
+    /// suites on SQLite.
+    async fn check_database_used(&self, database: &TestDatabase) -> Result<()> {
+        let schemas = database_schemas(database).await?;
+        for (bin, suffix) in [(Bin::Splitter, "_splitter"), (Bin::Reducer, "_reducer")] {
+            if !self.procs.iter().any(|p| p.bin == bin) {
+                continue;
+            }
+            ensure!(
+                schemas.iter().any(|s| s.ends_with(suffix)),
+                "the test ran a {} in PostgreSQL mode, but its database {} holds no schema \
+                 `{{namespace}}{suffix}`: the {} did not keep its state there (does it read \
+                 BATCHQ_DATABASE_URL?); schemas: {schemas:?}",
+                bin.name(),
+                database.name(),
+                bin.name()
+            );
         }
         Ok(())
     }
@@ -1084,8 +1250,12 @@ impl Drop for TestEnv {
         for task in self.subscribers.drain(..) {
             task.abort();
         }
+        let store = match self.database_url() {
+            Some(url) => format!(" (store: PostgreSQL {url}, dropped now)"),
+            None => String::new(),
+        };
         eprintln!(
-            "test in namespace {} ended without finish(); process logs follow\n{}",
+            "test in namespace {}{store} ended without finish(); process logs follow\n{}",
             self.ns,
             self.logs_tail()
         );
@@ -1105,6 +1275,20 @@ impl Drop for TestEnv {
             Err(_) => eprintln!("the namespace cleanup thread panicked"),
         }
     }
+}
+
+async fn database_schemas(database: &TestDatabase) -> Result<Vec<String>> {
+    let client = database.connect().await?;
+    Ok(client
+        .query(
+            "SELECT schema_name::text FROM information_schema.schemata",
+            &[],
+        )
+        .await
+        .context("listing the schemas of the test's database")?
+        .iter()
+        .map(|row| row.get::<_, String>(0).to_lowercase())
+        .collect())
 }
 
 fn delete_namespace_blocking(args: &BrokerArgs, ops: &[String]) -> Result<()> {

@@ -154,6 +154,28 @@ fn env_vars_read_by_the_binaries() -> Result<BTreeSet<String>> {
     Ok(found)
 }
 
+/// Settings of issue 12 that the deployment files set before every binary reads them: the
+/// PostgreSQL store, whose `BATCHQ_DATABASE_URL` is in the contract (v1.1), lands on its own.
+/// Once a binary reads one it is checked like any other; until then the checks accept it and
+/// say so.
+const ANNOUNCED_SETTINGS: &[&str] = &["BATCHQ_DATABASE_URL"];
+
+/// The settings a deployment file may give a batchq process: those the binaries read, and
+/// [`ANNOUNCED_SETTINGS`].
+fn settings_deployments_may_set() -> Result<BTreeSet<String>> {
+    let mut settings = env_vars_read_by_the_binaries()?;
+    for announced in ANNOUNCED_SETTINGS {
+        if !settings.contains(*announced) {
+            eprintln!(
+                "note: no binary reads {announced} yet (issue 12's PostgreSQL store); the \
+                 deployment files set it ahead of it"
+            );
+            settings.insert((*announced).to_owned());
+        }
+    }
+    Ok(settings)
+}
+
 /// `90s`, `2m`, `1m30s`, `1h` (compose durations) in seconds.
 fn duration_secs(text: &str) -> Result<u64> {
     let mut total = 0;
@@ -325,7 +347,7 @@ impl Manifests {
 #[test]
 fn kubernetes_manifests_parse_and_refer_to_names_that_exist() -> Result<()> {
     let m = Manifests::load()?;
-    let env_vars = env_vars_read_by_the_binaries()?;
+    let env_vars = settings_deployments_may_set()?;
 
     // The kustomization lists exactly the manifests there are.
     let listed = strings_of(&m.kustomization["resources"], "kustomization resources")?;
@@ -451,6 +473,7 @@ fn kubernetes_manifests_parse_and_refer_to_names_that_exist() -> Result<()> {
                 }
             }
         }
+        let mut from_secrets = BTreeMap::new();
         for variable in seq_of(&container["env"], "env")? {
             let var = str_of(&variable["name"], "env name")?.to_owned();
             ensure!(
@@ -458,6 +481,9 @@ fn kubernetes_manifests_parse_and_refer_to_names_that_exist() -> Result<()> {
                 "Deployment {name} sets {var}, which no batchq binary reads"
             );
             let from = &variable["valueFrom"];
+            if let Some(secret) = from["secretKeyRef"]["name"].as_str() {
+                from_secrets.insert(var.clone(), secret.to_owned());
+            }
             for (reference, kind) in [("secretKeyRef", "Secret"), ("configMapKeyRef", "ConfigMap")]
             {
                 if from[reference].is_null() {
@@ -497,28 +523,11 @@ fn kubernetes_manifests_parse_and_refer_to_names_that_exist() -> Result<()> {
         }
 
         if role == "splitter" || role == "reducer" {
-            // One process owns a SQLite store: never two pods, not even during a rollout.
-            assert_eq!(
-                spec["replicas"].as_u64(),
-                Some(1),
-                "Deployment {name}: replicas"
-            );
-            assert_eq!(
-                spec["strategy"]["type"].as_str(),
-                Some("Recreate"),
-                "Deployment {name}: strategy"
-            );
-            let data_dir = env
-                .get("BATCHQ_DATA_DIR")
-                .cloned()
-                .flatten()
-                .ok_or_else(|| anyhow!("Deployment {name} sets no BATCHQ_DATA_DIR"))?;
-            let volume = mounts
-                .get(&data_dir)
-                .ok_or_else(|| anyhow!("Deployment {name}: nothing is mounted at {data_dir}"))?;
+            check_standby_replicas(&m, name, deployment, &env, &from_secrets, &mounts)?;
             ensure!(
-                claims.contains_key(volume),
-                "Deployment {name}: its data dir {data_dir} is not on a PersistentVolumeClaim"
+                claims.is_empty(),
+                "Deployment {name}: its replicas keep their state in PostgreSQL; a \
+                 PersistentVolumeClaim would tie them to one volume"
             );
         }
         if role == "reducer" {
@@ -574,6 +583,125 @@ fn kubernetes_manifests_parse_and_refer_to_names_that_exist() -> Result<()> {
             "Service {name} does not serve port 9464"
         );
     }
+    Ok(())
+}
+
+/// A splitter's or reducer's Deployment in the high-availability shape: at least two replicas
+/// sharing a PostgreSQL database whose URL (credentials) comes from a Secret, rollouts that
+/// never take a replica away before its successor runs, replicas spread over nodes and
+/// protected by a PodDisruptionBudget, and a writable data dir that is not the state.
+fn check_standby_replicas(
+    m: &Manifests,
+    name: &str,
+    deployment: &Value,
+    env: &BTreeMap<String, Option<String>>,
+    from_secrets: &BTreeMap<String, String>,
+    mounts: &BTreeMap<String, String>,
+) -> Result<()> {
+    let spec = &deployment["spec"];
+    let replicas = spec["replicas"].as_u64().unwrap_or(1);
+    ensure!(
+        replicas >= 2,
+        "Deployment {name}: {replicas} replica(s); a standby needs two or more"
+    );
+    assert_eq!(
+        spec["strategy"]["type"].as_str(),
+        Some("RollingUpdate"),
+        "Deployment {name}: strategy"
+    );
+    assert_eq!(
+        scalar_text(&spec["strategy"]["rollingUpdate"]["maxUnavailable"]).as_deref(),
+        Some("0"),
+        "Deployment {name}: a rollout starts the new replica before it stops an old one"
+    );
+
+    // The database: from a Secret (it carries credentials), a postgres:// URL there.
+    let secret = from_secrets.get("BATCHQ_DATABASE_URL").ok_or_else(|| {
+        anyhow!("Deployment {name}: BATCHQ_DATABASE_URL must come from a Secret (secretKeyRef)")
+    })?;
+    ensure!(
+        env.contains_key("BATCHQ_DATABASE_URL"),
+        "Deployment {name}: no BATCHQ_DATABASE_URL"
+    );
+    let doc = m
+        .get("Secret", secret)
+        .ok_or_else(|| anyhow!("Deployment {name}: no Secret {secret}"))?;
+    let url = scalar_text(&doc["stringData"]["BATCHQ_DATABASE_URL"])
+        .ok_or_else(|| anyhow!("Secret {secret}: an example BATCHQ_DATABASE_URL in stringData"))?;
+    ensure!(
+        url.starts_with("postgres://") || url.starts_with("postgresql://"),
+        "Secret {secret}: BATCHQ_DATABASE_URL {url} is no postgres:// URL"
+    );
+
+    // A data dir the process can write, on a volume of the pod.
+    if let Some(Some(data_dir)) = env.get("BATCHQ_DATA_DIR") {
+        ensure!(
+            mounts.contains_key(data_dir),
+            "Deployment {name}: nothing is mounted at its data dir {data_dir} (the root \
+             filesystem is read-only)"
+        );
+    }
+
+    // Spread over nodes, and a budget that lets a drain take one replica at a time.
+    let labels = &spec["template"]["metadata"]["labels"];
+    let terms = seq_of(
+        &spec["template"]["spec"]["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"],
+        "podAntiAffinity",
+    )?;
+    ensure!(
+        terms.iter().any(|t| {
+            let term = &t["podAffinityTerm"];
+            term["topologyKey"].as_str() == Some("kubernetes.io/hostname")
+                && keys_of(&term["labelSelector"]["matchLabels"], "labelSelector").is_ok_and(
+                    |keys| {
+                        !keys.is_empty()
+                            && keys.iter().all(|k| {
+                                term["labelSelector"]["matchLabels"][k.as_str()]
+                                    == labels[k.as_str()]
+                            })
+                    },
+                )
+        }),
+        "Deployment {name}: no podAntiAffinity spreading its replicas over nodes"
+    );
+    let budgets: Vec<&str> = m
+        .of_kind("PodDisruptionBudget")
+        .filter(|(_, pdb)| {
+            let selector = &pdb["spec"]["selector"]["matchLabels"];
+            keys_of(selector, "PodDisruptionBudget selector").is_ok_and(|keys| {
+                !keys.is_empty()
+                    && keys
+                        .iter()
+                        .all(|k| selector[k.as_str()] == labels[k.as_str()])
+            })
+        })
+        .map(|(pdb_name, _)| pdb_name)
+        .collect();
+    ensure!(
+        budgets.len() == 1,
+        "Deployment {name}: one PodDisruptionBudget should select its pods, found {budgets:?}"
+    );
+    let pdb = &m
+        .get("PodDisruptionBudget", budgets[0])
+        .expect("listed above")["spec"];
+    let keeps_one = match (
+        scalar_text(&pdb["maxUnavailable"]),
+        scalar_text(&pdb["minAvailable"]),
+    ) {
+        (Some(max), None) => max
+            .parse::<u64>()
+            .is_ok_and(|max| max >= 1 && max < replicas),
+        (None, Some(min)) => min
+            .parse::<u64>()
+            .is_ok_and(|min| min >= 1 && min < replicas),
+        _ => false,
+    };
+    ensure!(
+        keeps_one,
+        "PodDisruptionBudget {}: should keep at least one of {replicas} replicas and let a \
+         drain take one (maxUnavailable 1)",
+        budgets[0]
+    );
     Ok(())
 }
 
@@ -677,7 +805,7 @@ fn check_work_queue_triggers(m: &Manifests, owner: &str, spec: &Value) -> Result
 #[test]
 fn scaled_job_runs_ephemeral_workers_on_the_work_queues_of_the_namespace() -> Result<()> {
     let m = Manifests::load()?;
-    let env_vars = env_vars_read_by_the_binaries()?;
+    let env_vars = settings_deployments_may_set()?;
     let jobs: Vec<_> = m.of_kind("ScaledJob").collect();
     ensure!(jobs.len() == 1, "one ScaledJob, found {}", jobs.len());
     let (name, job) = jobs[0];
@@ -811,7 +939,7 @@ fn kustomize_builds_the_manifests() -> Result<()> {
         for kind in [
             "ConfigMap",
             "Secret",
-            "PersistentVolumeClaim",
+            "PodDisruptionBudget",
             "Deployment",
             "Service",
             "ScaledObject",
@@ -871,7 +999,7 @@ fn compose_env(service: &Value, name: &str) -> Result<BTreeMap<String, String>> 
 fn compose_file_refers_to_names_that_exist() -> Result<()> {
     let root = repo_root();
     let compose = yaml_document(&root.join("compose.yaml"))?;
-    let env_vars = env_vars_read_by_the_binaries()?;
+    let env_vars = settings_deployments_may_set()?;
     let services = &compose["services"];
     let service_names: BTreeSet<String> = keys_of(services, "services")?.into_iter().collect();
     for expected in [
@@ -1135,6 +1263,290 @@ fn compose_file_refers_to_names_that_exist() -> Result<()> {
     Ok(())
 }
 
+/// The RabbitMQ node names (`rabbit@…`) a rabbitmq.conf's classic_config peer discovery lists,
+/// or why it does not use it.
+fn classic_config_nodes(conf: &str) -> Result<BTreeSet<String>> {
+    let mut backend = None;
+    let mut nodes = BTreeSet::new();
+    for line in conf.lines().map(str::trim) {
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            bail!("rabbitmq.conf line {line:?} is no `key = value`");
+        };
+        let (key, value) = (key.trim(), value.trim());
+        if key == "cluster_formation.peer_discovery_backend" {
+            backend = Some(value.to_owned());
+        } else if key.starts_with("cluster_formation.classic_config.nodes.") {
+            ensure!(nodes.insert(value.to_owned()), "{value} is listed twice");
+        }
+    }
+    ensure!(
+        backend
+            .as_deref()
+            .is_some_and(|b| b == "classic_config" || b == "rabbit_peer_discovery_classic_config"),
+        "cluster_formation.peer_discovery_backend is {backend:?}, expected classic_config"
+    );
+    Ok(nodes)
+}
+
+#[test]
+fn compose_ha_profile_runs_a_cluster_postgres_and_two_of_each() -> Result<()> {
+    let root = repo_root();
+    let compose = yaml_document(&root.join("compose.yaml"))?;
+    let env_vars = settings_deployments_may_set()?;
+    let services = &compose["services"];
+    let profile_of = |name: &str| -> Result<Vec<String>> {
+        strings_of(&services[name]["profiles"], &format!("{name}: profiles"))
+    };
+
+    // The default stack is untouched: no profile, nothing of the `ha` profile in it.
+    let default_stack = ["rabbitmq", "splitter", "reducer", "worker"];
+    for name in default_stack {
+        ensure!(
+            profile_of(name)?.is_empty(),
+            "{name} belongs to the default stack, without a profile"
+        );
+        let env = compose_env(&services[name], name)?;
+        ensure!(
+            !env.contains_key("BATCHQ_DATABASE_URL"),
+            "{name}: the default stack keeps its state in SQLite"
+        );
+    }
+    let ha: BTreeSet<String> = keys_of(services, "services")?
+        .into_iter()
+        .filter(|name| profile_of(name).is_ok_and(|p| p.iter().any(|p| p == "ha")))
+        .collect();
+    let expected: BTreeSet<String> = [
+        "rabbitmq-1",
+        "rabbitmq-2",
+        "rabbitmq-3",
+        "postgres",
+        "splitter-ha",
+        "reducer-ha",
+        "worker-ha",
+        "batchctl-ha",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
+    assert_eq!(ha, expected, "the services of the ha profile");
+    for name in &ha {
+        assert_eq!(profile_of(name)?, ["ha"], "{name}: only in the ha profile");
+        for dependency in keys_of(&services[name.as_str()]["depends_on"], "depends_on")? {
+            ensure!(
+                ha.contains(&dependency),
+                "{name} (profile ha) depends on {dependency}, which is not in the profile"
+            );
+        }
+    }
+
+    // Three RabbitMQ nodes of one cluster: one cookie, classic_config listing exactly them,
+    // the 2nd and 3rd joining the first once it is healthy, each on a volume of its own.
+    let nodes = ["rabbitmq-1", "rabbitmq-2", "rabbitmq-3"];
+    let mut cookies = BTreeSet::new();
+    let mut node_names = BTreeSet::new();
+    let mut data_volumes = BTreeSet::new();
+    for (n, name) in nodes.into_iter().enumerate() {
+        let node = &services[name];
+        assert_eq!(
+            node["image"].as_str(),
+            Some("rabbitmq:3.10-management"),
+            "{name}: image"
+        );
+        let hostname = str_of(&node["hostname"], &format!("{name}: hostname"))?;
+        assert_eq!(hostname, name, "{name}: its host name is its service name");
+        node_names.insert(format!("rabbit@{hostname}"));
+        let env = compose_env(node, name)?;
+        cookies.insert(
+            env.get("RABBITMQ_ERLANG_COOKIE")
+                .cloned()
+                .ok_or_else(|| anyhow!("{name}: no RABBITMQ_ERLANG_COOKIE"))?,
+        );
+        let check = strings_of(&node["healthcheck"]["test"], "healthcheck")?.join(" ");
+        ensure!(
+            check.contains("rabbitmq-diagnostics") && check.contains("ping"),
+            "{name} healthcheck: {check}"
+        );
+        let mounts: Vec<(String, String)> = seq_of(&node["volumes"], "volumes")?
+            .iter()
+            .map(|v| str_of(v, "volume").and_then(volume_parts))
+            .collect::<Result<_>>()?;
+        let data = mounts
+            .iter()
+            .find(|(_, target)| target == "/var/lib/rabbitmq")
+            .ok_or_else(|| anyhow!("{name}: nothing on /var/lib/rabbitmq"))?;
+        ensure!(
+            !data.0.starts_with('.') && data_volumes.insert(data.0.clone()),
+            "{name}: its data needs a named volume of its own, not {}",
+            data.0
+        );
+        let mut cluster_conf = None;
+        for (source, target) in &mounts {
+            if target.starts_with("/etc/rabbitmq/conf.d/") && source.starts_with('.') {
+                let text = read(&root.join(source))?;
+                if text.contains("cluster_formation") {
+                    cluster_conf = Some(classic_config_nodes(&text)?);
+                }
+            }
+        }
+        ensure!(
+            mounts.iter().any(|(s, t)| s.ends_with("30-batchq.conf")
+                && t == "/etc/rabbitmq/conf.d/30-batchq.conf"),
+            "{name}: the broker settings of deploy/rabbitmq/30-batchq.conf"
+        );
+        let listed = cluster_conf
+            .ok_or_else(|| anyhow!("{name}: no cluster_formation configuration mounted"))?;
+        let all: BTreeSet<String> = nodes.iter().map(|n| format!("rabbit@{n}")).collect();
+        assert_eq!(listed, all, "{name}: the nodes classic_config lists");
+        if n > 0 {
+            assert_eq!(
+                services[name]["depends_on"]["rabbitmq-1"]["condition"].as_str(),
+                Some("service_healthy"),
+                "{name} joins rabbitmq-1 once it runs"
+            );
+        }
+    }
+    ensure!(
+        cookies.len() == 1,
+        "the nodes need one Erlang cookie, found {cookies:?}"
+    );
+
+    // PostgreSQL 15 on a volume, with a healthcheck.
+    let postgres = &services["postgres"];
+    ensure!(
+        str_of(&postgres["image"], "postgres image")?.starts_with("postgres:15"),
+        "postgres: PostgreSQL 15"
+    );
+    let check = strings_of(&postgres["healthcheck"]["test"], "healthcheck")?.join(" ");
+    ensure!(
+        check.contains("pg_isready"),
+        "postgres healthcheck: {check}"
+    );
+    ensure!(
+        seq_of(&postgres["volumes"], "volumes")?.iter().any(|v| {
+            v.as_str()
+                .and_then(|v| volume_parts(v).ok())
+                .is_some_and(|(source, target)| {
+                    target == "/var/lib/postgresql/data" && !source.starts_with('.')
+                })
+        }),
+        "postgres: its data on a named volume at /var/lib/postgresql/data"
+    );
+    let pg_env = compose_env(postgres, "postgres")?;
+    let pg_user = pg_env
+        .get("POSTGRES_USER")
+        .ok_or_else(|| anyhow!("postgres: POSTGRES_USER"))?;
+    let pg_password = pg_env
+        .get("POSTGRES_PASSWORD")
+        .ok_or_else(|| anyhow!("postgres: POSTGRES_PASSWORD"))?;
+    let pg_db = pg_env
+        .get("POSTGRES_DB")
+        .ok_or_else(|| anyhow!("postgres: POSTGRES_DB"))?;
+    let database_url = format!("postgres://{pg_user}:{pg_password}@postgres:5432/{pg_db}");
+
+    // The batchq services: every node in AMQP_URL; two splitters and two reducers on the
+    // database, started once the nodes and the database are healthy.
+    let image = str_of(&services["worker"]["image"], "worker image")?;
+    for (name, role) in [
+        ("splitter-ha", "splitter"),
+        ("reducer-ha", "reducer"),
+        ("worker-ha", "worker"),
+        ("batchctl-ha", "batchctl"),
+    ] {
+        let service = &services[name];
+        assert_eq!(
+            service["image"].as_str(),
+            Some(image),
+            "{name}: one image for every role"
+        );
+        let command = strings_of(&service["command"], "command")?;
+        let entrypoint = strings_of(&service["entrypoint"], "entrypoint")?;
+        ensure!(
+            command.first().map(String::as_str) == Some(role)
+                || entrypoint.last().map(String::as_str) == Some(role),
+            "{name}: runs {entrypoint:?} {command:?}, expected the {role}"
+        );
+        let env = compose_env(service, name)?;
+        for var in env.keys() {
+            ensure!(
+                env_vars.contains(var),
+                "service {name} sets {var}, which no batchq binary reads ({env_vars:?})"
+            );
+        }
+        let urls = env
+            .get("AMQP_URL")
+            .ok_or_else(|| anyhow!("{name}: no AMQP_URL"))?;
+        let hosts: BTreeSet<String> = urls
+            .split(',')
+            .map(|url| {
+                url.split_once('@')
+                    .and_then(|(_, rest)| rest.split_once(':'))
+                    .map(|(host, _)| host.to_owned())
+                    .ok_or_else(|| anyhow!("{name}: {url} is no amqp://user:pass@host:port URL"))
+            })
+            .collect::<Result<_>>()?;
+        let all: BTreeSet<String> = nodes.iter().map(|n| (*n).to_owned()).collect();
+        assert_eq!(hosts, all, "{name}: AMQP_URL lists every node");
+        assert_eq!(
+            urls.split(',').count(),
+            nodes.len(),
+            "{name}: each node once in AMQP_URL"
+        );
+        for node in nodes {
+            assert_eq!(
+                service["depends_on"][node]["condition"].as_str(),
+                Some("service_healthy"),
+                "{name} starts once {node} is healthy"
+            );
+        }
+        ensure!(
+            service["container_name"].is_null() && service["ports"].is_null(),
+            "{name}: replicas need no container_name and no published ports"
+        );
+        let stateful = role == "splitter" || role == "reducer";
+        if stateful {
+            assert_eq!(
+                env.get("BATCHQ_DATABASE_URL"),
+                Some(&database_url),
+                "{name}: BATCHQ_DATABASE_URL against the postgres service"
+            );
+            assert_eq!(
+                service["depends_on"]["postgres"]["condition"].as_str(),
+                Some("service_healthy"),
+                "{name} starts once PostgreSQL is healthy"
+            );
+            let replicas = service["deploy"]["replicas"].as_u64().unwrap_or(1);
+            ensure!(
+                replicas >= 2,
+                "{name}: {replicas} replica(s), a standby needs two"
+            );
+        } else {
+            ensure!(
+                !env.contains_key("BATCHQ_DATABASE_URL"),
+                "{name}: only splitters and reducers read BATCHQ_DATABASE_URL"
+            );
+        }
+        if role != "batchctl" {
+            let grace = duration_secs(str_of(
+                &service["stop_grace_period"],
+                &format!("{name}: stop_grace_period"),
+            )?)?;
+            ensure!(
+                grace > DEFAULT_LIFESPAN_SECS,
+                "{name}: stop_grace_period {grace} s must exceed the default lifespan"
+            );
+        }
+    }
+    assert_eq!(
+        compose_env(&services["splitter-ha"], "splitter-ha")?.get("BATCHQ_CONSUMER_TIMEOUT_MS"),
+        compose_env(&services["splitter"], "splitter")?.get("BATCHQ_CONSUMER_TIMEOUT_MS"),
+        "splitter-ha: the broker's consumer_timeout, as the default splitter"
+    );
+    Ok(())
+}
+
 #[test]
 fn compose_file_passes_docker_compose_config() -> Result<()> {
     let attempts: [(&str, &[&str]); 2] = [
@@ -1160,6 +1572,23 @@ fn compose_file_passes_docker_compose_config() -> Result<()> {
             output.status.success(),
             "{program} {} failed: {}{}",
             args.join(" "),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        // And with every profile on (the services of a profile are only fully checked then):
+        // `--profile` goes before the command, after `compose` for the plugin.
+        let mut all = args.to_vec();
+        let at = all.iter().position(|a| *a == "config").expect("config");
+        for profile in ["ha", "monitoring", "tools"] {
+            all.insert(at, profile);
+            all.insert(at, "--profile");
+        }
+        let output = run_tool(program, &all)?
+            .ok_or_else(|| anyhow!("{program} vanished between two runs"))?;
+        ensure!(
+            output.status.success(),
+            "{program} {} failed: {}{}",
+            all.join(" "),
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
