@@ -4,6 +4,7 @@
 
 pub mod intake;
 pub mod outbox;
+pub mod pg_store;
 pub mod retention;
 pub mod store;
 pub mod window;

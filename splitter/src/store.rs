@@ -27,7 +27,7 @@ pub enum DispatchState {
 }
 
 impl DispatchState {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             DispatchState::Active => "active",
             DispatchState::Cancelling => "cancelling",
@@ -36,7 +36,7 @@ impl DispatchState {
         }
     }
 
-    fn parse(s: &str) -> Result<Self, StoreError> {
+    pub(crate) fn parse(s: &str) -> Result<Self, StoreError> {
         Ok(match s {
             "active" => DispatchState::Active,
             "cancelling" => DispatchState::Cancelling,
@@ -289,19 +289,19 @@ struct SqliteTx<'a> {
 
 /// When a job in `state` stopped dispatching, if it has: now, which `update_job` keeps only
 /// when the job had no end yet (a cancelled job is cleared counting from its cancel).
-fn ended_at(state: DispatchState) -> Option<i64> {
+pub(crate) fn ended_at(state: DispatchState) -> Option<i64> {
     (state != DispatchState::Active).then(common::timefmt::now_ms)
 }
 
 /// What a lookup of a deleted job finds: a job with nothing left to dispatch, so that a
 /// re-submitted JobSpec, a cancel, a late settlement or a halt of it changes nothing.
-fn expired_job(job_id: &str) -> JobRow {
+pub(crate) fn expired_job(job_id: &str) -> JobRow {
     JobRow::inert(job_id, DispatchState::Finished)
 }
 
 use common::store::{get_u64, to_i64};
 
-fn encode<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
+pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
     serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
@@ -680,10 +680,10 @@ const PURGE_STATEMENTS: &[&str] = &[
 ];
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn job(job_id: &str, state: DispatchState) -> JobRow {
+    pub(crate) fn job(job_id: &str, state: DispatchState) -> JobRow {
         JobRow {
             job_id: job_id.to_owned(),
             state,
@@ -701,12 +701,81 @@ mod tests {
         .expect("count")
     }
 
+    /// A store with its pruner and a look into its tables: what the tests below run on, for
+    /// each kind of store (the PostgreSQL one's is in `pg_store.rs`).
+    pub(crate) trait Backend {
+        type Store: SplitterStore;
+        fn store(&mut self) -> &mut Self::Store;
+        fn expire(
+            &mut self,
+            ended_before_ms: i64,
+            now_ms: i64,
+            limit: u32,
+        ) -> Result<u64, StoreError>;
+        fn purge_some(&mut self, limit: u32) -> Result<Option<u64>, StoreError>;
+        /// Rows of `table` (with a `job_id` column) that are `job_id`'s.
+        fn count(&mut self, table: &str, job_id: &str) -> i64;
+        fn ended_at(&mut self, job_id: &str) -> Option<i64>;
+    }
+
+    pub(crate) struct SqliteBackend {
+        _dir: tempfile::TempDir,
+        store: SqliteStore,
+        pruner: SqlitePruner,
+    }
+
+    impl SqliteBackend {
+        pub(crate) fn new() -> Self {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let path = dir.path().join("s.db");
+            let store = SqliteStore::open(&path).expect("store");
+            let pruner = SqlitePruner::open(&path).expect("pruner");
+            Self {
+                _dir: dir,
+                store,
+                pruner,
+            }
+        }
+    }
+
+    impl Backend for SqliteBackend {
+        type Store = SqliteStore;
+        fn store(&mut self) -> &mut SqliteStore {
+            &mut self.store
+        }
+        fn expire(
+            &mut self,
+            ended_before_ms: i64,
+            now_ms: i64,
+            limit: u32,
+        ) -> Result<u64, StoreError> {
+            self.pruner.expire(ended_before_ms, now_ms, limit)
+        }
+        fn purge_some(&mut self, limit: u32) -> Result<Option<u64>, StoreError> {
+            self.pruner.purge_some(limit)
+        }
+        fn count(&mut self, table: &str, job_id: &str) -> i64 {
+            count(&self.store.conn, table, job_id)
+        }
+        fn ended_at(&mut self, job_id: &str) -> Option<i64> {
+            self.store
+                .conn
+                .query_row(
+                    "SELECT ended_at_ms FROM jobs WHERE job_id = ?1",
+                    [job_id],
+                    |r| r.get(0),
+                )
+                .expect("ended_at_ms")
+        }
+    }
+
     #[test]
     fn ended_jobs_are_deleted_in_small_batches_and_stay_known() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("s.db");
-        let mut store = SqliteStore::open(&path).expect("store");
-        store
+        ended_jobs_are_deleted_in_small_batches_and_stay_known_on(&mut SqliteBackend::new());
+    }
+
+    pub(crate) fn ended_jobs_are_deleted_in_small_batches_and_stay_known_on(b: &mut impl Backend) {
+        b.store()
             .transaction(|tx| {
                 // A cancelled job whose 3 fragments never came back, with 5 items.
                 tx.insert_job(&job("cancelled", DispatchState::Active))?;
@@ -726,38 +795,22 @@ mod tests {
                 Ok(())
             })
             .expect("jobs");
-        let ended: i64 = store
-            .conn
-            .query_row(
-                "SELECT ended_at_ms FROM jobs WHERE job_id = 'cancelled'",
-                [],
-                |r| r.get(0),
-            )
-            .expect("the cancel time is kept");
-        let mut pruner = SqlitePruner::open(&path).expect("pruner");
-        assert_eq!(
-            pruner.expire(ended, ended, 10).expect("expire"),
-            0,
-            "not yet"
-        );
-        assert_eq!(pruner.expire(ended + 1, ended + 1, 10).expect("expire"), 1);
+        let ended: i64 = b.ended_at("cancelled").expect("the cancel time is kept");
+        assert_eq!(b.expire(ended, ended, 10).expect("expire"), 0, "not yet");
+        assert_eq!(b.expire(ended + 1, ended + 1, 10).expect("expire"), 1);
         let mut batches = Vec::new();
-        while let Some(n) = pruner.purge_some(3).expect("purge") {
+        while let Some(n) = b.purge_some(3).expect("purge") {
             batches.push(n);
         }
         // 5 items and 3 fragments, 3 rows at a time.
         assert_eq!(batches, vec![3, 3, 2]);
         for table in ["jobs", "items", "fragments"] {
-            assert_eq!(count(&store.conn, table, "cancelled"), 0, "{table}");
+            assert_eq!(b.count(table, "cancelled"), 0, "{table}");
         }
-        assert_eq!(
-            count(&store.conn, "items", "running"),
-            5,
-            "an active job is kept"
-        );
-        assert_eq!(count(&store.conn, "jobs", "running"), 1);
+        assert_eq!(b.count("items", "running"), 5, "an active job is kept");
+        assert_eq!(b.count("jobs", "running"), 1);
 
-        store
+        b.store()
             .transaction(|tx| {
                 assert!(tx.job_expired("cancelled")?);
                 assert!(!tx.job_expired("running")?);

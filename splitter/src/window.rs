@@ -572,7 +572,7 @@ fn encode<T: serde::Serialize>(message: &T) -> Result<Vec<u8>, StoreError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -629,19 +629,46 @@ mod tests {
         assert!((18_000_000..=20_000_000).contains(&cost), "{cost}");
     }
 
-    /// A splitter store in a temporary folder, with a job submitted to it.
-    struct Submitted {
-        _dir: tempfile::TempDir,
-        store: crate::store::SqliteStore,
+    /// Fresh stores, one per job below: what these tests run on, for each kind of store (the
+    /// PostgreSQL one's is in `pg_store.rs`).
+    pub(crate) trait Stores {
+        type Store: crate::store::SplitterStore;
+        fn fresh(&mut self) -> Self::Store;
+    }
+
+    /// SQLite stores in a temporary folder.
+    struct SqliteStores {
+        dir: tempfile::TempDir,
+        made: u32,
+    }
+
+    impl SqliteStores {
+        fn new() -> Self {
+            Self {
+                dir: tempfile::tempdir().expect("temp dir"),
+                made: 0,
+            }
+        }
+    }
+
+    impl Stores for SqliteStores {
+        type Store = crate::store::SqliteStore;
+        fn fresh(&mut self) -> Self::Store {
+            self.made += 1;
+            let path = self.dir.path().join(format!("s{}.db", self.made));
+            crate::store::SqliteStore::open(&path).expect("store")
+        }
+    }
+
+    /// A splitter store with a job submitted to it.
+    struct Submitted<S> {
+        store: S,
         names: Names,
     }
 
-    impl Submitted {
-        fn new(spec: &serde_json::Value) -> Self {
-            use crate::store::{SplitterStore, SqliteStore};
+    impl<S: crate::store::SplitterStore> Submitted<S> {
+        fn new(mut store: S, spec: &serde_json::Value) -> Self {
             use common::jobspec::{ParseLimits, parse_job_spec};
-            let dir = tempfile::tempdir().expect("temp dir");
-            let mut store = SqliteStore::open(&dir.path().join("s.db")).expect("store");
             let names = Names::new("t");
             let spec = parse_job_spec(
                 spec.to_string().as_bytes(),
@@ -654,15 +681,10 @@ mod tests {
             store
                 .transaction(|tx| apply(tx, &names, submit))
                 .expect("submitted");
-            Self {
-                _dir: dir,
-                store,
-                names,
-            }
+            Self { store, names }
         }
 
         fn apply(&mut self, commands: Vec<Command>) {
-            use crate::store::SplitterStore;
             let names = &self.names;
             self.store
                 .transaction(|tx| apply(tx, names, commands))
@@ -671,7 +693,6 @@ mod tests {
 
         /// Drains the outbox, returning the fragments it held.
         fn sent(&mut self) -> Vec<Fragment> {
-            use crate::store::SplitterStore;
             let outbox = self.store.outbox(10_000).expect("outbox");
             if let Some(last) = outbox.last() {
                 self.store.outbox_confirmed(last.seq).expect("confirmed");
@@ -696,14 +717,25 @@ mod tests {
 
     #[test]
     fn an_adaptive_job_probes_with_a_few_fragments_then_fills_its_window() {
+        an_adaptive_job_probes_with_a_few_fragments_then_fills_its_window_on(
+            &mut SqliteStores::new(),
+        );
+    }
+
+    pub(crate) fn an_adaptive_job_probes_with_a_few_fragments_then_fills_its_window_on(
+        stores: &mut impl Stores,
+    ) {
         // 8 operations in 8 µs settle first: 1 µs each, so fragments as large as the default
         // sizing allows for the job's shape, and no larger than 1,000,000 / 64 = 15,625 (the
         // job must still fill its window).
         for (collect_results, sized) in [(true, 10_000), (false, 15_625)] {
-            let mut job = Submitted::new(&serde_json::json!({
-                "job_id": "j", "operation": "noop", "range": {"start": 0, "end": 1_000_000},
-                "max_concurrent_fragments": 64, "collect_results": collect_results,
-            }));
+            let mut job = Submitted::new(
+                stores.fresh(),
+                &serde_json::json!({
+                    "job_id": "j", "operation": "noop", "range": {"start": 0, "end": 1_000_000},
+                    "max_concurrent_fragments": 64, "collect_results": collect_results,
+                }),
+            );
             let probes = job.sent();
             assert_eq!(probes.len(), PROBE_FRAGMENTS as usize);
             assert!(probes.iter().all(|f| f.indices.len() == 8), "{probes:?}");
@@ -721,10 +753,19 @@ mod tests {
 
     #[test]
     fn probes_that_report_no_cost_do_not_hold_the_window_shut() {
-        let mut job = Submitted::new(&serde_json::json!({
-            "job_id": "j", "operation": "noop", "range": {"start": 0, "end": 100_000},
-            "max_concurrent_fragments": 16,
-        }));
+        probes_that_report_no_cost_do_not_hold_the_window_shut_on(&mut SqliteStores::new());
+    }
+
+    pub(crate) fn probes_that_report_no_cost_do_not_hold_the_window_shut_on(
+        stores: &mut impl Stores,
+    ) {
+        let mut job = Submitted::new(
+            stores.fresh(),
+            &serde_json::json!({
+                "job_id": "j", "operation": "noop", "range": {"start": 0, "end": 100_000},
+                "max_concurrent_fragments": 16,
+            }),
+        );
         let mut out = job.sent();
         let mut released = vec![out.len()];
         // Every settlement says its operations ran in 0 µs (a poison fragment's, say).
@@ -740,13 +781,19 @@ mod tests {
 
     #[test]
     fn a_later_job_of_the_same_operation_starts_at_its_known_cost() {
+        a_later_job_of_the_same_operation_starts_at_its_known_cost_on(&mut SqliteStores::new());
+    }
+
+    pub(crate) fn a_later_job_of_the_same_operation_starts_at_its_known_cost_on(
+        stores: &mut impl Stores,
+    ) {
         let spec = |job_id: &str, rounds: u64| {
             serde_json::json!({
                 "job_id": job_id, "operation": "sha256", "params": {"rounds": rounds},
                 "range": {"start": 0, "end": 1_000_000}, "collect_results": false,
             })
         };
-        let mut store = Submitted::new(&spec("first", 10));
+        let mut store = Submitted::new(stores.fresh(), &spec("first", 10));
         let probes = store.sent();
         assert_eq!(probes.len(), PROBE_FRAGMENTS as usize);
         // 8 operations in 8 µs: 1 µs each.
