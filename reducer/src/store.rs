@@ -226,7 +226,8 @@ CREATE INDEX tombstones_to_purge ON tombstones (job_id) WHERE purged = 0;
 /// The reducer store's migrations, in order; the schema version is their count.
 pub const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
 
-const JOB_COLUMNS: &str = "job_id, state, operation, ops_total, ops_succeeded, ops_failed,
+pub(crate) const JOB_COLUMNS: &str =
+    "job_id, state, operation, ops_total, ops_succeeded, ops_failed,
     fragments_done, fragments_in_flight, progress_seq, submitted_at_ms, started_at_ms,
     finished_at_ms, error, collect_results, tolerated_failure_percent, max_attempts";
 
@@ -254,7 +255,9 @@ fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(JobRecord, Option<St
     ))
 }
 
-fn with_state((mut job, state): (JobRecord, Option<String>)) -> Result<JobRecord, StoreError> {
+pub(crate) fn with_state(
+    (mut job, state): (JobRecord, Option<String>),
+) -> Result<JobRecord, StoreError> {
     job.state = match state {
         None => None,
         Some(s) => Some(
@@ -264,7 +267,7 @@ fn with_state((mut job, state): (JobRecord, Option<String>)) -> Result<JobRecord
     Ok(job)
 }
 
-fn encode<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
@@ -621,7 +624,7 @@ fn tombstone(conn: &Connection, job_id: &str) -> Result<Option<Tombstone>, Store
 }
 
 /// Job states that never change again, as stored.
-const TERMINAL_STATES: &str = "'succeeded', 'failed', 'cancelled', 'rejected'";
+pub(crate) const TERMINAL_STATES: &str = "'succeeded', 'failed', 'cancelled', 'rejected'";
 
 /// What [`SqlitePruner::bury`] did.
 #[derive(Debug, Clone, PartialEq)]
