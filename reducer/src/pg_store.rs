@@ -757,3 +757,318 @@ const PG_PURGE_STATEMENTS: &[&str] = &[
         (SELECT id FROM metrics_pending
          WHERE batch IS NULL AND (body::json ->> 'job_id') = $1 LIMIT $2)",
 ];
+
+#[cfg(test)]
+mod tests {
+    //! The store's and the fold's tests (`crate::store::tests::cases`,
+    //! `crate::fold::tests::cases`) against PostgreSQL on 127.0.0.1:5432 (or
+    //! `BATCHQ_TEST_POSTGRES_URL`), each in a database of its own, dropped after; and what
+    //! only PostgreSQL has: a fence.
+
+    use std::time::Duration;
+
+    use common::lease::Elector;
+    use common::wire::ReducerInput;
+
+    use super::*;
+    use crate::fold;
+    use crate::store::tests::{Fixture, Prune, accepted, report};
+
+    fn server_url() -> String {
+        std::env::var("BATCHQ_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+    }
+
+    /// A database of its own, dropped when the test ends.
+    struct Scratch {
+        name: String,
+    }
+
+    impl Scratch {
+        async fn new() -> Self {
+            let name = format!("bq_reducer_{}", uuid::Uuid::new_v4().simple());
+            admin(&format!("CREATE DATABASE {name}")).await;
+            Self { name }
+        }
+
+        fn url(&self) -> String {
+            let base = server_url();
+            let (server, _) = base.rsplit_once('/').expect("a database in the URL");
+            format!("{server}/{}", self.name)
+        }
+
+        async fn drop_now(self) {
+            admin(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .await;
+        }
+    }
+
+    async fn admin(sql: &str) {
+        let (client, connection) = tokio_postgres::connect(&server_url(), tokio_postgres::NoTls)
+            .await
+            .expect("PostgreSQL answers on 127.0.0.1:5432");
+        let task = tokio::spawn(connection);
+        client.batch_execute(sql).await.expect(sql);
+        drop(client);
+        let _ = task.await;
+    }
+
+    /// A migrated reducer schema in a new database.
+    async fn database(scratch: &Scratch) -> PgDatabase {
+        let db = PgDatabase::new(&scratch.url(), "t.ns", "reducer", Duration::from_secs(5), 4)
+            .expect("pool");
+        assert_eq!(db.migrate(PG_MIGRATIONS).await.expect("migrated"), 0);
+        db
+    }
+
+    struct PgFixture {
+        db: PgDatabase,
+        store: PgStore,
+    }
+
+    impl PgFixture {
+        fn new(db: PgDatabase) -> Self {
+            Self {
+                store: PgStore::new(db.clone(), None),
+                db,
+            }
+        }
+    }
+
+    impl Prune for PgPruner {
+        fn expired(&mut self, ended_before_ms: i64, limit: u32) -> Result<Vec<String>, StoreError> {
+            PgPruner::expired(self, ended_before_ms, limit)
+        }
+        fn bury(
+            &mut self,
+            job_id: &str,
+            how: Removal,
+            now_ms: i64,
+            retention_ms: Option<i64>,
+        ) -> Result<Burial, StoreError> {
+            PgPruner::bury(self, job_id, how, now_ms, retention_ms)
+        }
+        fn purge_some(&mut self, limit: u32) -> Result<Option<u64>, StoreError> {
+            PgPruner::purge_some(self, limit)
+        }
+    }
+
+    impl Fixture for PgFixture {
+        type Store = PgStore;
+        type Queries = PgQueries;
+        type Pruner = PgPruner;
+        fn store(&mut self) -> &mut PgStore {
+            &mut self.store
+        }
+        fn queries(&self) -> PgQueries {
+            PgQueries::new(self.db.clone())
+        }
+        fn pruner(&self) -> PgPruner {
+            PgPruner::new(self.db.clone(), None)
+        }
+        fn rows(&self, table: &str, job_id: &str) -> i64 {
+            let sql = match table {
+                "metrics_pending" => {
+                    "SELECT COUNT(*) FROM metrics_pending WHERE body::json ->> 'job_id' = $1"
+                        .to_owned()
+                }
+                _ => format!("SELECT COUNT(*) FROM {table} WHERE job_id = $1"),
+            };
+            self.db
+                .read(|tx| Ok(tx.query_one(&sql, &[&job_id])?.get(0)))
+                .expect("count")
+        }
+    }
+
+    /// Runs `case` against a new PostgreSQL store, on the blocking pool (where the stores
+    /// run), then drops its database, whatever the outcome.
+    async fn on_postgres(case: fn(&mut PgFixture)) {
+        let scratch = Scratch::new().await;
+        let mut fixture = PgFixture::new(database(&scratch).await);
+        let outcome = tokio::task::spawn_blocking(move || case(&mut fixture)).await;
+        scratch.drop_now().await;
+        if let Err(e) = outcome {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+
+    macro_rules! cases_on_postgres {
+        ($($case:path => $name:ident),* $(,)?) => {$(
+            #[tokio::test(flavor = "multi_thread")]
+            async fn $name() {
+                on_postgres($case).await;
+            }
+        )*};
+    }
+
+    cases_on_postgres! {
+        crate::store::tests::cases::expiry_deletes_a_finished_job_in_small_batches_and_never_a_running_one
+            => expiry_deletes_a_finished_job_in_small_batches_and_never_a_running_one,
+        crate::store::tests::cases::counts_are_stored_exactly_or_not_at_all
+            => counts_are_stored_exactly_or_not_at_all,
+        crate::store::tests::cases::queries_answer_in_the_same_order
+            => queries_answer_in_the_same_order,
+        crate::store::tests::cases::the_first_record_stays => the_first_record_stays,
+        crate::store::tests::cases::metric_batches_keep_their_number_until_published
+            => metric_batches_keep_their_number_until_published,
+        crate::fold::tests::cases::a_redelivered_report_counts_once_and_settles_the_same
+            => a_redelivered_report_counts_once_and_settles_the_same,
+        crate::fold::tests::cases::a_late_report_of_a_deleted_job_records_and_settles_nothing
+            => a_late_report_of_a_deleted_job_records_and_settles_nothing,
+        crate::fold::tests::cases::only_the_last_attempt_counts_a_failure
+            => only_the_last_attempt_counts_a_failure,
+        crate::fold::tests::cases::exceeding_the_tolerated_share_fails_at_once_and_halts_dispatch
+            => exceeding_the_tolerated_share_fails_at_once_and_halts_dispatch,
+    }
+
+    /// Every table's rows, as text, in order: what a transaction changed.
+    fn tables(db: &PgDatabase) -> Vec<String> {
+        db.read(|tx| {
+            let mut out = Vec::new();
+            for table in [
+                "jobs",
+                "fragments",
+                "results",
+                "metrics_pending",
+                "meta",
+                "tombstones",
+            ] {
+                let rows = tx.query(
+                    &format!("SELECT t::text FROM {table} t ORDER BY t::text COLLATE \"C\""),
+                    &[],
+                )?;
+                out.push(format!("{table}: {}", rows.len()));
+                out.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+            }
+            Ok(out)
+        })
+        .expect("tables")
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_transaction_under_a_stale_fence_commits_nothing() {
+        let scratch = Scratch::new().await;
+        let db = database(&scratch).await;
+        let ttl = Duration::from_millis(600);
+        let a = Elector::new(db.clone(), "reducer", "host-a", ttl);
+        let b = Elector::new(db.clone(), "reducer", "host-b", ttl);
+        let fence_a = a.try_acquire().await.expect("lease").expect("free");
+
+        // a folds a finished job and a running one under its fence, and seals a batch.
+        let mut store = PgStore::new(db.clone(), Some(fence_a.clone()));
+        let pruner = PgPruner::new(db.clone(), Some(fence_a.clone()));
+        let (mut store, mut pruner) = tokio::task::spawn_blocking(move || {
+            let mut inputs = vec![accepted("done", 5), accepted("running", 100)];
+            inputs.push(report("done", 0, 0, 5));
+            inputs.push(report("running", 0, 0, 10));
+            store
+                .transaction(|tx| fold::apply(tx, inputs, 5))
+                .expect("a commits");
+            store
+                .transaction(|tx| tx.seal_metric_batch())
+                .expect("sealed");
+            (store, pruner)
+        })
+        .await
+        .expect("join");
+        let ops_succeeded = |job_id: &'static str| {
+            let mut queries = PgQueries::new(db.clone());
+            tokio::task::spawn_blocking(move || {
+                let status = queries.status(job_id).expect("an unfenced read");
+                status.expect("known").ops_succeeded
+            })
+        };
+
+        // a stops renewing; after the ttl, b takes over.
+        tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+        let fence_b = b.try_acquire().await.expect("lease").expect("expired");
+        let before = {
+            let db = db.clone();
+            tokio::task::spawn_blocking(move || tables(&db))
+                .await
+                .expect("join")
+        };
+
+        let (store_back, pruner_back, after) = tokio::task::spawn_blocking(move || {
+            let fenced = |outcome: Result<(), StoreError>| {
+                assert!(
+                    matches!(&outcome, Err(StoreError::Fenced { token, .. }) if *token == fence_a.token),
+                    "{outcome:?}"
+                );
+            };
+            // Every kind of write: new reports (results, fragments, measurements, a job's
+            // end), a new job, a seal and a publication, an expiry and a purge.
+            let more = vec![
+                report("running", 1, 10, 20),
+                report("running", 0, 0, 10),
+                accepted("new", 1),
+                ReducerInput::Cancelled {
+                    job_id: "running".into(),
+                    at_ms: 7,
+                },
+            ];
+            fenced(store.transaction(|tx| fold::apply(tx, more, 6).map(drop)));
+            fenced(store.transaction(|tx| tx.seal_metric_batch().map(drop)));
+            fenced(store.transaction(|tx| tx.metric_batch_published(1)));
+            fenced(
+                pruner
+                    .bury("done", Removal::Deleted, 9, None)
+                    .map(drop),
+            );
+            fenced(pruner.purge_some(10).map(drop));
+            let after = tables(store.database());
+            (store, pruner, after)
+        })
+        .await
+        .expect("join");
+        assert_eq!(after, before, "the fenced transactions left nothing");
+        assert_eq!(ops_succeeded("running").await.expect("join"), 10);
+
+        // Under b's fence, the same writes commit.
+        let (mut store, mut pruner) = (store_back, pruner_back);
+        store.set_fence(Some(fence_b.clone()));
+        pruner.set_fence(Some(fence_b));
+        tokio::task::spawn_blocking(move || {
+            store
+                .transaction(|tx| fold::apply(tx, vec![report("running", 1, 10, 20)], 6))
+                .expect("b commits");
+            assert_eq!(
+                pruner
+                    .bury("done", Removal::Deleted, 9, None)
+                    .expect("b buries"),
+                Burial::Buried
+            );
+        })
+        .await
+        .expect("join");
+        assert_eq!(ops_succeeded("running").await.expect("join"), 20);
+        drop((a, b, db));
+        scratch.drop_now().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn migrating_again_changes_nothing_and_a_newer_schema_is_refused() {
+        let scratch = Scratch::new().await;
+        let db = database(&scratch).await;
+        assert_eq!(db.migrate(PG_MIGRATIONS).await.expect("again"), 1);
+        let mut newer = PG_MIGRATIONS.to_vec();
+        newer.push("ALTER TABLE jobs ADD COLUMN later BIGINT");
+        db.migrate(&newer).await.expect("a newer batchq");
+        let error = db.migrate(PG_MIGRATIONS).await.expect_err("refused");
+        assert!(
+            matches!(
+                error,
+                StoreError::NewerSchema {
+                    found: 2,
+                    supported: 1
+                }
+            ),
+            "{error}"
+        );
+        drop(db);
+        scratch.drop_now().await;
+    }
+}
