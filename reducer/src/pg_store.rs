@@ -965,6 +965,8 @@ mod tests {
         crate::store::tests::cases::queries_answer_in_the_same_order
             => queries_answer_in_the_same_order,
         crate::store::tests::cases::the_first_record_stays => the_first_record_stays,
+        crate::store::tests::cases::fragments_are_recorded_once_wherever_they_fall
+            => fragments_are_recorded_once_wherever_they_fall,
         crate::store::tests::cases::metric_batches_keep_their_number_until_published
             => metric_batches_keep_their_number_until_published,
         crate::fold::tests::cases::a_redelivered_report_counts_once_and_settles_the_same

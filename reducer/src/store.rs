@@ -1179,6 +1179,78 @@ pub(crate) mod tests {
             );
         }
 
+        /// Whether a fragment was recorded before, wherever its number falls: far apart,
+        /// out of order, twice in one transaction, in a later one.
+        pub(crate) fn fragments_are_recorded_once_wherever_they_fall<F: Fixture>(fx: &mut F) {
+            let rec = |done: u32| RecordedFragment {
+                done,
+                retry: vec![u64::from(done) * 10],
+            };
+            let record = |store: &mut F::Store, fragments: &[(u64, u32)]| {
+                store
+                    .transaction(|tx| {
+                        fragments
+                            .iter()
+                            .map(|&(f, done)| {
+                                let (recorded, first) = tx.record_fragment("j", f, &rec(done))?;
+                                Ok((f, recorded.done, first))
+                            })
+                            .collect::<Result<Vec<_>, StoreError>>()
+                    })
+                    .expect("recorded")
+            };
+            let store = fx.store();
+            let first = record(
+                store,
+                &[(4095, 1), (0, 2), (1, 3), (4096, 4), (10_000, 5), (0, 6)],
+            );
+            assert_eq!(
+                first,
+                vec![
+                    (4095, 1, true),
+                    (0, 2, true),
+                    (1, 3, true),
+                    (4096, 4, true),
+                    (10_000, 5, true),
+                    (0, 2, false),
+                ]
+            );
+            let later = record(
+                store,
+                &[
+                    (10_000, 7),
+                    (4096, 7),
+                    (2, 7),
+                    (1, 7),
+                    (2, 8),
+                    (4095, 7),
+                    (9_999, 7),
+                    (1 << 62, 7),
+                ],
+            );
+            assert_eq!(
+                later,
+                vec![
+                    (10_000, 5, false),
+                    (4096, 4, false),
+                    (2, 7, true),
+                    (1, 3, false),
+                    (2, 7, false),
+                    (4095, 1, false),
+                    (9_999, 7, true),
+                    (1 << 62, 7, true),
+                ]
+            );
+            let (again, retry) = store
+                .transaction(|tx| {
+                    let (recorded, first) = tx.record_fragment("j", 2, &rec(9))?;
+                    Ok(((recorded.done, first), recorded.retry))
+                })
+                .expect("again");
+            assert_eq!((again, retry), ((7, false), vec![70]));
+            assert_eq!(fx.rows("fragments", "j"), 8);
+        }
+
         /// A sealed MetricBatch is published again under its own number until confirmed;
         /// then the next one gets the next number.
         pub(crate) fn metric_batches_keep_their_number_until_published<F: Fixture>(fx: &mut F) {
@@ -1255,6 +1327,11 @@ pub(crate) mod tests {
     #[test]
     fn the_first_record_stays() {
         cases::the_first_record_stays(&mut sqlite());
+    }
+
+    #[test]
+    fn fragments_are_recorded_once_wherever_they_fall() {
+        cases::fragments_are_recorded_once_wherever_they_fall(&mut sqlite());
     }
 
     #[test]
