@@ -420,16 +420,13 @@ fn kept_outcomes(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::{ReducerStore, SqliteStore};
-    use common::wire::{Failure, Indices};
+pub(crate) mod tests {
+    //! The bodies in [`cases`] run against every store (see `crate::store::tests`).
 
-    fn store() -> (tempfile::TempDir, SqliteStore) {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = SqliteStore::open(&dir.path().join("r.db")).expect("store");
-        (dir, store)
-    }
+    use super::*;
+    use crate::store::ReducerStore;
+    use crate::store::tests::{Fixture, Prune, sqlite};
+    use common::wire::{Failure, Indices};
 
     fn accepted(ops_total: u64, max_attempts: u32, tolerated: f64) -> ReducerInput {
         ReducerInput::Accepted {
@@ -469,7 +466,7 @@ mod tests {
         })
     }
 
-    fn job(store: &mut SqliteStore) -> JobRecord {
+    fn job<S: ReducerStore>(store: &mut S) -> JobRecord {
         store
             .transaction(|tx| tx.job("j"))
             .expect("read")
@@ -487,120 +484,145 @@ mod tests {
             .collect()
     }
 
+    pub(crate) mod cases {
+        use super::*;
+
+        pub(crate) fn a_redelivered_report_counts_once_and_settles_the_same<F: Fixture>(
+            fx: &mut F,
+        ) {
+            let store = fx.store();
+            let apply = |store: &mut F::Store, inputs| {
+                store.transaction(|tx| apply(tx, inputs, 5)).expect("apply")
+            };
+            apply(&mut *store, vec![accepted(4, 3, 100.0)]);
+            let first = apply(&mut *store, vec![report(0, 1, Indices::Span(0, 2), &[1])]);
+            // The same fragment again, as another worker ran it after a crash: other outcomes.
+            let again = apply(&mut *store, vec![report(0, 1, Indices::Span(0, 2), &[])]);
+            assert_eq!(settled(&first), vec![(0, 2, vec![1])]);
+            assert_eq!(settled(&again), settled(&first));
+            let job = job(&mut *store);
+            assert_eq!(
+                (job.ops_succeeded, job.ops_failed, job.fragments_done),
+                (1, 0, 1)
+            );
+        }
+
+        pub(crate) fn a_late_report_of_a_deleted_job_records_and_settles_nothing<F: Fixture>(
+            fx: &mut F,
+        ) {
+            let mut pruner = fx.pruner();
+            let store = fx.store();
+            let apply = |store: &mut F::Store, inputs| {
+                store.transaction(|tx| apply(tx, inputs, 5)).expect("apply")
+            };
+            apply(&mut *store, vec![accepted(2, 1, 0.0)]);
+            apply(&mut *store, vec![report(0, 1, Indices::Span(0, 2), &[])]);
+            assert_eq!(job(&mut *store).state, Some(JobState::Succeeded));
+            let burial = pruner
+                .bury("j", common::wire::Removal::Deleted, 9, None)
+                .expect("bury");
+            assert_eq!(burial, crate::store::Burial::Buried);
+
+            // A redelivered report, a duplicate accept and a cancel arrive after the deletion.
+            let late = apply(
+                &mut *store,
+                vec![
+                    report(0, 1, Indices::Span(0, 2), &[]),
+                    report(1, 1, Indices::Span(2, 3), &[0]),
+                    accepted(2, 1, 0.0),
+                    ReducerInput::Cancelled {
+                        job_id: "j".into(),
+                        at_ms: 6,
+                    },
+                ],
+            );
+            assert!(late.settled.is_empty(), "{:?}", late.settled);
+            assert!(late.status_changes.is_empty(), "{:?}", late.status_changes);
+            assert!(late.measured.is_empty());
+            assert_eq!(
+                store.transaction(|tx| tx.job("j")).expect("read"),
+                None,
+                "no placeholder brings the job back"
+            );
+        }
+
+        pub(crate) fn only_the_last_attempt_counts_a_failure<F: Fixture>(fx: &mut F) {
+            let store = fx.store();
+            let mut run = |inputs| store.transaction(|tx| apply(tx, inputs, 5)).expect("apply");
+            run(vec![accepted(3, 2, 100.0)]);
+            run(vec![report(0, 1, Indices::Span(0, 3), &[0, 2])]);
+            // The retry fragment: index 0 fails again (final), index 2 succeeds.
+            let effects = run(vec![report(1, 2, Indices::List(vec![0, 2]), &[0])]);
+            assert_eq!(settled(&effects), vec![(1, 2, vec![])]);
+            let job = job(&mut *store);
+            assert_eq!(job.state, Some(JobState::Succeeded));
+            assert_eq!((job.ops_succeeded, job.ops_failed), (2, 1));
+        }
+
+        pub(crate) fn exceeding_the_tolerated_share_fails_at_once_and_halts_dispatch<F: Fixture>(
+            fx: &mut F,
+        ) {
+            let store = fx.store();
+            let mut run = |inputs| store.transaction(|tx| apply(tx, inputs, 5)).expect("apply");
+            run(vec![accepted(100, 1, 10.0)]);
+            run(vec![report(
+                0,
+                1,
+                Indices::Span(0, 10),
+                &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+            )]);
+            let halts = |effects: &Effects| {
+                effects
+                    .settled
+                    .contains(&SplitterInput::Halt { job_id: "j".into() })
+            };
+            let effects = run(vec![report(1, 1, Indices::Span(10, 11), &[0])]);
+            assert!(halts(&effects), "{:?}", effects.settled);
+            let job = job(&mut *store);
+            assert_eq!(job.state, Some(JobState::Failed));
+            // 11 ran and failed; the 89 never run count as failed too.
+            assert_eq!((job.ops_succeeded, job.ops_failed), (0, 100));
+            let error = job.error.unwrap_or_default();
+            assert!(error.starts_with("11 of 100 operations failed"), "{error}");
+            assert!(error.contains("89 operations not yet run"), "{error}");
+            assert!(
+                error.contains("[0] boom 0; [1] boom 1; [2] boom 2"),
+                "{error}"
+            );
+            // A late report of the failed job changes no count, and repeats the halt; so does the
+            // failing report redelivered (as after a crash before its batch was published).
+            for late in [
+                report(2, 1, Indices::Span(11, 12), &[]),
+                report(1, 1, Indices::Span(10, 11), &[0]),
+            ] {
+                let effects = store
+                    .transaction(|tx| apply(tx, vec![late], 6))
+                    .expect("apply");
+                assert!(halts(&effects), "{:?}", effects.settled);
+            }
+            let job = super::job(&mut *store);
+            assert_eq!((job.ops_succeeded, job.ops_failed), (0, 100));
+        }
+    }
+
     #[test]
     fn a_redelivered_report_counts_once_and_settles_the_same() {
-        let (_dir, mut store) = store();
-        let apply = |store: &mut SqliteStore, inputs| {
-            store.transaction(|tx| apply(tx, inputs, 5)).expect("apply")
-        };
-        apply(&mut store, vec![accepted(4, 3, 100.0)]);
-        let first = apply(&mut store, vec![report(0, 1, Indices::Span(0, 2), &[1])]);
-        // The same fragment again, as another worker ran it after a crash: other outcomes.
-        let again = apply(&mut store, vec![report(0, 1, Indices::Span(0, 2), &[])]);
-        assert_eq!(settled(&first), vec![(0, 2, vec![1])]);
-        assert_eq!(settled(&again), settled(&first));
-        let job = job(&mut store);
-        assert_eq!(
-            (job.ops_succeeded, job.ops_failed, job.fragments_done),
-            (1, 0, 1)
-        );
+        cases::a_redelivered_report_counts_once_and_settles_the_same(&mut sqlite());
     }
 
     #[test]
     fn a_late_report_of_a_deleted_job_records_and_settles_nothing() {
-        let (dir, mut store) = store();
-        let apply = |store: &mut SqliteStore, inputs| {
-            store.transaction(|tx| apply(tx, inputs, 5)).expect("apply")
-        };
-        apply(&mut store, vec![accepted(2, 1, 0.0)]);
-        apply(&mut store, vec![report(0, 1, Indices::Span(0, 2), &[])]);
-        assert_eq!(job(&mut store).state, Some(JobState::Succeeded));
-        let mut pruner =
-            crate::store::SqlitePruner::open(&dir.path().join("r.db")).expect("pruner");
-        let burial = pruner
-            .bury("j", common::wire::Removal::Deleted, 9, None)
-            .expect("bury");
-        assert_eq!(burial, crate::store::Burial::Buried);
-
-        // A redelivered report, a duplicate accept and a cancel arrive after the deletion.
-        let late = apply(
-            &mut store,
-            vec![
-                report(0, 1, Indices::Span(0, 2), &[]),
-                report(1, 1, Indices::Span(2, 3), &[0]),
-                accepted(2, 1, 0.0),
-                ReducerInput::Cancelled {
-                    job_id: "j".into(),
-                    at_ms: 6,
-                },
-            ],
-        );
-        assert!(late.settled.is_empty(), "{:?}", late.settled);
-        assert!(late.status_changes.is_empty(), "{:?}", late.status_changes);
-        assert!(late.measured.is_empty());
-        assert_eq!(
-            store.transaction(|tx| tx.job("j")).expect("read"),
-            None,
-            "no placeholder brings the job back"
-        );
+        cases::a_late_report_of_a_deleted_job_records_and_settles_nothing(&mut sqlite());
     }
 
     #[test]
     fn only_the_last_attempt_counts_a_failure() {
-        let (_dir, mut store) = store();
-        let mut run = |inputs| store.transaction(|tx| apply(tx, inputs, 5)).expect("apply");
-        run(vec![accepted(3, 2, 100.0)]);
-        run(vec![report(0, 1, Indices::Span(0, 3), &[0, 2])]);
-        // The retry fragment: index 0 fails again (final), index 2 succeeds.
-        let effects = run(vec![report(1, 2, Indices::List(vec![0, 2]), &[0])]);
-        assert_eq!(settled(&effects), vec![(1, 2, vec![])]);
-        let job = job(&mut store);
-        assert_eq!(job.state, Some(JobState::Succeeded));
-        assert_eq!((job.ops_succeeded, job.ops_failed), (2, 1));
+        cases::only_the_last_attempt_counts_a_failure(&mut sqlite());
     }
 
     #[test]
     fn exceeding_the_tolerated_share_fails_at_once_and_halts_dispatch() {
-        let (_dir, mut store) = store();
-        let mut run = |inputs| store.transaction(|tx| apply(tx, inputs, 5)).expect("apply");
-        run(vec![accepted(100, 1, 10.0)]);
-        run(vec![report(
-            0,
-            1,
-            Indices::Span(0, 10),
-            &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
-        )]);
-        let halts = |effects: &Effects| {
-            effects
-                .settled
-                .contains(&SplitterInput::Halt { job_id: "j".into() })
-        };
-        let effects = run(vec![report(1, 1, Indices::Span(10, 11), &[0])]);
-        assert!(halts(&effects), "{:?}", effects.settled);
-        let job = job(&mut store);
-        assert_eq!(job.state, Some(JobState::Failed));
-        // 11 ran and failed; the 89 never run count as failed too.
-        assert_eq!((job.ops_succeeded, job.ops_failed), (0, 100));
-        let error = job.error.unwrap_or_default();
-        assert!(error.starts_with("11 of 100 operations failed"), "{error}");
-        assert!(error.contains("89 operations not yet run"), "{error}");
-        assert!(
-            error.contains("[0] boom 0; [1] boom 1; [2] boom 2"),
-            "{error}"
-        );
-        // A late report of the failed job changes no count, and repeats the halt; so does the
-        // failing report redelivered (as after a crash before its batch was published).
-        for late in [
-            report(2, 1, Indices::Span(11, 12), &[]),
-            report(1, 1, Indices::Span(10, 11), &[0]),
-        ] {
-            let effects = store
-                .transaction(|tx| apply(tx, vec![late], 6))
-                .expect("apply");
-            assert!(halts(&effects), "{:?}", effects.settled);
-        }
-        let job = super::tests::job(&mut store);
-        assert_eq!((job.ops_succeeded, job.ops_failed), (0, 100));
+        cases::exceeding_the_tolerated_share_fails_at_once_and_halts_dispatch(&mut sqlite());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub mod aggregate;
 pub mod fold;
 pub mod monitor;
+pub mod pg_store;
 pub mod retention;
 pub mod rpc;
 pub mod store;

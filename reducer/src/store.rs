@@ -226,7 +226,8 @@ CREATE INDEX tombstones_to_purge ON tombstones (job_id) WHERE purged = 0;
 /// The reducer store's migrations, in order; the schema version is their count.
 pub const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
 
-const JOB_COLUMNS: &str = "job_id, state, operation, ops_total, ops_succeeded, ops_failed,
+pub(crate) const JOB_COLUMNS: &str =
+    "job_id, state, operation, ops_total, ops_succeeded, ops_failed,
     fragments_done, fragments_in_flight, progress_seq, submitted_at_ms, started_at_ms,
     finished_at_ms, error, collect_results, tolerated_failure_percent, max_attempts";
 
@@ -254,7 +255,9 @@ fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(JobRecord, Option<St
     ))
 }
 
-fn with_state((mut job, state): (JobRecord, Option<String>)) -> Result<JobRecord, StoreError> {
+pub(crate) fn with_state(
+    (mut job, state): (JobRecord, Option<String>),
+) -> Result<JobRecord, StoreError> {
     job.state = match state {
         None => None,
         Some(s) => Some(
@@ -264,7 +267,7 @@ fn with_state((mut job, state): (JobRecord, Option<String>)) -> Result<JobRecord
     Ok(job)
 }
 
-fn encode<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
@@ -621,7 +624,7 @@ fn tombstone(conn: &Connection, job_id: &str) -> Result<Option<Tombstone>, Store
 }
 
 /// Job states that never change again, as stored.
-const TERMINAL_STATES: &str = "'succeeded', 'failed', 'cancelled', 'rejected'";
+pub(crate) const TERMINAL_STATES: &str = "'succeeded', 'failed', 'cancelled', 'rejected'";
 
 /// What [`SqlitePruner::bury`] did.
 #[derive(Debug, Clone, PartialEq)]
@@ -731,12 +734,94 @@ const PURGE_STATEMENTS: &[&str] = &[
 ];
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
+    //! The store's tests. The bodies in [`cases`] are generic over a [`Fixture`], so they
+    //! run against every store: SQLite here, PostgreSQL in `crate::pg_store`'s tests.
+
     use super::*;
     use crate::fold;
     use common::wire::{FragmentReport, Indices, ReducerInput};
 
-    fn accepted(job_id: &str, ops_total: u64) -> ReducerInput {
+    /// What a test needs of a store beside its traits.
+    pub(crate) trait Fixture {
+        type Store: ReducerStore;
+        type Queries: ReducerQueries;
+        type Pruner: Prune;
+        fn store(&mut self) -> &mut Self::Store;
+        fn queries(&self) -> Self::Queries;
+        fn pruner(&self) -> Self::Pruner;
+        /// How many rows of `job_id` `table` holds (`metrics_pending`: by the body's job).
+        fn rows(&self, table: &str, job_id: &str) -> i64;
+    }
+
+    /// The pruners' methods, for tests generic over the store.
+    pub(crate) trait Prune {
+        fn expired(&mut self, ended_before_ms: i64, limit: u32) -> Result<Vec<String>, StoreError>;
+        fn bury(
+            &mut self,
+            job_id: &str,
+            how: Removal,
+            now_ms: i64,
+            retention_ms: Option<i64>,
+        ) -> Result<Burial, StoreError>;
+        fn purge_some(&mut self, limit: u32) -> Result<Option<u64>, StoreError>;
+    }
+
+    impl Prune for SqlitePruner {
+        fn expired(&mut self, ended_before_ms: i64, limit: u32) -> Result<Vec<String>, StoreError> {
+            SqlitePruner::expired(self, ended_before_ms, limit)
+        }
+        fn bury(
+            &mut self,
+            job_id: &str,
+            how: Removal,
+            now_ms: i64,
+            retention_ms: Option<i64>,
+        ) -> Result<Burial, StoreError> {
+            SqlitePruner::bury(self, job_id, how, now_ms, retention_ms)
+        }
+        fn purge_some(&mut self, limit: u32) -> Result<Option<u64>, StoreError> {
+            SqlitePruner::purge_some(self, limit)
+        }
+    }
+
+    pub(crate) struct SqliteFixture {
+        _dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+        store: SqliteStore,
+    }
+
+    /// A new SQLite store in a folder of its own.
+    pub(crate) fn sqlite() -> SqliteFixture {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("r.db");
+        let store = SqliteStore::open(&path).expect("store");
+        SqliteFixture {
+            _dir: dir,
+            path,
+            store,
+        }
+    }
+
+    impl Fixture for SqliteFixture {
+        type Store = SqliteStore;
+        type Queries = SqliteQueries;
+        type Pruner = SqlitePruner;
+        fn store(&mut self) -> &mut SqliteStore {
+            &mut self.store
+        }
+        fn queries(&self) -> SqliteQueries {
+            SqliteQueries::open(&self.path).expect("queries")
+        }
+        fn pruner(&self) -> SqlitePruner {
+            SqlitePruner::open(&self.path).expect("pruner")
+        }
+        fn rows(&self, table: &str, job_id: &str) -> i64 {
+            rows(&self.store.conn, table, job_id)
+        }
+    }
+
+    pub(crate) fn accepted(job_id: &str, ops_total: u64) -> ReducerInput {
         ReducerInput::Accepted {
             job_id: job_id.into(),
             operation: "op".into(),
@@ -748,7 +833,7 @@ mod tests {
         }
     }
 
-    fn report(job_id: &str, fragment: u64, start: u64, end: u64) -> ReducerInput {
+    pub(crate) fn report(job_id: &str, fragment: u64, start: u64, end: u64) -> ReducerInput {
         let done = (end - start) as u32;
         ReducerInput::Fragment(FragmentReport {
             job_id: job_id.into(),
@@ -778,85 +863,480 @@ mod tests {
         conn.query_row(&sql, [job_id], |r| r.get(0)).expect("count")
     }
 
-    /// A store with job `done` (25 results in 5 fragments, finished at 5) and job `running`
-    /// (one fragment of 10 counted, not finished).
-    fn store_with_jobs() -> (tempfile::TempDir, std::path::PathBuf, SqliteStore) {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("r.db");
-        let mut store = SqliteStore::open(&path).expect("store");
-        let mut inputs = vec![accepted("done", 25), accepted("running", 100)];
-        inputs.extend((0..5).map(|f| report("done", f, f * 5, f * 5 + 5)));
-        inputs.push(report("running", 0, 0, 10));
-        store
-            .transaction(|tx| fold::apply(tx, inputs, 5))
-            .expect("fold");
-        (dir, path, store)
+    pub(crate) mod cases {
+        use super::*;
+
+        /// Job `done` (25 results in 5 fragments, finished at 5) and job `running` (one
+        /// fragment of 10 counted, not finished).
+        fn store_with_jobs<F: Fixture>(fx: &mut F) {
+            let mut inputs = vec![accepted("done", 25), accepted("running", 100)];
+            inputs.extend((0..5).map(|f| report("done", f, f * 5, f * 5 + 5)));
+            inputs.push(report("running", 0, 0, 10));
+            fx.store()
+                .transaction(|tx| fold::apply(tx, inputs, 5))
+                .expect("fold");
+        }
+
+        pub(crate) fn expiry_deletes_a_finished_job_in_small_batches_and_never_a_running_one<
+            F: Fixture,
+        >(
+            fx: &mut F,
+        ) {
+            store_with_jobs(fx);
+            let mut pruner = fx.pruner();
+            assert_eq!(
+                pruner.expired(5, 10).expect("expired"),
+                Vec::<String>::new()
+            );
+            assert_eq!(
+                pruner.expired(6, 10).expect("expired"),
+                vec!["done".to_owned()]
+            );
+            assert_eq!(
+                pruner
+                    .bury("running", Removal::Expired, 100, Some(5))
+                    .expect("bury"),
+                Burial::StillRunning
+            );
+            assert_eq!(
+                pruner
+                    .bury("done", Removal::Expired, 100, Some(5))
+                    .expect("bury"),
+                Burial::Buried
+            );
+            // 25 results, 5 fragments, 5 pending measurements: 35 rows, 10 at a time.
+            let mut batches = Vec::new();
+            while let Some(n) = pruner.purge_some(10).expect("purge") {
+                batches.push(n);
+            }
+            assert_eq!(batches, vec![10, 10, 10, 5]);
+            for table in ["results", "fragments", "metrics_pending", "jobs"] {
+                assert_eq!(fx.rows(table, "done"), 0, "{table} of done");
+            }
+            assert_eq!(fx.rows("results", "running"), 10);
+            assert_eq!(fx.rows("fragments", "running"), 1);
+            assert_eq!(fx.rows("metrics_pending", "running"), 1);
+
+            let mut queries = fx.queries();
+            assert_eq!(queries.status("done").expect("status"), None);
+            let stone = queries.tombstone("done").expect("tombstone").expect("kept");
+            assert_eq!(
+                (stone.how, stone.retention.as_deref()),
+                (Removal::Expired, Some("5ms"))
+            );
+            assert!(
+                stone
+                    .describe()
+                    .starts_with("job done expired (it ended at "),
+                "{}",
+                stone.describe()
+            );
+            assert!(queries.status("running").expect("status").is_some());
+            assert_eq!(
+                pruner
+                    .bury("done", Removal::Deleted, 200, None)
+                    .expect("again"),
+                Burial::Gone(stone)
+            );
+            assert_eq!(
+                pruner
+                    .bury("nope", Removal::Deleted, 200, None)
+                    .expect("unknown"),
+                Burial::Unknown
+            );
+        }
+
+        pub(crate) fn counts_are_stored_exactly_or_not_at_all<F: Fixture>(fx: &mut F) {
+            use common::jobspec::MAX_OPS_TOTAL;
+            let store = fx.store();
+            let largest = JobRecord {
+                ops_total: MAX_OPS_TOTAL,
+                ops_succeeded: MAX_OPS_TOTAL - 1,
+                ..JobRecord::placeholder("largest")
+            };
+            store
+                .transaction(|tx| tx.put_job(&largest))
+                .expect("stored");
+            let read = store.transaction(|tx| tx.job("largest")).expect("read");
+            assert_eq!(read, Some(largest));
+
+            // Past the store's integer the write fails; it is never clamped to i64::MAX.
+            let past = JobRecord {
+                ops_total: u64::MAX,
+                ..JobRecord::placeholder("past")
+            };
+            let error = store
+                .transaction(|tx| tx.put_job(&past))
+                .expect_err("refused");
+            assert!(
+                error.to_string().contains("18446744073709551615"),
+                "{error}"
+            );
+            let read = store.transaction(|tx| tx.job("past")).expect("read");
+            assert_eq!(read, None, "nothing stored");
+        }
+
+        /// The queries' answers and their order, jobs of every kind among them.
+        pub(crate) fn queries_answer_in_the_same_order<F: Fixture>(fx: &mut F) {
+            let accept = |job_id: &str, submitted_at_ms: i64| ReducerInput::Accepted {
+                job_id: job_id.into(),
+                operation: "op".into(),
+                ops_total: 100,
+                submitted_at_ms,
+                collect_results: true,
+                tolerated_failure_percent: 0.0,
+                max_attempts: 1,
+            };
+            let inputs = vec![
+                accept("b", 1),
+                accept("a", 3),
+                accept("e", 3),
+                ReducerInput::Rejected {
+                    job_id: "d".into(),
+                    error: "no such operation".into(),
+                    submitted_at_ms: 2,
+                },
+                // Cancelled before its accept arrived: no submission time.
+                ReducerInput::Cancelled {
+                    job_id: "c".into(),
+                    at_ms: 4,
+                },
+                // A report that overtook its accept: no state, not listed.
+                report("p", 0, 0, 2),
+                report("a", 0, 0, 5),
+                report("a", 1, 5, 10),
+                ReducerInput::Progress {
+                    job_id: "b".into(),
+                    in_flight: 2,
+                    seq: 1,
+                    at_ms: 4,
+                },
+            ];
+            fx.store()
+                .transaction(|tx| fold::apply(tx, inputs, 5))
+                .expect("fold");
+            let mut queries = fx.queries();
+            let ids = |statuses: Vec<JobStatus>| -> Vec<(String, JobState)> {
+                statuses.into_iter().map(|s| (s.job_id, s.state)).collect()
+            };
+            let pairs = |list: &[(&str, JobState)]| -> Vec<(String, JobState)> {
+                list.iter().map(|(id, s)| ((*id).to_owned(), *s)).collect()
+            };
+            assert_eq!(
+                ids(queries.recent_jobs(10).expect("recent")),
+                pairs(&[
+                    ("a", JobState::Running),
+                    ("e", JobState::Accepted),
+                    ("d", JobState::Rejected),
+                    ("b", JobState::Running),
+                    ("c", JobState::Cancelled),
+                ])
+            );
+            assert_eq!(
+                ids(queries.recent_jobs(2).expect("recent")),
+                pairs(&[("a", JobState::Running), ("e", JobState::Accepted)])
+            );
+            let mut active = ids(queries.active_jobs().expect("active"));
+            active.sort_by(|x, y| x.0.cmp(&y.0));
+            assert_eq!(
+                active,
+                pairs(&[
+                    ("a", JobState::Running),
+                    ("b", JobState::Running),
+                    ("e", JobState::Accepted),
+                ])
+            );
+            assert_eq!(
+                queries.jobs_by_state().expect("counts"),
+                vec![
+                    (JobState::Accepted, 1),
+                    (JobState::Cancelled, 1),
+                    (JobState::Rejected, 1),
+                    (JobState::Running, 2),
+                ]
+            );
+            let a = queries.status("a").expect("status").expect("a");
+            assert_eq!(
+                (a.ops_succeeded, a.fragments_done, a.started_at.is_some()),
+                (10, 2, true)
+            );
+            let d = queries.status("d").expect("status").expect("d");
+            assert_eq!(d.error.as_deref(), Some("no such operation"));
+            assert_eq!(queries.status("p").expect("status"), None, "no state yet");
+            assert_eq!(queries.status("nope").expect("status"), None);
+            assert_eq!(queries.tombstone("a").expect("tombstone"), None);
+
+            let page = |from, limit| -> Vec<u64> {
+                fx.queries()
+                    .results("a", from, limit)
+                    .expect("results")
+                    .iter()
+                    .map(|line| match line {
+                        ResultLine::Ok { index, .. } | ResultLine::Err { index, .. } => *index,
+                    })
+                    .collect()
+            };
+            assert_eq!(page(0, 3), vec![0, 1, 2]);
+            assert_eq!(page(3, 4), vec![3, 4, 5, 6]);
+            assert_eq!(page(8, 100), vec![8, 9]);
+            assert_eq!(page(10, 100), Vec::<u64>::new());
+            assert_eq!(
+                fx.queries().results("a", 2, 1).expect("results"),
+                vec![ResultLine::Ok {
+                    index: 2,
+                    result: Value::from(2)
+                }]
+            );
+            let past = fx.queries().results("a", u64::MAX, 1);
+            assert!(past.is_err(), "{past:?}");
+        }
+
+        /// A fragment's first report is what stays, and so is an index's first outcome; an
+        /// error keeps its text exactly, whatever it holds.
+        pub(crate) fn the_first_record_stays<F: Fixture>(fx: &mut F) {
+            let odd = "bad \0 byte, \u{1F600} and 'quotes'".to_owned();
+            let first = RecordedFragment {
+                done: 3,
+                retry: vec![7, 9],
+            };
+            let again = RecordedFragment {
+                done: 1,
+                retry: vec![],
+            };
+            let (errors, recorded) = fx
+                .store()
+                .transaction(|tx| {
+                    let recorded = [
+                        tx.record_fragment("j", 4, &first)?,
+                        tx.record_fragment("j", 4, &again)?,
+                        tx.record_fragment("j", 5, &again)?,
+                    ];
+                    let outcome = |index, result| Outcome { index, result };
+                    tx.put_outcomes(
+                        "j",
+                        &[
+                            outcome(3, Err(odd.clone())),
+                            outcome(1, Ok(Value::from("one"))),
+                            outcome(3, Ok(Value::from(3))),
+                        ],
+                    )?;
+                    tx.put_outcomes(
+                        "j",
+                        &[
+                            outcome(1, Err("late".into())),
+                            outcome(0, Err("zero".into())),
+                            outcome(5, Err("five".into())),
+                        ],
+                    )?;
+                    Ok((tx.first_errors("j", 2)?, recorded))
+                })
+                .expect("recorded");
+            assert_eq!(
+                recorded,
+                [(first.clone(), true), (first.clone(), false), (again, true)]
+            );
+            assert_eq!(errors, vec![(0, "zero".to_owned()), (3, odd.clone())]);
+            let (later, past) = fx
+                .store()
+                .transaction(|tx| {
+                    let later = tx.record_fragment("j", 4, &RecordedFragment::default())?;
+                    let past = tx.record_fragment("j", u64::MAX, &RecordedFragment::default());
+                    Ok((later, past.is_err()))
+                })
+                .expect("read");
+            assert_eq!((later, past), ((first, false), true));
+            assert_eq!(
+                fx.queries().results("j", 0, 10).expect("results"),
+                vec![
+                    ResultLine::Err {
+                        index: 0,
+                        error: "zero".into()
+                    },
+                    ResultLine::Ok {
+                        index: 1,
+                        result: Value::from("one")
+                    },
+                    ResultLine::Err {
+                        index: 3,
+                        error: odd.clone()
+                    },
+                    ResultLine::Err {
+                        index: 5,
+                        error: "five".into()
+                    },
+                ]
+            );
+            // A job's error keeps its text too.
+            let job = JobRecord {
+                error: Some(odd.clone()),
+                state: Some(JobState::Failed),
+                ..JobRecord::placeholder("f")
+            };
+            fx.store().transaction(|tx| tx.put_job(&job)).expect("put");
+            assert_eq!(
+                fx.store().transaction(|tx| tx.job("f")).expect("read"),
+                Some(job)
+            );
+        }
+
+        /// Whether a fragment was recorded before, wherever its number falls: far apart,
+        /// out of order, twice in one transaction, in a later one.
+        pub(crate) fn fragments_are_recorded_once_wherever_they_fall<F: Fixture>(fx: &mut F) {
+            let rec = |done: u32| RecordedFragment {
+                done,
+                retry: vec![u64::from(done) * 10],
+            };
+            let record = |store: &mut F::Store, fragments: &[(u64, u32)]| {
+                store
+                    .transaction(|tx| {
+                        fragments
+                            .iter()
+                            .map(|&(f, done)| {
+                                let (recorded, first) = tx.record_fragment("j", f, &rec(done))?;
+                                Ok((f, recorded.done, first))
+                            })
+                            .collect::<Result<Vec<_>, StoreError>>()
+                    })
+                    .expect("recorded")
+            };
+            let store = fx.store();
+            let first = record(
+                store,
+                &[(4095, 1), (0, 2), (1, 3), (4096, 4), (10_000, 5), (0, 6)],
+            );
+            assert_eq!(
+                first,
+                vec![
+                    (4095, 1, true),
+                    (0, 2, true),
+                    (1, 3, true),
+                    (4096, 4, true),
+                    (10_000, 5, true),
+                    (0, 2, false),
+                ]
+            );
+            let later = record(
+                store,
+                &[
+                    (10_000, 7),
+                    (4096, 7),
+                    (2, 7),
+                    (1, 7),
+                    (2, 8),
+                    (4095, 7),
+                    (9_999, 7),
+                    (1 << 62, 7),
+                ],
+            );
+            assert_eq!(
+                later,
+                vec![
+                    (10_000, 5, false),
+                    (4096, 4, false),
+                    (2, 7, true),
+                    (1, 3, false),
+                    (2, 7, false),
+                    (4095, 1, false),
+                    (9_999, 7, true),
+                    (1 << 62, 7, true),
+                ]
+            );
+            let (again, retry) = store
+                .transaction(|tx| {
+                    let (recorded, first) = tx.record_fragment("j", 2, &rec(9))?;
+                    Ok(((recorded.done, first), recorded.retry))
+                })
+                .expect("again");
+            assert_eq!((again, retry), ((7, false), vec![70]));
+            assert_eq!(fx.rows("fragments", "j"), 8);
+        }
+
+        /// A sealed MetricBatch is published again under its own number until confirmed;
+        /// then the next one gets the next number.
+        pub(crate) fn metric_batches_keep_their_number_until_published<F: Fixture>(fx: &mut F) {
+            let store = fx.store();
+            assert_eq!(
+                store
+                    .transaction(|tx| tx.seal_metric_batch())
+                    .expect("seal"),
+                None
+            );
+            let effects = store
+                .transaction(|tx| {
+                    fold::apply(
+                        tx,
+                        vec![
+                            accepted("m", 100),
+                            report("m", 0, 0, 5),
+                            report("m", 1, 5, 7),
+                        ],
+                        5,
+                    )
+                })
+                .expect("fold");
+            let (seq, sealed) = store
+                .transaction(|tx| tx.seal_metric_batch())
+                .expect("seal")
+                .expect("pending");
+            assert_eq!(sealed, effects.measured, "in the order they were counted");
+            assert_eq!(sealed.len(), 2);
+            // Counted later, within the same transaction as a seal: not in the sealed batch.
+            let (again, late) = store
+                .transaction(|tx| {
+                    let late = fold::apply(tx, vec![report("m", 2, 7, 8)], 6)?;
+                    Ok((tx.seal_metric_batch()?, late))
+                })
+                .expect("seal again");
+            assert_eq!(again, Some((seq, sealed.clone())), "the same batch again");
+            store
+                .transaction(|tx| tx.metric_batch_published(seq))
+                .expect("published");
+            let next = store
+                .transaction(|tx| tx.seal_metric_batch())
+                .expect("seal")
+                .expect("the late one");
+            assert_eq!(next, (seq + 1, late.measured));
+            store
+                .transaction(|tx| tx.metric_batch_published(seq + 1))
+                .expect("published");
+            assert_eq!(
+                store
+                    .transaction(|tx| tx.seal_metric_batch())
+                    .expect("seal"),
+                None
+            );
+            assert_eq!(fx.rows("metrics_pending", "m"), 0);
+        }
     }
 
     #[test]
     fn expiry_deletes_a_finished_job_in_small_batches_and_never_a_running_one() {
-        let (_dir, path, store) = store_with_jobs();
-        let mut pruner = SqlitePruner::open(&path).expect("pruner");
-        assert_eq!(
-            pruner.expired(5, 10).expect("expired"),
-            Vec::<String>::new()
-        );
-        assert_eq!(
-            pruner.expired(6, 10).expect("expired"),
-            vec!["done".to_owned()]
-        );
-        assert_eq!(
-            pruner
-                .bury("running", Removal::Expired, 100, Some(5))
-                .expect("bury"),
-            Burial::StillRunning
-        );
-        assert_eq!(
-            pruner
-                .bury("done", Removal::Expired, 100, Some(5))
-                .expect("bury"),
-            Burial::Buried
-        );
-        // 25 results, 5 fragments, 5 pending measurements: 35 rows, 10 at a time.
-        let mut batches = Vec::new();
-        while let Some(n) = pruner.purge_some(10).expect("purge") {
-            batches.push(n);
-        }
-        assert_eq!(batches, vec![10, 10, 10, 5]);
-        for table in ["results", "fragments", "metrics_pending", "jobs"] {
-            assert_eq!(rows(&store.conn, table, "done"), 0, "{table} of done");
-        }
-        assert_eq!(rows(&store.conn, "results", "running"), 10);
-        assert_eq!(rows(&store.conn, "fragments", "running"), 1);
-        assert_eq!(rows(&store.conn, "metrics_pending", "running"), 1);
+        cases::expiry_deletes_a_finished_job_in_small_batches_and_never_a_running_one(&mut sqlite());
+    }
 
-        let mut queries = SqliteQueries::open(&path).expect("queries");
-        assert_eq!(queries.status("done").expect("status"), None);
-        let stone = queries.tombstone("done").expect("tombstone").expect("kept");
-        assert_eq!(
-            (stone.how, stone.retention.as_deref()),
-            (Removal::Expired, Some("5ms"))
-        );
-        assert!(
-            stone
-                .describe()
-                .starts_with("job done expired (it ended at "),
-            "{}",
-            stone.describe()
-        );
-        assert!(queries.status("running").expect("status").is_some());
-        assert_eq!(
-            pruner
-                .bury("done", Removal::Deleted, 200, None)
-                .expect("again"),
-            Burial::Gone(stone)
-        );
-        assert_eq!(
-            pruner
-                .bury("nope", Removal::Deleted, 200, None)
-                .expect("unknown"),
-            Burial::Unknown
-        );
+    #[test]
+    fn counts_are_stored_exactly_or_not_at_all() {
+        cases::counts_are_stored_exactly_or_not_at_all(&mut sqlite());
+    }
+
+    #[test]
+    fn queries_answer_in_the_same_order() {
+        cases::queries_answer_in_the_same_order(&mut sqlite());
+    }
+
+    #[test]
+    fn the_first_record_stays() {
+        cases::the_first_record_stays(&mut sqlite());
+    }
+
+    #[test]
+    fn fragments_are_recorded_once_wherever_they_fall() {
+        cases::fragments_are_recorded_once_wherever_they_fall(&mut sqlite());
+    }
+
+    #[test]
+    fn metric_batches_keep_their_number_until_published() {
+        cases::metric_batches_keep_their_number_until_published(&mut sqlite());
     }
 
     #[test]
@@ -891,37 +1371,5 @@ mod tests {
             Err(other) => panic!("wrong error: {other}"),
             Ok(_) => panic!("a newer store was opened"),
         }
-    }
-
-    #[test]
-    fn counts_are_stored_exactly_or_not_at_all() {
-        use common::jobspec::MAX_OPS_TOTAL;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mut store = SqliteStore::open(&dir.path().join("r.db")).expect("store");
-        let largest = JobRecord {
-            ops_total: MAX_OPS_TOTAL,
-            ops_succeeded: MAX_OPS_TOTAL - 1,
-            ..JobRecord::placeholder("largest")
-        };
-        store
-            .transaction(|tx| tx.put_job(&largest))
-            .expect("stored");
-        let read = store.transaction(|tx| tx.job("largest")).expect("read");
-        assert_eq!(read, Some(largest));
-
-        // Past SQLite's integer the write fails; it is never clamped to i64::MAX.
-        let past = JobRecord {
-            ops_total: u64::MAX,
-            ..JobRecord::placeholder("past")
-        };
-        let error = store
-            .transaction(|tx| tx.put_job(&past))
-            .expect_err("refused");
-        assert!(
-            error.to_string().contains("18446744073709551615"),
-            "{error}"
-        );
-        let read = store.transaction(|tx| tx.job("past")).expect("read");
-        assert_eq!(read, None, "nothing stored");
     }
 }
