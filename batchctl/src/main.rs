@@ -76,6 +76,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Every splitter and reducer replica heard from, with its role and whether it is the
+    /// active one (with `BATCHQ_DATABASE_URL`, one of each role is; the rest are standbys).
+    Members {
+        #[arg(long)]
+        json: bool,
+    },
     /// Whether the splitter and the reducer are alive and their stores work; exits 1 when
     /// one is not.
     Health {
@@ -189,6 +195,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&workers)?);
             } else {
                 print!("{}", table::workers(&workers));
+            }
+        }
+        Command::Members { json } => {
+            let report = match rpc(&broker, timeout, &Request::Health).await? {
+                Response::Health(report) => report,
+                other => return Err(unexpected(other)),
+            };
+            let members: Vec<_> = report
+                .services
+                .into_iter()
+                .filter(|s| s.instance.is_some())
+                .collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&members)?);
+            } else {
+                print!("{}", table::members(&members));
             }
         }
         Command::Health { json } => {

@@ -200,6 +200,34 @@ pub fn health(report: &HealthReport) -> String {
     out
 }
 
+/// `batchctl members`: one row per splitter or reducer replica.
+pub fn members(members: &[common::health::ServiceHealth]) -> String {
+    let rows: Vec<Vec<String>> = members
+        .iter()
+        .map(|m| {
+            vec![
+                m.role.clone(),
+                m.instance.clone().unwrap_or_else(|| "-".to_owned()),
+                m.host.clone().unwrap_or_else(|| "-".to_owned()),
+                if m.active { "active" } else { "standby" }.to_owned(),
+                m.state.clone(),
+                m.last_heartbeat.clone().unwrap_or_else(|| "-".to_owned()),
+            ]
+        })
+        .collect();
+    render(
+        &[
+            ("ROLE", Align::Left),
+            ("INSTANCE", Align::Left),
+            ("HOST", Align::Left),
+            ("ACTIVE", Align::Left),
+            ("STATE", Align::Left),
+            ("LAST HEARTBEAT", Align::Left),
+        ],
+        &rows,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use common::contract::JobState;

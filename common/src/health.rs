@@ -28,6 +28,14 @@ pub struct ServiceBeat {
     pub interval_ms: u64,
     /// The store fault this process is waiting out, if any.
     pub store_fault: Option<StoreFault>,
+    /// Whether this replica is its role's active one (always, on the embedded store); a
+    /// standby waits for the lease (`BATCHQ_DATABASE_URL`). Absent from older beats: active.
+    #[serde(default = "active_by_default")]
+    pub active: bool,
+}
+
+fn active_by_default() -> bool {
+    true
 }
 
 /// One heartbeat on the heartbeat queue: a worker's or a service's.
@@ -49,6 +57,9 @@ pub struct ServiceHealth {
     pub state: String,
     pub store_fault: Option<StoreFault>,
     pub last_heartbeat: Option<String>,
+    /// Whether this replica is its role's active one.
+    #[serde(default = "active_by_default")]
+    pub active: bool,
 }
 
 impl ServiceHealth {
@@ -60,6 +71,7 @@ impl ServiceHealth {
             state: state_of(beat.store_fault.as_ref()).to_owned(),
             store_fault: beat.store_fault.clone(),
             last_heartbeat: Some(crate::timefmt::format_ms(beat.at_ms)),
+            active: beat.active,
         }
     }
 
@@ -71,6 +83,7 @@ impl ServiceHealth {
             state: "not heard from".to_owned(),
             store_fault: None,
             last_heartbeat: None,
+            active: false,
         }
     }
 
@@ -93,8 +106,13 @@ fn state_of(fault: Option<&StoreFault>) -> &'static str {
     }
 }
 
-/// This process's beat as `role`.
-pub fn beat(role: &str, started_at_ms: i64, health: &StoreHealth) -> ServiceBeat {
+/// This process's name among the replicas: `{host}-{pid}`.
+pub fn instance() -> String {
+    format!("{}-{}", hostname(), std::process::id())
+}
+
+/// This process's beat as `role`, active or standby.
+pub fn beat(role: &str, started_at_ms: i64, health: &StoreHealth, active: bool) -> ServiceBeat {
     let host = hostname();
     let pid = std::process::id();
     ServiceBeat {
@@ -106,6 +124,7 @@ pub fn beat(role: &str, started_at_ms: i64, health: &StoreHealth) -> ServiceBeat
         at_ms: crate::timefmt::now_ms(),
         interval_ms: SERVICE_BEAT_INTERVAL.as_millis() as u64,
         store_fault: health.fault(),
+        active,
     }
 }
 
@@ -117,6 +136,7 @@ pub async fn send_beats(
     names: &Names,
     role: &str,
     health: &StoreHealth,
+    active: bool,
     stop: &CancellationToken,
 ) -> Result<(), crate::broker::BrokerError> {
     let started_at_ms = crate::timefmt::now_ms();
@@ -126,7 +146,7 @@ pub async fn send_beats(
             _ = stop.cancelled() => return Ok(()),
             _ = tick.tick() => {}
         }
-        let body = serde_json::to_vec(&beat(role, started_at_ms, health))?;
+        let body = serde_json::to_vec(&beat(role, started_at_ms, health, active))?;
         let pending = publisher
             .start(
                 &names.events(),
@@ -161,12 +181,19 @@ mod tests {
 
     #[test]
     fn a_worker_heartbeat_and_a_service_beat_are_told_apart() {
-        let service = beat("splitter", 1, &StoreHealth::default());
+        let service = beat("splitter", 1, &StoreHealth::default(), false);
         let text = serde_json::to_string(&service).expect("encodes");
         assert_eq!(
             serde_json::from_str::<AnyBeat>(&text).expect("decodes"),
-            AnyBeat::Service(service)
+            AnyBeat::Service(service.clone())
         );
+        // A beat from before standbys existed came from the only, active, replica.
+        let mut old: serde_json::Value = serde_json::from_str(&text).expect("json");
+        old.as_object_mut().expect("an object").remove("active");
+        match serde_json::from_value::<AnyBeat>(old).expect("decodes") {
+            AnyBeat::Service(beat) => assert!(beat.active, "{beat:?}"),
+            other => panic!("a service beat, not {other:?}"),
+        }
         let worker = crate::wire::Heartbeat {
             worker: "w".into(),
             host: "h".into(),

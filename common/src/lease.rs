@@ -4,9 +4,10 @@
 //! The row `batchq_lease(role, holder, token, expires_at)` in the component's schema says who
 //! is active and until when, by the database's clock (replicas' clocks never matter):
 //!
-//! - **Acquire**: a standby locks the row (`FOR UPDATE`) every [`CAMPAIGN_EVERY`]; when the
-//!   lease has expired (or was handed back), it writes itself as holder, bumps `token` and
-//!   sets `expires_at = now() + ttl`. The new token is its **fence**.
+//! - **Acquire**: a standby looks at the row every [`CAMPAIGN_EVERY`], without a lock; when
+//!   the lease has expired (or was handed back), it locks the row (`FOR UPDATE`), checks
+//!   again, writes itself as holder, bumps `token` and sets `expires_at = now() + ttl`. The
+//!   new token is its **fence**.
 //! - **Renew**: the holder moves `expires_at` on every [`RENEW_EVERY`], only where holder and
 //!   token are still its own. A renewal that finds neither means another replica took over:
 //!   it steps down at once. A holder that cannot renew (the database unreachable) steps down
@@ -135,6 +136,18 @@ impl Elector {
     /// Takes the lease if it is free or expired. One short transaction.
     pub async fn try_acquire(&self) -> Result<Option<Fence>, StoreError> {
         let mut client = self.db.client().await?;
+        // A look without a lock first: while the lease is held, a standby's try must not
+        // queue a `FOR UPDATE` before the active replica's share locks every 250 ms.
+        let held = client
+            .query_opt(
+                "SELECT holder IS NOT NULL AND expires_at > now() AND holder <> $2
+                 FROM batchq_lease WHERE role = $1",
+                &[&self.role, &self.holder],
+            )
+            .await?;
+        if held.is_some_and(|row| row.get::<_, bool>(0)) {
+            return Ok(None);
+        }
         let tx = client.transaction().await?;
         tx.execute(
             "INSERT INTO batchq_lease (role) VALUES ($1) ON CONFLICT (role) DO NOTHING",

@@ -14,6 +14,7 @@ pub mod measure;
 pub mod migrate;
 pub mod pg;
 pub mod retention;
+pub mod role;
 pub mod rpc;
 pub mod service;
 pub mod shutdown;
@@ -28,7 +29,8 @@ pub use deadpool_lapin::lapin;
 
 /// Sets up `tracing` output on stderr, filtered by `RUST_LOG` (default `info`). lapin's own
 /// lines are off unless `RUST_LOG` names lapin: it logs an ERROR for every failed attempt,
-/// where the supervisor reports each cause once, with the URL.
+/// where the supervisor reports each cause once, with the URL. refinery's and
+/// tokio-postgres's are at WARN unless named.
 pub fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let mut directives = std::env::var("RUST_LOG")
@@ -37,6 +39,13 @@ pub fn init_logging() {
         .unwrap_or_else(|| "info".to_owned());
     if !directives.contains("lapin") {
         directives.push_str(",lapin=off");
+    }
+    // The PostgreSQL store's libraries: their INFO lines (each migration batch, every server
+    // NOTICE) say nothing batchq does not say itself.
+    for library in ["refinery_core", "tokio_postgres"] {
+        if !directives.contains(library) {
+            directives.push_str(&format!(",{library}=warn"));
+        }
     }
     let filter = EnvFilter::new(directives);
     let _ = tracing_subscriber::fmt()

@@ -3,6 +3,7 @@
 //! broker.
 
 pub mod aggregate;
+pub mod backend;
 pub mod fold;
 pub mod monitor;
 pub mod pg_store;
@@ -31,7 +32,8 @@ use common::wire::{Fragment, FragmentReport, Heartbeat, ReducerInput, encode_spl
 use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{ReducerQueries, ReducerStore, SqliteQueries, SqliteStore, StoreError};
+use crate::backend::{Place, Queries, Store};
+use crate::store::{ReducerQueries, ReducerStore, StoreError};
 
 /// Settings of the reducer.
 #[derive(Debug, Clone, Args)]
@@ -78,6 +80,11 @@ pub struct ReducerConfig {
         value_parser = Retention::parse
     )]
     pub retention: Retention,
+
+    /// `postgres://user@host:port/db`: keep the state in PostgreSQL instead of the embedded
+    /// store; then any number of reducer replicas may run, one active at a time.
+    #[arg(long = "database-url", env = "BATCHQ_DATABASE_URL")]
+    pub database_url: Option<String>,
 }
 
 impl ReducerConfig {
@@ -89,6 +96,7 @@ impl ReducerConfig {
             metrics_interval_ms: 10_000,
             finished_job_series_secs: 300,
             retention: Retention::DEFAULT,
+            database_url: None,
         }
     }
 
@@ -113,13 +121,13 @@ pub type WorkerTable = Arc<Mutex<HashMap<String, (Heartbeat, i64)>>>;
 pub type ServiceTable = Arc<Mutex<HashMap<String, (ServiceBeat, i64)>>>;
 
 struct Shared {
-    store: Arc<Mutex<SqliteStore>>,
+    store: Arc<Mutex<Store>>,
     /// The read-only connection of the fold loop's status ticks and the queue poller, opened
     /// on first use.
-    queries: Mutex<Option<SqliteQueries>>,
+    queries: Mutex<Option<Queries>>,
     /// The store fault being waited out, if any, for `batchctl health`.
     health: StoreHealth,
-    path: PathBuf,
+    place: Place,
     workers: WorkerTable,
     services: ServiceTable,
     started_at_ms: i64,
@@ -136,10 +144,8 @@ impl Shared {
         R: Send + 'static,
         F: FnOnce(&mut dyn store::ReducerTx) -> Result<R, StoreError> + Send + 'static,
     {
-        common::store::blocking_locked(&self.store, move |store: &mut SqliteStore| {
-            store.transaction(f)
-        })
-        .await
+        common::store::blocking_locked(&self.store, move |store: &mut Store| store.transaction(f))
+            .await
     }
 
     /// Runs the transaction `make()` builds, building it afresh and trying again while the
@@ -169,7 +175,7 @@ impl Shared {
     ) -> Result<R, StoreError>
     where
         R: Send + 'static,
-        F: Fn(&mut SqliteQueries) -> Result<R, StoreError> + Clone + Send + 'static,
+        F: Fn(&mut Queries) -> Result<R, StoreError> + Clone + Send + 'static,
     {
         common::store::retry("reducer", task, &self.health, stop, || {
             let shared = Arc::clone(self);
@@ -177,7 +183,7 @@ impl Shared {
             common::store::blocking(move || {
                 let mut queries = shared.queries.lock().unwrap_or_else(|p| p.into_inner());
                 if queries.is_none() {
-                    *queries = Some(SqliteQueries::open(&shared.path)?);
+                    *queries = Some(shared.place.queries()?);
                 }
                 match queries.as_mut() {
                     Some(q) => f(q),
@@ -192,9 +198,10 @@ impl Shared {
 /// How often the queue gauges are refreshed.
 const QUEUE_POLL_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Runs the reducer until `shutdown` fires (or a fault that reconnecting cannot mend).
+/// Runs the reducer until `shutdown` fires (or a fault that reconnecting cannot mend): alone
+/// on the embedded store, or as one replica of several on PostgreSQL, active while it holds
+/// the lease (see [`common::role::lead`]).
 pub async fn run(config: ReducerConfig, shutdown: CancellationToken) -> Result<(), ReducerError> {
-    let path = config.store_path();
     let prometheus = config.metrics_addr != "off" && !config.metrics_addr.is_empty();
     if prometheus {
         monitor::install(
@@ -202,13 +209,54 @@ pub async fn run(config: ReducerConfig, shutdown: CancellationToken) -> Result<(
             Duration::from_secs(config.finished_job_series_secs),
         )?;
     }
-    let store = SqliteStore::open(&path)?;
-    let pruning = retention::Pruning::open(&path, config.retention)?;
+    let broker = Broker::new(&config.broker, "batchq-reducer")?;
+    let namespace = &config.broker.namespace;
+    let outcome = match &config.database_url {
+        None => {
+            let place = Place::Sqlite(config.store_path());
+            tracing::info!(store = %place.describe(), %namespace, retention = %config.retention, "reducer starting");
+            common::role::set_leader("reducer", true);
+            run_active(&broker, place, &config, prometheus, &shutdown).await
+        }
+        Some(url) => {
+            let (db, elector) = common::role::postgres(
+                url,
+                namespace,
+                "reducer",
+                pg_store::PG_MIGRATIONS,
+                &shutdown,
+            )
+            .await?;
+            tracing::info!(schema = db.schema(), %namespace, replica = elector.holder(), retention = %config.retention, "reducer starting");
+            common::role::lead(&elector, &broker, &shutdown, |fence, stop| {
+                let place = Place::Pg(db.clone(), fence);
+                let (broker, config) = (&broker, &config);
+                async move { run_active(broker, place, config, prometheus, &stop).await }
+            })
+            .await
+        }
+    };
+    outcome?;
+    tracing::info!("reducer stopped");
+    Ok(())
+}
+
+/// The reducer's work while it is the active one: until `shutdown` (or, on PostgreSQL, until
+/// it loses the lease).
+async fn run_active(
+    broker: &Broker,
+    place: Place,
+    config: &ReducerConfig,
+    prometheus: bool,
+    shutdown: &CancellationToken,
+) -> Result<(), ReducerError> {
+    let store = place.store()?;
+    let pruning = retention::Pruning::new(place.pruner()?, config.retention);
     let shared = Arc::new(Shared {
         store: Arc::new(Mutex::new(store)),
         queries: Mutex::new(None),
         health: StoreHealth::default(),
-        path: path.clone(),
+        place,
         workers: WorkerTable::default(),
         services: ServiceTable::default(),
         started_at_ms: common::timefmt::now_ms(),
@@ -216,18 +264,11 @@ pub async fn run(config: ReducerConfig, shutdown: CancellationToken) -> Result<(
         prometheus,
         metrics_interval: Duration::from_millis(config.metrics_interval_ms),
     });
-    let broker = Broker::new(&config.broker, "batchq-reducer")?;
-    tracing::info!(store = %path.display(), namespace = %config.broker.namespace, retention = %config.retention, "reducer starting");
     let pruning_task = tokio::spawn(pruning.run(shutdown.clone()));
-    let outcome = supervise("reducer", &shutdown, || {
-        session(&broker, &shared, &shutdown)
-    })
-    .await;
+    let outcome = supervise("reducer", shutdown, || session(broker, &shared, shutdown)).await;
     // The sweep ends with the shutdown; after a fault it is stopped here.
     pruning_task.abort();
-    outcome?;
-    tracing::info!("reducer stopped");
-    Ok(())
+    outcome
 }
 
 async fn session(
@@ -242,7 +283,7 @@ async fn session(
     let stop = shutdown.child_token();
     let result = tokio::select! {
         r = fold_events(&session, &names, &publisher, shared, &stop) => r,
-        r = rpc::serve(&session, &names, shared.path.clone(), rpc::Tables { workers: Arc::clone(&shared.workers), services: Arc::clone(&shared.services), health: shared.health.clone(), started_at_ms: shared.started_at_ms, pruning: shared.pruning.clone() }, &stop) => r,
+        r = rpc::serve(&session, &names, shared.place.clone(), rpc::Tables { workers: Arc::clone(&shared.workers), services: Arc::clone(&shared.services), health: shared.health.clone(), started_at_ms: shared.started_at_ms, pruning: shared.pruning.clone() }, &stop) => r,
         r = track_heartbeats(&session, &names, shared, &stop) => r,
         r = poll_queues(&session, &names, shared, &stop) => r,
     };

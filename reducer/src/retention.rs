@@ -6,7 +6,6 @@
 //! at most [`ROWS_PER_TRANSACTION`] rows, yielding between them: SQLite has one writer, and
 //! a commit of the fold loop waits (busy_timeout) at most one such transaction.
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +16,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::ReducerError;
-use crate::store::{Burial, SqlitePruner};
+use crate::backend::Pruner;
+use crate::store::Burial;
 
 /// How often finished jobs are looked for.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(2);
@@ -31,26 +31,27 @@ const JOBS_PER_ROUND: u32 = 100;
 /// The reducer's deleting of finished jobs, shared by its sweep task and the RPC's `delete`.
 #[derive(Clone)]
 pub struct Pruning {
-    pruner: Arc<Mutex<SqlitePruner>>,
+    pruner: Arc<Mutex<Pruner>>,
     /// Wakes the sweep task to purge a job `batchctl delete` just buried.
     wake: Arc<Notify>,
     retention: Retention,
 }
 
 impl Pruning {
-    /// Opens its connection to the store at `path` (created and migrated already).
-    pub fn open(path: &Path, retention: Retention) -> Result<Self, ReducerError> {
-        Ok(Self {
-            pruner: Arc::new(Mutex::new(SqlitePruner::open(path)?)),
+    /// Works through `pruner`, a connection of its own to the store (created and migrated
+    /// already).
+    pub fn new(pruner: Pruner, retention: Retention) -> Self {
+        Self {
+            pruner: Arc::new(Mutex::new(pruner)),
             wake: Arc::new(Notify::new()),
             retention,
-        })
+        }
     }
 
     /// Runs `f` on the pruner's connection on the blocking pool.
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut SqlitePruner) -> Result<T, crate::store::StoreError> + Send + 'static,
+        f: impl FnOnce(&mut Pruner) -> Result<T, crate::store::StoreError> + Send + 'static,
     ) -> Result<T, ReducerError> {
         Ok(common::store::blocking_locked(&self.pruner, f).await?)
     }

@@ -1,8 +1,6 @@
 //! Answers to `batchctl` over the broker: requests through the `{ns}.rpc` exchange, replies through RabbitMQ's
 //! direct reply-to, so `batchctl` works from any host that reaches the broker.
 
-use std::path::PathBuf;
-
 use common::broker::{BrokerError, Session, transient_json_properties};
 use common::consume::{ack_batch, consume, next_batch};
 use common::health::{HealthReport, ServiceHealth};
@@ -13,8 +11,9 @@ use common::topology::Names;
 use common::wire::{Request, Response, ResultsPage, WorkerInfo};
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::{Place, Queries};
 use crate::retention::Pruning;
-use crate::store::{Burial, ReducerQueries, SqliteQueries, StoreError};
+use crate::store::{Burial, ReducerQueries, StoreError};
 use crate::{ReducerError, ServiceTable, WorkerTable};
 
 /// Most results in one reply.
@@ -23,7 +22,7 @@ pub const MAX_RESULTS_PAGE: u32 = 5000;
 pub async fn serve(
     session: &Session,
     names: &Names,
-    store_path: PathBuf,
+    place: Place,
     tables: Tables,
     stop: &CancellationToken,
 ) -> Result<(), ReducerError> {
@@ -44,7 +43,7 @@ pub async fn serve(
     )
     .await?;
     let mut consumer = consume(&channel, queue.as_str(), "reducer-rpc").await?;
-    let mut queries = Some(SqliteQueries::open(&store_path)?);
+    let mut queries = Some(place.queries()?);
     while let Some(batch) = next_batch(&mut consumer, 16, stop).await? {
         for delivery in &batch {
             let Some(reply_to) = delivery.properties.reply_to().clone() else {
@@ -53,7 +52,7 @@ pub async fn serve(
             };
             let response = match serde_json::from_slice::<Request>(&delivery.data) {
                 Ok(request) => {
-                    // SQLite reads block: they run on the blocking pool, as the writes do,
+                    // Store reads block: they run on the blocking pool, as the writes do,
                     // taking the connection along and handing it back.
                     let mut taken = queries
                         .take()
@@ -104,7 +103,7 @@ pub struct Tables {
     pub pruning: Pruning,
 }
 
-fn answer(queries: &mut SqliteQueries, tables: &Tables, request: Request) -> Response {
+fn answer(queries: &mut Queries, tables: &Tables, request: Request) -> Response {
     let result = match request {
         Request::Status { job_id } => match queries.status(&job_id) {
             Ok(Some(status)) => Ok(Response::Status(status)),
@@ -154,7 +153,7 @@ fn answer(queries: &mut SqliteQueries, tables: &Tables, request: Request) -> Res
 
 /// The answer for a job without a status: what is left of it if it was deleted, or else
 /// that it is unknown.
-fn missing(queries: &mut SqliteQueries, job_id: String) -> Result<Response, StoreError> {
+fn missing(queries: &mut Queries, job_id: String) -> Result<Response, StoreError> {
     Ok(match queries.tombstone(&job_id)? {
         Some(tombstone) => Response::Gone(tombstone),
         None => Response::NotFound { job_id },
@@ -184,28 +183,35 @@ fn live_workers(workers: &WorkerTable) -> Vec<WorkerInfo> {
     live
 }
 
-/// The reducer's own state (it answers, so it is alive), each splitter heard from within
-/// three beats (or that none was), and how many workers are live.
+/// The reducer's own state (it answers, so it is alive and active), every other replica heard
+/// from within three beats (splitters, and standby reducers with `BATCHQ_DATABASE_URL`), and
+/// how many workers are live. A role with no active replica heard from is listed as missing.
 fn health(tables: &Tables) -> HealthReport {
     let now = now_ms();
     let mut services = vec![ServiceHealth::from_beat(&common::health::beat(
         "reducer",
         tables.started_at_ms,
         &tables.health,
+        true,
     ))];
-    let mut splitters: Vec<ServiceHealth> = {
+    // This process's own beats from a time it was a standby are not listed twice.
+    let me = services[0].instance.clone();
+    let mut others: Vec<ServiceHealth> = {
         let mut table = tables.services.lock().unwrap_or_else(|p| p.into_inner());
         table.retain(|_, (beat, seen)| now - *seen <= 3 * beat.interval_ms as i64);
         table
             .values()
+            .filter(|(beat, _)| me.as_deref() != Some(beat.instance.as_str()))
             .map(|(beat, _)| ServiceHealth::from_beat(beat))
             .collect()
     };
-    splitters.sort_by(|a, b| a.instance.cmp(&b.instance));
-    if splitters.is_empty() {
-        splitters.push(ServiceHealth::missing("splitter"));
+    // Active replicas first, then by role and instance.
+    others
+        .sort_by(|a, b| (&a.role, !a.active, &a.instance).cmp(&(&b.role, !b.active, &b.instance)));
+    if !others.iter().any(|s| s.role == "splitter" && s.active) {
+        others.insert(0, ServiceHealth::missing("splitter"));
     }
-    services.extend(splitters);
+    services.extend(others);
     HealthReport {
         services,
         workers_live: live_workers(&tables.workers).len() as u64,

@@ -2,6 +2,7 @@
 //! its `max_concurrent_fragments` window, releasing the next fragment when the reducer
 //! settles one.
 
+pub mod backend;
 pub mod intake;
 pub mod outbox;
 pub mod pg_store;
@@ -26,7 +27,8 @@ use futures::FutureExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{SplitterStore, SqliteStore, StoreError};
+use crate::backend::{Pruner, Store};
+use crate::store::{SplitterStore, SqlitePruner, SqliteStore, StoreError};
 use crate::window::{Command, DeadCopy, apply};
 
 /// Settings of the splitter.
@@ -61,6 +63,11 @@ pub struct SplitterConfig {
         value_parser = Retention::parse
     )]
     pub retention: Retention,
+
+    /// `postgres://user@host:port/db`: keep the state in PostgreSQL instead of the embedded
+    /// store; then any number of splitter replicas may run, one active at a time.
+    #[arg(long = "database-url", env = "BATCHQ_DATABASE_URL")]
+    pub database_url: Option<String>,
 }
 
 impl SplitterConfig {
@@ -72,6 +79,7 @@ impl SplitterConfig {
             metrics_addr: None,
             consumer_timeout_ms: ParseLimits::default().consumer_timeout_ms,
             retention: Retention::DEFAULT,
+            database_url: None,
         }
     }
 
@@ -89,12 +97,12 @@ pub type SplitterError = common::service::ServiceError;
 /// they are waiting out.
 #[derive(Clone)]
 pub(crate) struct SharedStore {
-    store: Arc<Mutex<SqliteStore>>,
+    store: Arc<Mutex<Store>>,
     pub(crate) health: StoreHealth,
 }
 
 impl SharedStore {
-    fn new(store: SqliteStore) -> Self {
+    fn new(store: Store) -> Self {
         Self {
             store: Arc::new(Mutex::new(store)),
             health: StoreHealth::default(),
@@ -106,7 +114,7 @@ impl SharedStore {
     async fn once<R, F>(&self, f: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
-        F: FnOnce(&mut SqliteStore) -> Result<R, StoreError> + Send + 'static,
+        F: FnOnce(&mut Store) -> Result<R, StoreError> + Send + 'static,
     {
         common::store::blocking_locked(&self.store, f).await
     }
@@ -122,7 +130,7 @@ impl SharedStore {
     ) -> Result<R, StoreError>
     where
         R: Send + 'static,
-        F: FnOnce(&mut SqliteStore) -> Result<R, StoreError> + Send + 'static,
+        F: FnOnce(&mut Store) -> Result<R, StoreError> + Send + 'static,
     {
         common::store::retry("splitter", task, &self.health, stop, || self.once(make())).await
     }
@@ -133,11 +141,10 @@ const BATCH: usize = 256;
 /// Most settlements applied in one transaction.
 const COMMANDS_PER_COMMIT: usize = 1024;
 
-/// Runs the splitter until `shutdown` fires (or a fault that reconnecting cannot mend).
+/// Runs the splitter until `shutdown` fires (or a fault that reconnecting cannot mend): alone
+/// on the embedded store, or as one replica of several on PostgreSQL, active while it holds
+/// the lease (see [`common::role::lead`]).
 pub async fn run(config: SplitterConfig, shutdown: CancellationToken) -> Result<(), SplitterError> {
-    let path = config.store_path();
-    let store = SharedStore::new(SqliteStore::open(&path)?);
-    let pruning = retention::Pruning::open(&path, config.retention)?;
     common::telemetry::serve_prometheus(config.metrics_addr.as_deref())
         .map_err(SplitterError::Metrics)?;
     let broker = Broker::new(&config.broker, "batchq-splitter")?;
@@ -145,18 +152,61 @@ pub async fn run(config: SplitterConfig, shutdown: CancellationToken) -> Result<
         max_message_bytes: config.max_message_bytes,
         consumer_timeout_ms: config.consumer_timeout_ms,
     };
-    tracing::info!(store = %path.display(), namespace = %config.broker.namespace, "splitter starting");
+    let namespace = &config.broker.namespace;
+    let outcome = match &config.database_url {
+        None => {
+            let path = config.store_path();
+            let store = Store::Sqlite(SqliteStore::open(&path)?);
+            let pruner = Pruner::Sqlite(SqlitePruner::open(&path)?);
+            tracing::info!(store = %path.display(), %namespace, "splitter starting");
+            common::role::set_leader("splitter", true);
+            run_active(&broker, store, pruner, &config, limits, &shutdown).await
+        }
+        Some(url) => {
+            let (db, elector) = common::role::postgres(
+                url,
+                namespace,
+                "splitter",
+                pg_store::PG_MIGRATIONS,
+                &shutdown,
+            )
+            .await?;
+            tracing::info!(schema = db.schema(), %namespace, replica = elector.holder(), "splitter starting");
+            common::role::lead(&elector, &broker, &shutdown, |fence, stop| {
+                let store = Store::Pg(pg_store::PgStore::new(db.clone(), Some(fence.clone())));
+                let pruner = Pruner::Pg(pg_store::PgPruner::new(db.clone(), Some(fence)));
+                let (broker, config) = (&broker, &config);
+                async move { run_active(broker, store, pruner, config, limits, &stop).await }
+            })
+            .await
+        }
+    };
+    outcome?;
+    tracing::info!("splitter stopped");
+    Ok(())
+}
+
+/// The splitter's work while it is the active one: until `shutdown` (or, on PostgreSQL, until
+/// it loses the lease).
+async fn run_active(
+    broker: &Broker,
+    store: Store,
+    pruner: Pruner,
+    config: &SplitterConfig,
+    limits: ParseLimits,
+    shutdown: &CancellationToken,
+) -> Result<(), SplitterError> {
+    let store = SharedStore::new(store);
+    let pruning = retention::Pruning::new(pruner, config.retention);
     let outbox_ready = Arc::new(Notify::new());
     let pruning_task = tokio::spawn(pruning.run(shutdown.clone()));
-    let outcome = supervise("splitter", &shutdown, || {
-        session(&broker, &store, &outbox_ready, limits, &shutdown)
+    let outcome = supervise("splitter", shutdown, || {
+        session(broker, &store, &outbox_ready, limits, shutdown)
     })
     .await;
     // The sweep ends with the shutdown; after a fault it is stopped here.
     pruning_task.abort();
-    outcome?;
-    tracing::info!("splitter stopped");
-    Ok(())
+    outcome
 }
 
 async fn session(
@@ -176,7 +226,7 @@ async fn session(
         r = intake_jobs(&session, broker.names(), store, outbox_ready, limits, &stop) => r,
         r = intake_settled(&session, broker.names(), store, outbox_ready, &stop) => r,
         r = outbox::pump(broker, &publisher, store, outbox_ready, &stop) => r,
-        r = common::health::send_beats(&publisher, broker.names(), "splitter", &store.health, &stop) => r.map_err(SplitterError::from),
+        r = common::health::send_beats(&publisher, broker.names(), "splitter", &store.health, true, &stop) => r.map_err(SplitterError::from),
     };
     stop.cancel();
     // A store fault still being waited out when the splitter was told to stop: its messages
@@ -203,7 +253,7 @@ async fn commit(
         .run(stop, task, || {
             let names = names.clone();
             let commands = make();
-            move |store: &mut SqliteStore| store.transaction(|tx| apply(tx, &names, commands))
+            move |store: &mut Store| store.transaction(|tx| apply(tx, &names, commands))
         })
         .await?;
     outbox_ready.notify_one();

@@ -11,7 +11,8 @@ use common::topology::declare_work_queue;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{OutboxMessage, SplitterStore, SqliteStore, StoreError};
+use crate::backend::Store;
+use crate::store::{OutboxMessage, SplitterStore, StoreError};
 use crate::{SharedStore, SplitterError};
 
 /// Outbox messages published per round of confirms.
@@ -29,7 +30,7 @@ pub(crate) async fn pump(
     let mut declared_work_queues = HashSet::new();
     loop {
         let round = store
-            .run(stop, "outbox", || |s: &mut SqliteStore| s.outbox(ROUND))
+            .run(stop, "outbox", || |s: &mut Store| s.outbox(ROUND))
             .await?;
         let Some(last_seq) = round.last().map(|m| m.seq) else {
             tokio::select! {
@@ -42,7 +43,7 @@ pub(crate) async fn pump(
         metrics::counter!("batchq_splitter_messages_published_total").increment(round_len);
         store
             .run(stop, "outbox", || {
-                move |s: &mut SqliteStore| s.outbox_confirmed(last_seq)
+                move |s: &mut Store| s.outbox_confirmed(last_seq)
             })
             .await?;
     }

@@ -7,7 +7,6 @@
 //! [`ROWS_PER_TRANSACTION`] rows, pausing between them: a commit of the intake waits
 //! (busy_timeout) at most one such transaction.
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,7 +15,8 @@ use common::timefmt::now_ms;
 use tokio_util::sync::CancellationToken;
 
 use crate::SplitterError;
-use crate::store::{SqlitePruner, StoreError};
+use crate::backend::Pruner;
+use crate::store::StoreError;
 
 /// How often ended jobs are looked for.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(2);
@@ -30,22 +30,23 @@ const PAUSE_BETWEEN_TRANSACTIONS: Duration = Duration::from_millis(10);
 
 /// The splitter's deleting of ended jobs.
 pub struct Pruning {
-    pruner: Arc<Mutex<SqlitePruner>>,
+    pruner: Arc<Mutex<Pruner>>,
     retention: Retention,
 }
 
 impl Pruning {
-    /// Opens its connection to the store at `path` (created and migrated already).
-    pub fn open(path: &Path, retention: Retention) -> Result<Self, SplitterError> {
-        Ok(Self {
-            pruner: Arc::new(Mutex::new(SqlitePruner::open(path)?)),
+    /// Works through `pruner`, a connection of its own to the store (created and migrated
+    /// already).
+    pub fn new(pruner: Pruner, retention: Retention) -> Self {
+        Self {
+            pruner: Arc::new(Mutex::new(pruner)),
             retention,
-        })
+        }
     }
 
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut SqlitePruner) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&mut Pruner) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, SplitterError> {
         Ok(common::store::blocking_locked(&self.pruner, f).await?)
     }

@@ -40,6 +40,7 @@ use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 
 pub mod cluster;
+pub mod ha;
 pub mod postgres;
 pub mod rabbit_node;
 pub use cluster::RabbitCluster;
@@ -415,13 +416,22 @@ impl TestEnv {
     /// [`TestEnv::new`] whose splitters and reducers keep their state in a PostgreSQL database
     /// of the test's own, whatever the test executable: for tests of standby replicas, which
     /// only PostgreSQL allows.
-    pub async fn postgres(test: &str) -> Result<Self> {
-        Self::with_store(test, &amqp_url(), None, StoreMode::Postgres).await
+    ///
+    /// `None` (the test is skipped, and says so on stderr) when PostgreSQL does not answer and
+    /// the run does not require it (see [`postgres::skip_without_postgres`]); `.ci/run`
+    /// requires it.
+    pub async fn postgres(test: &str) -> Result<Option<Self>> {
+        Self::postgres_with_url(test, &amqp_url()).await
     }
 
     /// [`TestEnv::postgres`] on another broker (a private node, a cluster's URLs).
-    pub async fn postgres_with_url(test: &str, url: &str) -> Result<Self> {
-        Self::with_store(test, url, None, StoreMode::Postgres).await
+    pub async fn postgres_with_url(test: &str, url: &str) -> Result<Option<Self>> {
+        if postgres::skip_without_postgres(test).await? {
+            return Ok(None);
+        }
+        Ok(Some(
+            Self::with_store(test, url, None, StoreMode::Postgres).await?,
+        ))
     }
 
     /// [`TestEnv::with_tls`] with the store chosen by the test rather than by
@@ -434,6 +444,14 @@ impl TestEnv {
         tls_ca_file: Option<&Path>,
         store: StoreMode,
     ) -> Result<Self> {
+        // A PostgreSQL suite (`*_pg.rs`) on a machine without PostgreSQL, not required: the
+        // same tests on SQLite, said loudly, rather than a failure of the whole suite.
+        let store = match store {
+            StoreMode::Postgres if postgres::skip_without_postgres(test).await? => {
+                StoreMode::Sqlite
+            }
+            other => other,
+        };
         let database = match store {
             StoreMode::Sqlite => None,
             StoreMode::Postgres => Some(

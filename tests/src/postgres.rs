@@ -79,6 +79,36 @@ pub fn exe_stem_says_postgres(stem: &str) -> bool {
     name.ends_with("_pg")
 }
 
+/// Whether a test that wants PostgreSQL goes without it: `true` (after a line on stderr) when
+/// the server does not answer and `BATCHQ_TEST_REQUIRE_POSTGRES` is unset; an error when it
+/// does not answer and the run requires it (`.ci/run` does), so CI never skips one.
+pub async fn skip_without_postgres(test: &str) -> Result<bool> {
+    let server = test_postgres_url();
+    let answered = tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio_postgres::connect(&server, tokio_postgres::NoTls),
+    )
+    .await;
+    let error = match answered {
+        Ok(Ok((_client, _connection))) => return Ok(false),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "no answer within 3 s".to_owned(),
+    };
+    let required = std::env::var("BATCHQ_TEST_REQUIRE_POSTGRES")
+        .is_ok_and(|v| !v.trim().is_empty() && v.trim() != "0");
+    if required {
+        bail!(
+            "PostgreSQL ({server}) does not answer ({error}), and BATCHQ_TEST_REQUIRE_POSTGRES is set"
+        );
+    }
+    eprintln!(
+        "SKIPPED on PostgreSQL: test {test}: PostgreSQL ({server}) does not answer ({error}); \
+         the PostgreSQL suites run on SQLite and the standby tests are skipped. Start PostgreSQL \
+         (or set BATCHQ_TEST_POSTGRES_URL) to run them; BATCHQ_TEST_REQUIRE_POSTGRES=1 fails instead."
+    );
+    Ok(true)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Databases
 

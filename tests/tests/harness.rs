@@ -110,7 +110,9 @@ async fn sqlite_replicas_get_data_dirs_of_their_own_and_no_database() -> Result<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_replicas_share_a_database_of_the_test_dropped_at_the_end() -> Result<()> {
-    let mut env = TestEnv::postgres("harness-pg").await?;
+    let Some(mut env) = TestEnv::postgres("harness-pg").await? else {
+        return Ok(());
+    };
     assert_eq!(env.store_mode(), StoreMode::Postgres);
     let url = env.database_url().context("a database URL")?.to_owned();
     let name = env.database().context("a database")?.name().to_owned();
