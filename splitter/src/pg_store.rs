@@ -6,9 +6,17 @@
 //! the fragments and outbox messages a transaction produces are kept in memory and written
 //! together (`INSERT .. SELECT .. FROM UNNEST(..)`) before the transaction commits, or before a
 //! statement that could see them runs; a job's items go in with `COPY .. FROM STDIN BINARY`.
-//! The one visible difference is when such a deferred row fails (a fragment number used
-//! twice): the transaction fails at its end instead of at the call, and commits nothing
-//! either way.
+//! Reads are batched the same way: from a job's second settlement in one transaction, its
+//! fragments still out are read at once and the settled ones deleted together at the end; from
+//! its second read of items, the next [`ITEMS_AHEAD`] items are read at once. The one visible
+//! difference is when a deferred row fails (a fragment number used twice): the transaction
+//! fails at its end instead of at the call, and commits nothing either way.
+//!
+//! Errors: where SQLite fails a statement and lets the transaction go on (a job id inserted
+//! twice), this store checks first and returns [`StoreError::Corrupt`] without failing a
+//! statement, since an error of PostgreSQL's aborts the whole transaction. A value past
+//! `i64::MAX` is an error before any statement, as SQLite's binding fails. A text with a NUL
+//! character (which TEXT cannot hold, and no stored id has) is looked up as absent.
 //!
 //! Every write transaction is fenced ([`common::lease::Fence`]): a replica that lost the
 //! splitter's lease commits nothing. The outbox's `seq` is assigned when the rows are written
