@@ -6,9 +6,17 @@
 //! the fragments and outbox messages a transaction produces are kept in memory and written
 //! together (`INSERT .. SELECT .. FROM UNNEST(..)`) before the transaction commits, or before a
 //! statement that could see them runs; a job's items go in with `COPY .. FROM STDIN BINARY`.
-//! The one visible difference is when such a deferred row fails (a fragment number used
-//! twice): the transaction fails at its end instead of at the call, and commits nothing
-//! either way.
+//! Reads are batched the same way: from a job's second settlement in one transaction, its
+//! fragments still out are read at once and the settled ones deleted together at the end; from
+//! its second read of items, the next [`ITEMS_AHEAD`] items are read at once. The one visible
+//! difference is when a deferred row fails (a fragment number used twice): the transaction
+//! fails at its end instead of at the call, and commits nothing either way.
+//!
+//! Errors: where SQLite fails a statement and lets the transaction go on (a job id inserted
+//! twice), this store checks first and returns [`StoreError::Corrupt`] without failing a
+//! statement, since an error of PostgreSQL's aborts the whole transaction. A value past
+//! `i64::MAX` is an error before any statement, as SQLite's binding fails. A text with a NUL
+//! character (which TEXT cannot hold, and no stored id has) is looked up as absent.
 //!
 //! Every write transaction is fenced ([`common::lease::Fence`]): a replica that lost the
 //! splitter's lease commits nothing. The outbox's `seq` is assigned when the rows are written
@@ -20,7 +28,7 @@
 //! JSONB: the exact text the SQLite store keeps, key order included (an item's text is what
 //! an operation sees).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use common::lease::Fence;
 use common::pg::{PgDatabase, PgTx, big, get_u64};
@@ -101,6 +109,8 @@ pub const PG_MIGRATIONS: &[&str] = &[SCHEMA_V1];
 
 /// Deferred rows written in one statement once this many are waiting.
 const FLUSH_AT: usize = 2048;
+/// Items read ahead at once (see [`PgSplitterTx::items_read_ahead`]).
+const ITEMS_AHEAD: i64 = 4096;
 /// Items of one job from which `COPY` is used rather than one multi-row INSERT.
 const COPY_ITEMS_FROM: usize = 512;
 
@@ -149,14 +159,65 @@ struct PendingFragments {
     attempts: Vec<i64>,
 }
 
+/// Fragments taken (settled) from what was read ahead, not yet deleted on the server.
+#[derive(Default)]
+struct PendingDeletes {
+    keys: HashSet<(String, i64)>,
+    job_ids: Vec<String>,
+    fragments: Vec<i64>,
+}
+
+/// A fragment's row as read: its indices (JSON text) and attempt.
+type FragmentText = (String, i64);
+
+/// Items of one job read ahead: those in `[from, to)`, by index.
+struct ItemsAhead {
+    from: i64,
+    to: i64,
+    values: HashMap<i64, String>,
+}
+
 struct PgSplitterTx<'t, 'c> {
     pg: &'t mut PgTx<'c>,
     fragments: PendingFragments,
+    deletes: PendingDeletes,
     outbox: Vec<OutboxMessage>,
+    /// Fragments taken so far per job, while none were read ahead.
+    takes: HashMap<String, u32>,
+    /// A job's fragments as they were when read ahead (its second settlement in this
+    /// transaction), less those taken since: a settlement costs no round trip of its own.
+    fragments_ahead: HashMap<String, HashMap<i64, FragmentText>>,
+    /// Reads of items per job, while none were read ahead.
+    item_reads: HashMap<String, u32>,
+    items_ahead: HashMap<String, ItemsAhead>,
 }
 
-impl PgSplitterTx<'_, '_> {
+impl<'t, 'c> PgSplitterTx<'t, 'c> {
+    fn new(pg: &'t mut PgTx<'c>) -> Self {
+        Self {
+            pg,
+            fragments: PendingFragments::default(),
+            deletes: PendingDeletes::default(),
+            outbox: Vec::new(),
+            takes: HashMap::new(),
+            fragments_ahead: HashMap::new(),
+            item_reads: HashMap::new(),
+            items_ahead: HashMap::new(),
+        }
+    }
+
+    /// Writes the deferred deletes, then the deferred inserts, of fragments: the order the
+    /// calls came in, as far as it matters (a fragment taken, then released again).
     fn flush_fragments(&mut self) -> Result<(), StoreError> {
+        if !self.deletes.job_ids.is_empty() {
+            let deletes = std::mem::take(&mut self.deletes);
+            self.pg.execute(
+                "DELETE FROM fragments
+                 WHERE (job_id, fragment) IN
+                    (SELECT * FROM UNNEST($1::text[], $2::bigint[]))",
+                &[&deletes.job_ids, &deletes.fragments],
+            )?;
+        }
         if self.fragments.job_ids.is_empty() {
             return Ok(());
         }
@@ -194,6 +255,66 @@ impl PgSplitterTx<'_, '_> {
             &[&exchanges, &keys, &bodies, &properties, &mandatory],
         )?;
         Ok(())
+    }
+
+    /// The items of a span of `job_id`'s, from those read ahead: from its second read in this
+    /// transaction, the next [`ITEMS_AHEAD`] items are read at once (fragments are released in
+    /// order). `None` when the span is not among them.
+    fn items_read_ahead(
+        &mut self,
+        job_id: &str,
+        indices: &Indices,
+    ) -> Result<Option<Vec<Value>>, StoreError> {
+        let Indices::Span(start, end) = *indices else {
+            return Ok(None);
+        };
+        let (Ok(start), Ok(end)) = (i64::try_from(start), i64::try_from(end)) else {
+            return Ok(None);
+        };
+        if end <= start || end - start > ITEMS_AHEAD || unstorable(job_id) {
+            return Ok(None);
+        }
+        let covered = |a: &ItemsAhead| a.from <= start && end <= a.to;
+        if !self.items_ahead.get(job_id).is_some_and(covered) {
+            let reads = self.item_reads.entry(job_id.to_owned()).or_default();
+            *reads += 1;
+            if *reads < 2 {
+                return Ok(None);
+            }
+            let to = start.saturating_add(ITEMS_AHEAD);
+            let rows = self.pg.query(
+                "SELECT idx, value FROM items WHERE job_id = $1 AND idx >= $2 AND idx < $3",
+                &[&job_id, &start, &to],
+            )?;
+            let values = rows
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect::<Result<_, StoreError>>()?;
+            self.items_ahead.insert(
+                job_id.to_owned(),
+                ItemsAhead {
+                    from: start,
+                    to,
+                    values,
+                },
+            );
+        }
+        let Some(ahead) = self.items_ahead.get(job_id) else {
+            return Ok(None);
+        };
+        let found: Vec<&String> = (start..end).filter_map(|i| ahead.values.get(&i)).collect();
+        if found.len() != indices.len() {
+            return Err(StoreError::Corrupt(format!(
+                "job {job_id}: {} items found for {} indices",
+                found.len(),
+                indices.len()
+            )));
+        }
+        found
+            .into_iter()
+            .map(|text| decode(text))
+            .collect::<Result<_, _>>()
+            .map(Some)
     }
 
     fn flush(&mut self) -> Result<(), StoreError> {
@@ -324,6 +445,7 @@ impl SplitterTx for PgSplitterTx<'_, '_> {
     }
 
     fn insert_items(&mut self, job_id: &str, items: &[Value]) -> Result<(), StoreError> {
+        self.items_ahead.remove(job_id);
         if items.is_empty() {
             return Ok(());
         }
@@ -358,6 +480,9 @@ impl SplitterTx for PgSplitterTx<'_, '_> {
     }
 
     fn items(&mut self, job_id: &str, indices: &Indices) -> Result<Vec<Value>, StoreError> {
+        if let Some(values) = self.items_read_ahead(job_id, indices)? {
+            return Ok(values);
+        }
         let rows = match indices {
             _ if unstorable(job_id) => Vec::new(),
             Indices::Span(start, end) => self.pg.query(
@@ -392,6 +517,7 @@ impl SplitterTx for PgSplitterTx<'_, '_> {
     }
 
     fn drop_items(&mut self, job_id: &str) -> Result<(), StoreError> {
+        self.items_ahead.remove(job_id);
         if unstorable(job_id) {
             return Ok(());
         }
@@ -424,8 +550,48 @@ impl SplitterTx for PgSplitterTx<'_, '_> {
         if unstorable(job_id) {
             return Ok(None);
         }
-        if self.fragments.keys.contains(&(job_id.to_owned(), number)) {
+        let key = (job_id.to_owned(), number);
+        if self.fragments.keys.contains(&key) || self.deletes.keys.contains(&key) {
+            // Written (or taken) in this transaction: the database must see it first.
             self.flush_fragments()?;
+            self.fragments_ahead.remove(job_id);
+        } else {
+            if !self.fragments_ahead.contains_key(job_id) {
+                let takes = self.takes.entry(job_id.to_owned()).or_default();
+                *takes += 1;
+                if *takes >= 2 {
+                    let rows = self.pg.query(
+                        "SELECT fragment, indices, attempt FROM fragments WHERE job_id = $1",
+                        &[&job_id],
+                    )?;
+                    let ahead = rows
+                        .iter()
+                        .map(|r| Ok((r.try_get(0)?, (r.try_get(1)?, r.try_get(2)?))))
+                        .collect::<Result<_, StoreError>>()?;
+                    self.fragments_ahead.insert(job_id.to_owned(), ahead);
+                }
+            }
+            if let Some((indices, attempt)) = self
+                .fragments_ahead
+                .get_mut(job_id)
+                .and_then(|ahead| ahead.remove(&number))
+            {
+                self.deletes.keys.insert(key);
+                self.deletes.job_ids.push(job_id.to_owned());
+                self.deletes.fragments.push(number);
+                if self.deletes.job_ids.len() >= FLUSH_AT {
+                    self.flush_fragments()?;
+                }
+                return Ok(Some(FragmentRow {
+                    job_id: job_id.to_owned(),
+                    fragment,
+                    indices: decode(&indices)?,
+                    attempt: u32::try_from(attempt).map_err(|_| {
+                        StoreError::Corrupt(format!("attempt {attempt} is not a 32-bit count"))
+                    })?,
+                }));
+            }
+            // Not among those read ahead: settled before, or released since.
         }
         let row = self.pg.query_opt(
             "DELETE FROM fragments WHERE job_id = $1 AND fragment = $2
@@ -516,11 +682,7 @@ impl SplitterStore for PgStore {
         f: impl FnOnce(&mut dyn SplitterTx) -> Result<R, StoreError>,
     ) -> Result<R, StoreError> {
         self.db.transaction(self.fence.as_ref(), |pg| {
-            let mut tx = PgSplitterTx {
-                pg,
-                fragments: PendingFragments::default(),
-                outbox: Vec::new(),
-            };
+            let mut tx = PgSplitterTx::new(pg);
             let value = f(&mut tx)?;
             tx.flush()?;
             Ok(value)
@@ -1082,6 +1244,16 @@ mod tests {
                     tx.items("big", &Indices::List(vec![4999, 0]))?,
                     vec![large[4999].clone(), large[0].clone()]
                 );
+                // Fragment after fragment, as the window releases them (read ahead from the
+                // second on), and past what was read ahead.
+                for start in (0..5000).step_by(7) {
+                    let end = (start + 7).min(5000);
+                    assert_eq!(
+                        tx.items("big", &Indices::Span(start, end))?,
+                        large[start as usize..end as usize]
+                    );
+                }
+                assert!(tx.items("big", &Indices::Span(4995, 5001)).is_err());
                 tx.drop_items("big")?;
                 assert!(tx.items("big", &Indices::Span(0, 1)).is_err());
                 assert_eq!(tx.items("big", &Indices::Span(0, 0))?, Vec::<Value>::new());
@@ -1145,6 +1317,62 @@ mod tests {
                     Some(Indices::List(vec![9, 3, 1]))
                 );
                 assert_eq!(tx.take_fragment("j", 9)?, None);
+                Ok(())
+            })
+            .expect("committed");
+        // Many settlements of one job in one transaction (read ahead from the second), a
+        // fragment settled twice, and released again after it was settled.
+        store
+            .transaction(|tx| {
+                for fragment in 100..200 {
+                    tx.insert_fragment(&FragmentRow {
+                        job_id: "w".into(),
+                        fragment,
+                        indices: Indices::Span(fragment, fragment + 1),
+                        attempt: 1,
+                    })?;
+                }
+                Ok(())
+            })
+            .expect("committed");
+        store
+            .transaction(|tx| {
+                let row = |fragment: u64, attempt: u32| FragmentRow {
+                    job_id: "w".into(),
+                    fragment,
+                    indices: Indices::Span(fragment, fragment + 1),
+                    attempt,
+                };
+                for fragment in 100..150 {
+                    assert_eq!(tx.take_fragment("w", fragment)?, Some(row(fragment, 1)));
+                }
+                assert_eq!(tx.take_fragment("w", 120)?, None, "settled twice");
+                assert_eq!(tx.take_fragment("w", 99)?, None, "never released");
+                tx.insert_fragment(&row(120, 2))?;
+                assert_eq!(tx.take_fragment("w", 151)?, Some(row(151, 1)));
+                assert_eq!(tx.take_fragment("w", 120)?, Some(row(120, 2)));
+                tx.insert_fragment(&row(121, 3))?;
+                // Released after the read-ahead, and written before it is settled.
+                for fragment in 1000..(1000 + 2 * FLUSH_AT as u64) {
+                    tx.insert_fragment(&row(fragment, 1))?;
+                }
+                assert_eq!(tx.take_fragment("w", 1000)?, Some(row(1000, 1)));
+                assert_eq!(tx.take_fragment("w", 152)?, Some(row(152, 1)));
+                Ok(())
+            })
+            .expect("committed");
+        store
+            .transaction(|tx| {
+                assert_eq!(
+                    tx.take_fragment("w", 121)?.map(|f| f.attempt),
+                    Some(3),
+                    "committed"
+                );
+                assert_eq!(tx.take_fragment("w", 149)?, None);
+                assert_eq!(tx.take_fragment("w", 150)?.map(|f| f.attempt), Some(1));
+                assert_eq!(tx.take_fragment("w", 1000)?, None);
+                assert_eq!(tx.take_fragment("w", 153)?.map(|f| f.attempt), Some(1));
+                assert_eq!(tx.take_fragment("w", 1001)?.map(|f| f.attempt), Some(1));
                 Ok(())
             })
             .expect("committed");
