@@ -7,12 +7,16 @@
 //! - [`PgQueries`] answers `batchctl` ([`ReducerQueries`]) in read-only snapshots, unfenced.
 //! - [`PgPruner`] deletes finished jobs (retention, `batchctl delete`), fenced.
 //!
+//! Before any of them is used, `db.migrate(PG_MIGRATIONS).await` brings the schema up to
+//! date ([`PgDatabase::migrate`]). Their methods block: call them on the blocking pool, as
+//! the SQLite store's (see [`common::store::blocking`]).
+//!
 //! One round trip per statement is the cost unit, so a transaction writes what it can in
 //! few statements: outcomes, measurements, first records of fragments and job rows are kept
-//! in the transaction ([`Pending`]) and written together in ONE statement (`INSERT .. SELECT
+//! in the transaction (`Pending`) and written together in ONE statement (`INSERT .. SELECT
 //! .. FROM UNNEST` of arrays) before anything reads them back and before the commit. Whether
 //! a fragment was recorded before is looked up for a window of its job's fragment numbers at
-//! once ([`Known`]). So a batch of reports costs a few round trips per job, not per report.
+//! once (`Known`). So a batch of reports costs a few round trips per job, not per report.
 //!
 //! Concurrency: unlike SQLite, PostgreSQL lets the pruner write while the fold loop does.
 //! A job row read by the fold loop is locked (`FOR UPDATE`) until it commits, and
