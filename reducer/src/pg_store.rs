@@ -7,12 +7,16 @@
 //! - [`PgQueries`] answers `batchctl` ([`ReducerQueries`]) in read-only snapshots, unfenced.
 //! - [`PgPruner`] deletes finished jobs (retention, `batchctl delete`), fenced.
 //!
+//! Before any of them is used, `db.migrate(PG_MIGRATIONS).await` brings the schema up to
+//! date ([`PgDatabase::migrate`]). Their methods block: call them on the blocking pool, as
+//! the SQLite store's (see [`common::store::blocking`]).
+//!
 //! One round trip per statement is the cost unit, so a transaction writes what it can in
 //! few statements: outcomes, measurements, first records of fragments and job rows are kept
-//! in the transaction ([`Pending`]) and written together in ONE statement (`INSERT .. SELECT
+//! in the transaction (`Pending`) and written together in ONE statement (`INSERT .. SELECT
 //! .. FROM UNNEST` of arrays) before anything reads them back and before the commit. Whether
 //! a fragment was recorded before is looked up for a window of its job's fragment numbers at
-//! once ([`Known`]). So a batch of reports costs a few round trips per job, not per report.
+//! once (`Known`). So a batch of reports costs a few round trips per job, not per report.
 //!
 //! Concurrency: unlike SQLite, PostgreSQL lets the pruner write while the fold loop does.
 //! A job row read by the fold loop is locked (`FOR UPDATE`) until it commits, and
@@ -209,6 +213,10 @@ impl Pending {
     }
 }
 
+/// From how many pending outcomes on they are written with `COPY` (see
+/// [`PgReducerTx::copy_results`]).
+const COPY_RESULTS_FROM: usize = 1000;
+
 /// How many fragment numbers [`ReducerTx::record_fragment`] looks up at once: the
 /// recorded fragments of a job from the number asked for on. A batch's reports of a job are
 /// of fragments dispatched about together, so one look-up answers most of them.
@@ -323,7 +331,13 @@ impl PgReducerTx<'_, '_> {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let pending = std::mem::take(&mut self.pending);
+        let mut pending = std::mem::take(&mut self.pending);
+        if pending.result_jobs.len() >= COPY_RESULTS_FROM && self.copy_results(&pending)? {
+            pending.result_jobs.clear();
+            pending.result_idx.clear();
+            pending.result_ok.clear();
+            pending.result_values.clear();
+        }
         let jobs = &pending.jobs;
         let job_ids: Vec<&str> = jobs.keys().map(String::as_str).collect();
         let states: Vec<Option<&str>> = jobs.values().map(|j| j.state).collect();
@@ -372,6 +386,51 @@ impl PgReducerTx<'_, '_> {
             ],
         )?;
         Ok(())
+    }
+}
+
+impl PgReducerTx<'_, '_> {
+    /// Writes many pending outcomes with `COPY`, much faster than an INSERT; `false` when
+    /// one of them was there already (or twice among them), for `COPY` knows no `ON
+    /// CONFLICT`: then nothing of it stays (a savepoint) and [`FLUSH`] writes them.
+    fn copy_results(&mut self, pending: &Pending) -> Result<bool, StoreError> {
+        use tokio_postgres::binary_copy::BinaryCopyInWriter;
+        use tokio_postgres::types::Type;
+        self.pg.batch("SAVEPOINT copy_results")?;
+        let copied = self.pg.with(async |tx| {
+            let sink = tx
+                .copy_in("COPY results (job_id, idx, ok, value) FROM STDIN BINARY")
+                .await?;
+            let writer =
+                BinaryCopyInWriter::new(sink, &[Type::TEXT, Type::INT8, Type::BOOL, Type::BYTEA]);
+            let mut writer = std::pin::pin!(writer);
+            for i in 0..pending.result_jobs.len() {
+                writer
+                    .as_mut()
+                    .write(&[
+                        &pending.result_jobs[i],
+                        &pending.result_idx[i],
+                        &pending.result_ok[i],
+                        &pending.result_values[i],
+                    ])
+                    .await?;
+            }
+            writer.finish().await?;
+            Ok(())
+        });
+        match copied {
+            Ok(()) => {
+                self.pg.batch("RELEASE SAVEPOINT copy_results")?;
+                Ok(true)
+            }
+            Err(StoreError::Postgres(e))
+                if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
+            {
+                self.pg.batch("ROLLBACK TO SAVEPOINT copy_results")?;
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -965,6 +1024,8 @@ mod tests {
         crate::store::tests::cases::queries_answer_in_the_same_order
             => queries_answer_in_the_same_order,
         crate::store::tests::cases::the_first_record_stays => the_first_record_stays,
+        crate::store::tests::cases::many_outcomes_keep_the_first_of_each_index
+            => many_outcomes_keep_the_first_of_each_index,
         crate::store::tests::cases::fragments_are_recorded_once_wherever_they_fall
             => fragments_are_recorded_once_wherever_they_fall,
         crate::store::tests::cases::metric_batches_keep_their_number_until_published

@@ -1251,6 +1251,49 @@ pub(crate) mod tests {
             assert_eq!(fx.rows("fragments", "j"), 8);
         }
 
+        /// Many outcomes at once (as a fragment of many operations brings): the first of each
+        /// index stays, also against one stored before or one put twice in a transaction.
+        pub(crate) fn many_outcomes_keep_the_first_of_each_index<F: Fixture>(fx: &mut F) {
+            let put = |store: &mut F::Store, outcomes: Vec<Outcome>| {
+                store
+                    .transaction(|tx| tx.put_outcomes("j", &outcomes))
+                    .expect("put");
+            };
+            let ok = |index: u64| Outcome {
+                index,
+                result: Ok(Value::from(index)),
+            };
+            let err = |index: u64| Outcome {
+                index,
+                result: Err(format!("e{index}")),
+            };
+            let store = fx.store();
+            put(store, (0..1500).map(ok).collect());
+            // A third of these are there already.
+            put(store, (1000..2500).map(err).collect());
+            // One index twice among fresh ones.
+            let mut twice: Vec<Outcome> = (3000..4200).map(ok).collect();
+            twice.push(err(3000));
+            put(store, twice);
+            assert_eq!(fx.rows("results", "j"), 3700);
+            let lines = fx.queries().results("j", 0, 5000).expect("results");
+            let expected: Vec<ResultLine> = (0..1500)
+                .map(|index| ResultLine::Ok {
+                    index,
+                    result: Value::from(index),
+                })
+                .chain((1500..2500).map(|index| ResultLine::Err {
+                    index,
+                    error: format!("e{index}"),
+                }))
+                .chain((3000..4200).map(|index| ResultLine::Ok {
+                    index,
+                    result: Value::from(index),
+                }))
+                .collect();
+            assert!(lines == expected, "the first outcome of each index stays");
+        }
+
         /// A sealed MetricBatch is published again under its own number until confirmed;
         /// then the next one gets the next number.
         pub(crate) fn metric_batches_keep_their_number_until_published<F: Fixture>(fx: &mut F) {
@@ -1332,6 +1375,11 @@ pub(crate) mod tests {
     #[test]
     fn fragments_are_recorded_once_wherever_they_fall() {
         cases::fragments_are_recorded_once_wherever_they_fall(&mut sqlite());
+    }
+
+    #[test]
+    fn many_outcomes_keep_the_first_of_each_index() {
+        cases::many_outcomes_keep_the_first_of_each_index(&mut sqlite());
     }
 
     #[test]
