@@ -73,6 +73,9 @@ CREATE TABLE fragments (
     fragment BIGINT NOT NULL,
     done BIGINT NOT NULL,
     retry TEXT NOT NULL,
+    -- The fencing token of the term that recorded it (0: unfenced): which active replica
+    -- wrote what, for an audit after a takeover.
+    fence_token BIGINT NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, fragment)
 );
 CREATE TABLE metrics_pending (
@@ -268,8 +271,8 @@ WITH put_jobs AS (
     SELECT * FROM UNNEST($17::text[], $18::bigint[], $19::boolean[], $20::bytea[])
     ON CONFLICT (job_id, idx) DO NOTHING
 ), put_fragments AS (
-    INSERT INTO fragments (job_id, fragment, done, retry)
-    SELECT * FROM UNNEST($22::text[], $23::bigint[], $24::bigint[], $25::text[])
+    INSERT INTO fragments (job_id, fragment, done, retry, fence_token)
+    SELECT f.*, $26::bigint FROM UNNEST($22::text[], $23::bigint[], $24::bigint[], $25::text[]) AS f
 )
 INSERT INTO metrics_pending (batch, body)
 SELECT NULL, body FROM UNNEST($21::text[]) WITH ORDINALITY AS m (body, n) ORDER BY n";
@@ -311,6 +314,7 @@ impl ReducerStore for PgStore {
                 pg,
                 pending: Pending::default(),
                 known: HashMap::new(),
+                fence_token: fence_token(self.fence.as_ref()),
             };
             let value = f(&mut tx)?;
             tx.flush()?;
@@ -324,6 +328,12 @@ struct PgReducerTx<'t, 'c> {
     pending: Pending,
     /// Per job.
     known: HashMap<String, Known>,
+    /// Recorded with each fragment row.
+    fence_token: i64,
+}
+
+fn fence_token(fence: Option<&Fence>) -> i64 {
+    fence.map_or(0, |f| f.token)
 }
 
 impl PgReducerTx<'_, '_> {
@@ -383,6 +393,7 @@ impl PgReducerTx<'_, '_> {
                 &pending.fragment_numbers,
                 &pending.fragment_done,
                 &pending.fragment_retry,
+                &self.fence_token,
             ],
         )?;
         Ok(())

@@ -116,6 +116,10 @@ async fn a_standby_takes_over_from_a_killed_or_stopped_active_replica() -> Resul
     let stopped = Instant::now();
     // Rows the paused one committed, counted while it cannot commit more.
     let before = rows_of_token(&env, token).await?;
+    ensure!(
+        before > 0,
+        "the active reducer recorded fragments under its token {token}"
+    );
     let pause_takeover = taken_over(&env, "reducer", token, stopped).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     env.kill(paused, Signal::Cont)?;

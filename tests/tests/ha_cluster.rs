@@ -119,6 +119,10 @@ async fn twenty_jobs_survive_every_fault_in_turn() -> Result<()> {
     env.kill(paused, Signal::Stop)?;
     let stopped = Instant::now();
     let before = rows_of_token(&env, token).await?;
+    ensure!(
+        before > 0,
+        "the active reducer recorded fragments under its token {token}"
+    );
     let took = taken_over(&env, "reducer", token, stopped).await?;
     env.kill(paused, Signal::Cont)?;
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -162,5 +166,7 @@ async fn twenty_jobs_survive_every_fault_in_turn() -> Result<()> {
         log.join("; "),
         began.elapsed()
     );
-    env.finish().await
+    env.finish().await?;
+    cluster.stop();
+    Ok(())
 }
