@@ -42,6 +42,7 @@ use tokio::task::JoinHandle;
 pub mod cluster;
 pub mod ha;
 pub mod postgres;
+pub mod prometheus;
 pub mod rabbit_node;
 pub use cluster::RabbitCluster;
 pub use postgres::{StoreMode, TestDatabase};

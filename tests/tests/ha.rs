@@ -8,11 +8,13 @@
 //! - The active reducer SIGSTOPped past its lease: the standby takes over; on SIGCONT the
 //!   woken one commits nothing — no fragment row carries its fencing token after the pause —
 //!   and steps down.
+//! - `batchq_leader{role="reducer"}` is 1 on the active reducer's endpoint, 0 on the standby's.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
 use batchq_tests::ha::{active_of, other, rows_of_token, taken_over};
+use batchq_tests::prometheus::{free_port, scrape};
 use batchq_tests::{Signal, TestEnv, WorkerOpts, assert_counts, assert_one_per_index, sha256_hex};
 use common::contract::{JobState, ResultLine};
 use serde_json::{Value, json};
@@ -66,7 +68,11 @@ async fn a_standby_takes_over_from_a_killed_or_stopped_active_replica() -> Resul
         return Ok(());
     };
     let splitters = [env.start_splitter()?, env.start_splitter()?];
-    let reducers = [env.start_reducer()?, env.start_reducer()?];
+    let ports = [free_port()?, free_port()?];
+    let reducers = [
+        env.start_reducer_with(&["--metrics-addr", &format!("127.0.0.1:{}", ports[0])])?,
+        env.start_reducer_with(&["--metrics-addr", &format!("127.0.0.1:{}", ports[1])])?,
+    ];
     for _ in 0..2 {
         env.start_worker(WorkerOpts::default())?;
     }
@@ -74,6 +80,29 @@ async fn a_standby_takes_over_from_a_killed_or_stopped_active_replica() -> Resul
     let jobs: Vec<String> = (0..3).map(|i| env.job_id(&format!("job{i}"))).collect();
     for job in &jobs {
         env.submit(&sha_job(job)).await?;
+    }
+
+    // Prometheus tells the active replica from the standby.
+    let (active, _) = active_of(&env, "reducer", &reducers).await?;
+    let standby = other(reducers, active);
+    for (id, port) in reducers.iter().zip(ports) {
+        let expected = if *id == active { 1.0 } else { 0.0 };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let leader = scrape(port)
+                .await
+                .ok()
+                .and_then(|series| series.get("batchq_leader{role=\"reducer\"}").copied());
+            if leader == Some(expected) {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "batchq_leader of the {} reducer: {leader:?}, not {expected}",
+                if *id == standby { "standby" } else { "active" }
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     // 1. The active splitter SIGKILLed mid-job.
