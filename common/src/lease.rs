@@ -20,9 +20,11 @@
 //!   reads the row, or it sees the new token and commits nothing. Renewal takes a weaker lock
 //!   (`FOR NO KEY UPDATE`, a plain UPDATE) that does not conflict with the share lock, so a long
 //!   transaction does not delay renewal. A process paused inside a transaction (SIGSTOP, a
-//!   long GC, a partition) holds its share lock only until PostgreSQL ends the idle
-//!   transaction (`idle_in_transaction_session_timeout` = the lease's ttl) — then the takeover
-//!   proceeds, and when the paused process wakes, its commit fails.
+//!   long GC, a partition) holds its share lock until its session ends; so a standby that
+//!   finds the lease expired first ends the expired holder's sessions
+//!   (`pg_terminate_backend`, found by their `application_name`, which names the replica),
+//!   then takes the row lock with a `lock_timeout` of 1 s. When the paused process wakes,
+//!   its connection is gone and its next check sees the new token.
 //! - **Hand over**: on SIGTERM, the active replica stops its work, then clears `holder` and
 //!   sets `expires_at = now()`: a standby takes over at its next try, within
 //!   [`CAMPAIGN_EVERY`].
@@ -115,6 +117,9 @@ impl Elector {
     pub async fn campaign(&self, stop: &CancellationToken) -> Option<Fence> {
         let mut last_cause: Option<String> = None;
         loop {
+            if stop.is_cancelled() {
+                return None;
+            }
             match self.try_acquire().await {
                 Ok(Some(fence)) => return Some(fence),
                 Ok(None) => last_cause = None,
@@ -138,17 +143,24 @@ impl Elector {
         let mut client = self.db.client().await?;
         // A look without a lock first: while the lease is held, a standby's try must not
         // queue a `FOR UPDATE` before the active replica's share locks every 250 ms.
-        let held = client
+        let looked = client
             .query_opt(
-                "SELECT holder IS NOT NULL AND expires_at > now() AND holder <> $2
-                 FROM batchq_lease WHERE role = $1",
-                &[&self.role, &self.holder],
+                "SELECT holder, expires_at > clock_timestamp() FROM batchq_lease WHERE role = $1",
+                &[&self.role],
             )
             .await?;
-        if held.is_some_and(|row| row.get::<_, bool>(0)) {
-            return Ok(None);
+        if let Some(row) = looked {
+            let holder: Option<String> = row.get(0);
+            let current: bool = row.get(1);
+            match holder {
+                Some(h) if h != self.holder && current => return Ok(None),
+                Some(h) if h != self.holder => self.end_sessions_of(&client, &h).await,
+                _ => {}
+            }
         }
         let tx = client.transaction().await?;
+        // Never wait long for the row: a lock still held is tried again at the next round.
+        tx.batch_execute("SET LOCAL lock_timeout = '1s'").await?;
         tx.execute(
             "INSERT INTO batchq_lease (role) VALUES ($1) ON CONFLICT (role) DO NOTHING",
             &[&self.role],
@@ -156,7 +168,7 @@ impl Elector {
         .await?;
         let row = tx
             .query_one(
-                "SELECT holder IS NULL OR expires_at <= now() OR holder = $2
+                "SELECT holder IS NULL OR expires_at <= clock_timestamp() OR holder = $2
                  FROM batchq_lease WHERE role = $1 FOR UPDATE",
                 &[&self.role, &self.holder],
             )
@@ -169,8 +181,8 @@ impl Elector {
         let token: i64 = tx
             .query_one(
                 "UPDATE batchq_lease
-                 SET holder = $2, token = token + 1, acquired_at = now(),
-                     expires_at = now() + $3 * interval '1 millisecond'
+                 SET holder = $2, token = token + 1, acquired_at = clock_timestamp(),
+                     expires_at = clock_timestamp() + $3 * interval '1 millisecond'
                  WHERE role = $1 RETURNING token",
                 &[&self.role, &self.holder, &(ttl_ms as f64)],
             )
@@ -184,13 +196,43 @@ impl Elector {
         }))
     }
 
+    /// Ends the PostgreSQL sessions of `expired`, the replica whose lease ran out: one paused
+    /// inside a transaction (SIGSTOP, a partition; even in the middle of a `COPY`, where
+    /// PostgreSQL's idle timeout does not run) still holds its share lock on the lease row,
+    /// and the takeover would wait for it. Its sessions are named after it
+    /// ([`crate::pg::application_name`]). Whatever it had not committed is rolled back: it
+    /// no longer holds the lease, and could not have committed it anyway. Best effort.
+    async fn end_sessions_of(&self, client: &tokio_postgres::Client, expired: &str) {
+        let name = crate::pg::application_name(&self.role, expired);
+        let ended = client
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name = $1
+                   AND pid <> pg_backend_pid()",
+                &[&name],
+            )
+            .await;
+        match ended {
+            Ok(rows) if !rows.is_empty() => tracing::warn!(
+                role = %self.role,
+                replica = expired,
+                sessions = rows.len(),
+                "ended the database sessions of the replica whose lease expired"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(role = %self.role, replica = expired, error = %e, "could not end the expired replica's database sessions")
+            }
+        }
+    }
+
     /// Renews once: `Ok(false)` when another replica holds the lease now.
     pub async fn renew(&self, fence: &Fence) -> Result<bool, StoreError> {
         let client = self.db.client().await?;
         let ttl_ms = self.ttl.as_millis() as f64;
         let renewed = client
             .execute(
-                "UPDATE batchq_lease SET expires_at = now() + $4 * interval '1 millisecond'
+                "UPDATE batchq_lease SET expires_at = clock_timestamp() + $4 * interval '1 millisecond'
                  WHERE role = $1 AND holder = $2 AND token = $3",
                 &[&self.role, &self.holder, &fence.token, &ttl_ms],
             )
@@ -240,7 +282,7 @@ impl Elector {
         let client = self.db.client().await?;
         client
             .execute(
-                "UPDATE batchq_lease SET holder = NULL, expires_at = now()
+                "UPDATE batchq_lease SET holder = NULL, expires_at = clock_timestamp()
                  WHERE role = $1 AND holder = $2 AND token = $3",
                 &[&self.role, &self.holder, &fence.token],
             )

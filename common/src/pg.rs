@@ -86,6 +86,22 @@ pub fn schema_name(namespace: &str, component: &str) -> String {
     name + &suffix
 }
 
+/// The name of the PostgreSQL sessions of `replica` of `component`, as the server keeps it
+/// (`application_name`, cut to its 63 bytes).
+pub fn application_name(component: &str, replica: &str) -> String {
+    let mut name = if replica.is_empty() {
+        format!("batchq-{component}")
+    } else {
+        format!("batchq-{component} {replica}")
+    };
+    let mut end = name.len().min(63);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name.truncate(end);
+    name
+}
+
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
@@ -104,6 +120,21 @@ impl PgDatabase {
         idle_transaction: Duration,
         pool_size: usize,
     ) -> Result<Self, StoreError> {
+        Self::for_replica(url, namespace, component, "", idle_transaction, pool_size)
+    }
+
+    /// [`PgDatabase::new`] for one replica of `component`: its sessions are named
+    /// [`application_name`]`(component, replica)` (whatever the URL says), so that a replica
+    /// taking over the lease can end the sessions of the one whose lease expired (see
+    /// [`crate::lease`]).
+    pub fn for_replica(
+        url: &str,
+        namespace: &str,
+        component: &str,
+        replica: &str,
+        idle_transaction: Duration,
+        pool_size: usize,
+    ) -> Result<Self, StoreError> {
         let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
             StoreError::Pool(format!("BATCHQ_DATABASE_URL is not a postgres:// URL: {e}"))
         })?;
@@ -114,8 +145,8 @@ impl PgDatabase {
             idle_transaction.as_millis().max(1)
         ));
         config.options(options.trim());
-        if config.get_application_name().is_none() {
-            config.application_name(format!("batchq-{component}"));
+        if !replica.is_empty() || config.get_application_name().is_none() {
+            config.application_name(application_name(component, replica));
         }
         config.connect_timeout(CONNECT_TIMEOUT);
         let manager = Manager::from_config(

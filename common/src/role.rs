@@ -13,6 +13,12 @@ use crate::pg::PgDatabase;
 use crate::service::ServiceError;
 use crate::store::{StoreError, StoreHealth};
 
+/// How long PostgreSQL lets a session of a replica sit idle inside a transaction before it
+/// ends it: a safety net for a session abandoned mid-transaction. A takeover does not wait
+/// for it (the new holder ends the expired holder's sessions, see [`crate::lease`]), so it is
+/// generous: a batch slowed by a starved CPU is not killed between two statements.
+const IDLE_TRANSACTION: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Connects `role`'s replica to PostgreSQL: a pool for its store, its schema brought to
 /// `migrations` (waiting while the database cannot be reached, as any store fault is waited
 /// out), and its side of the election, on a small pool of its own so a busy store never
@@ -24,11 +30,19 @@ pub async fn postgres(
     migrations: &[&str],
     shutdown: &CancellationToken,
 ) -> Result<(PgDatabase, Elector), ServiceError> {
-    let db = PgDatabase::new(url, namespace, role, LEASE_TTL, crate::pg::POOL_SIZE)?;
+    let replica = crate::health::instance();
+    let db = PgDatabase::for_replica(
+        url,
+        namespace,
+        role,
+        &replica,
+        IDLE_TRANSACTION,
+        crate::pg::POOL_SIZE,
+    )?;
     let health = StoreHealth::default();
     crate::store::retry(role, "schema", &health, shutdown, || db.migrate(migrations)).await?;
-    let lease_db = PgDatabase::new(url, namespace, role, LEASE_TTL, 2)?;
-    let elector = Elector::new(lease_db, role, &crate::health::instance(), LEASE_TTL);
+    let lease_db = PgDatabase::for_replica(url, namespace, role, &replica, IDLE_TRANSACTION, 2)?;
+    let elector = Elector::new(lease_db, role, &replica, LEASE_TTL);
     Ok((db, elector))
 }
 
@@ -74,6 +88,11 @@ where
         let Some(fence) = fence else {
             return Ok(());
         };
+        if shutdown.is_cancelled() {
+            // Won in the moment it was told to stop: hand it straight back.
+            let _ = elector.release(&fence).await;
+            return Ok(());
+        }
         tracing::info!(
             role = %role,
             replica = %elector.holder(),

@@ -170,6 +170,19 @@ pub enum ReducerInput {
     Fragment(FragmentReport),
 }
 
+impl ReducerInput {
+    /// The job this input is about.
+    pub fn job_id(&self) -> &str {
+        match self {
+            ReducerInput::Accepted { job_id, .. }
+            | ReducerInput::Rejected { job_id, .. }
+            | ReducerInput::Progress { job_id, .. }
+            | ReducerInput::Cancelled { job_id, .. } => job_id,
+            ReducerInput::Fragment(report) => &report.job_id,
+        }
+    }
+}
+
 /// The reducer's decision on a fragment, sent to the splitter once the outcome is committed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Settled {

@@ -138,6 +138,78 @@ async fn a_fenced_transaction_commits_only_while_its_lease_is_current() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_paused_inside_a_transaction_does_not_hold_up_the_takeover() {
+    let scratch = Scratch::new().await;
+    let db = database(&scratch);
+    db.migrate(&[V1]).await.expect("migrated");
+    let ttl = Duration::from_millis(600);
+    // Each replica's sessions carry its name; idle transactions last a minute.
+    let replica = |name: &str| {
+        PgDatabase::for_replica(
+            &scratch.url(),
+            "t.ns",
+            "reducer",
+            name,
+            Duration::from_secs(60),
+            2,
+        )
+        .expect("pool")
+    };
+    let (db_a, db_b) = (replica("host-a"), replica("host-b"));
+    let a = Elector::new(db_a.clone(), "reducer", "host-a", ttl);
+    let b = Elector::new(db_b.clone(), "reducer", "host-b", ttl);
+    let fence_a = a.try_acquire().await.expect("lease").expect("free");
+
+    // a checks its fence (holding the share lock) and then stalls, mid-transaction, far past
+    // its lease: a SIGSTOP, a partition.
+    let stalled = {
+        let (db_a, fence_a) = (db_a.clone(), fence_a.clone());
+        tokio::task::spawn_blocking(move || {
+            db_a.transaction(Some(&fence_a), |tx| {
+                tx.execute("INSERT INTO counts (k, n) VALUES ('a', 1)", &[])?;
+                std::thread::sleep(Duration::from_secs(4));
+                tx.execute("INSERT INTO counts (k, n) VALUES ('a2', 1)", &[])
+            })
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let began = std::time::Instant::now();
+    let fence_b = loop {
+        if let Some(fence) = b.try_acquire().await.expect("lease") {
+            break fence;
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(3),
+            "b waited for a's stalled transaction"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(fence_b.token, fence_a.token + 1);
+    assert!(
+        began.elapsed() < Duration::from_secs(3),
+        "took {:?}: the stalled session was not ended",
+        began.elapsed()
+    );
+    let outcome = stalled.await.expect("join");
+    assert!(
+        outcome.is_err(),
+        "a's transaction ended with its session: {outcome:?}"
+    );
+    let rows: i64 = {
+        let db = db.clone();
+        tokio::task::spawn_blocking(move || {
+            db.read(|tx| Ok(tx.query_one("SELECT COUNT(*) FROM counts", &[])?.get(0)))
+        })
+        .await
+        .expect("join")
+        .expect("read")
+    };
+    assert_eq!(rows, 0, "nothing of a's stalled transaction was committed");
+    drop((a, b, db, db_a, db_b));
+    scratch.drop_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_schema_from_a_newer_batchq_is_refused() {
     let scratch = Scratch::new().await;
     let db = database(&scratch);

@@ -299,7 +299,17 @@ fn decode(delivery: &Delivery) -> Result<ReducerInput, String> {
             .map_err(|e| format!("poison message is not a fragment: {e}"))?;
         return Ok(ReducerInput::Fragment(poison_report(fragment)));
     }
-    serde_json::from_slice(&delivery.data).map_err(|e| format!("not a reducer input: {e}"))
+    let input: ReducerInput =
+        serde_json::from_slice(&delivery.data).map_err(|e| format!("not a reducer input: {e}"))?;
+    // Every id batchq writes was validated at intake; one that is not valid did not come
+    // from batchq, and a store may not hold it (PostgreSQL text holds no NUL).
+    if !common::jobspec::valid_id(input.job_id()) {
+        return Err(format!(
+            "not a reducer input: job_id {:?} is not a valid job id",
+            input.job_id().chars().take(64).collect::<String>()
+        ));
+    }
+    Ok(input)
 }
 
 fn poison_report(fragment: Fragment) -> FragmentReport {
