@@ -1,11 +1,14 @@
 //! One deployment of batchq for one part of the benchmark: a namespace of its own on the
-//! broker (`bench-{part}-{8 hex}`), a temporary data folder, and the real `splitter`, `reducer`
-//! and `worker` binaries of the bench's own profile folder as child processes.
+//! broker (`bench-{part}-{8 hex}`, `bench-{part}-pg-{8 hex}` on PostgreSQL), a temporary data
+//! folder, and the real `splitter`, `reducer` and `worker` binaries of the bench's own profile
+//! folder as child processes. The splitter and reducer keep their state in SQLite in that
+//! folder, or ([`Store::Postgres`]) in a fresh PostgreSQL database of the deployment's own
+//! ([`TestDatabase`], given to them as `BATCHQ_DATABASE_URL`).
 //!
 //! A part ends with [`Deployment::conclude`], which kills the processes and deletes every queue
-//! and exchange of the namespace whatever the part's outcome (keeping the folder and printing
-//! the process logs when it failed). A deployment dropped any other way (Ctrl-C, a panic) does
-//! the same from a thread of its own.
+//! and exchange of the namespace (and drops the database) whatever the part's outcome (keeping
+//! the folder and printing the process logs when it failed). A deployment dropped any other way
+//! (Ctrl-C, a panic) does the same from a thread of its own.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -13,6 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
+use batchq_tests::TestDatabase;
 use common::broker::{Broker, Publisher, json_properties};
 use common::config::BrokerArgs;
 use common::contract::{JobState, JobStatus, ResultLine};
@@ -135,6 +139,25 @@ impl Proc {
     }
 }
 
+/// Where a deployment's splitter and reducer keep their state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    /// The embedded SQLite stores in the deployment's data folder (the binaries' default).
+    Sqlite,
+    /// A fresh database on the tests' PostgreSQL server (`BATCHQ_TEST_POSTGRES_URL`).
+    Postgres,
+}
+
+impl Store {
+    /// `SQLite`, `PostgreSQL`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sqlite => "SQLite",
+            Self::Postgres => "PostgreSQL",
+        }
+    }
+}
+
 /// A finished job, as the bench measured it.
 #[derive(Debug, Clone)]
 pub struct JobRun {
@@ -148,6 +171,10 @@ pub struct Deployment {
     pub names: Names,
     url: String,
     dir: Option<tempfile::TempDir>,
+    /// The splitter's and reducer's database ([`Store::Postgres`]), dropped at the end.
+    database: Option<TestDatabase>,
+    /// The server processes serving that database's connections, once the spine runs.
+    database_pids: Vec<u32>,
     programs: Programs,
     broker: Broker,
     publisher: Publisher,
@@ -163,10 +190,33 @@ pub struct Deployment {
 
 impl Deployment {
     /// A fresh namespace with batchq's topology declared, subscribed to the terminal statuses
-    /// of its jobs, and an empty data folder. No process runs yet.
+    /// of its jobs, and an empty data folder; state in SQLite. No process runs yet.
     pub async fn new(part: &str, url: &str, programs: &Programs) -> Result<Self> {
+        Self::with_store(part, url, programs, Store::Sqlite).await
+    }
+
+    /// [`Deployment::new`] with the splitter's and reducer's state in `store`: for
+    /// [`Store::Postgres`] a fresh database is created (the caller checked that the server
+    /// answers), dropped by [`Deployment::conclude`].
+    pub async fn with_store(
+        part: &str,
+        url: &str,
+        programs: &Programs,
+        store: Store,
+    ) -> Result<Self> {
+        let database = match store {
+            Store::Sqlite => None,
+            Store::Postgres => Some(
+                TestDatabase::create()
+                    .await
+                    .context("creating the deployment's PostgreSQL database")?,
+            ),
+        };
         let suffix = uuid::Uuid::new_v4().simple().to_string();
-        let ns = format!("bench-{part}-{}", &suffix[..8]);
+        let ns = match store {
+            Store::Sqlite => format!("bench-{part}-{}", &suffix[..8]),
+            Store::Postgres => format!("bench-{part}-pg-{}", &suffix[..8]),
+        };
         let names = Names::new(ns.clone());
         let dir = tempfile::Builder::new()
             .prefix(&format!("batchq-bench-{part}-"))
@@ -197,6 +247,8 @@ impl Deployment {
             names,
             url: url.to_owned(),
             dir: Some(dir),
+            database,
+            database_pids: Vec::new(),
             programs: programs.clone(),
             broker,
             publisher,
@@ -250,6 +302,7 @@ impl Deployment {
             "BATCHQ_HEARTBEAT_MS",
             "BATCHQ_METRICS_ADDR",
             "BATCHQ_DATA_DIR",
+            "BATCHQ_DATABASE_URL",
             "BATCHQ_MAX_MESSAGE_BYTES",
             "BATCHQ_MAX_LIFETIME",
             "BATCHQ_MAX_FRAGMENTS",
@@ -275,24 +328,32 @@ impl Deployment {
         Ok(())
     }
 
+    /// The settings of a splitter or reducer: its data folder and, on PostgreSQL, the
+    /// database.
+    fn store_env(&self) -> Vec<(&'static str, String)> {
+        let mut envs = vec![(
+            "BATCHQ_DATA_DIR",
+            self.dir().join("data").display().to_string(),
+        )];
+        if let Some(database) = &self.database {
+            envs.push(("BATCHQ_DATABASE_URL", database.url().to_owned()));
+        }
+        envs
+    }
+
     pub fn start_splitter(&mut self) -> Result<()> {
-        let data = self.dir().join("data").display().to_string();
-        self.spawn(
-            "splitter",
-            "splitter".into(),
-            &[],
-            &[("BATCHQ_DATA_DIR", data)],
-        )
+        let envs = self.store_env();
+        self.spawn("splitter", "splitter".into(), &[], &envs)
     }
 
     /// The reducer, without its Prometheus endpoint (parts run side by side with tests).
     pub fn start_reducer(&mut self) -> Result<()> {
-        let data = self.dir().join("data").display().to_string();
+        let envs = self.store_env();
         self.spawn(
             "reducer",
             "reducer".into(),
             &["--metrics-addr", "off"],
-            &[("BATCHQ_DATA_DIR", data)],
+            &envs,
         )
     }
 
@@ -332,6 +393,7 @@ impl Deployment {
             "range": {"start": 0, "end": 1},
         });
         self.run_job(&spec, Duration::from_secs(60)).await?;
+        self.database_pids = self.find_database_pids().await?;
         Ok(())
     }
 
@@ -341,6 +403,41 @@ impl Deployment {
             .iter()
             .filter_map(|p| Some((p.label.clone(), p.pid()?)))
             .collect()
+    }
+
+    /// [`Deployment::pids`] and, on PostgreSQL, the server processes of the database's
+    /// connections (`postgres-{pid}`, when the server runs on this machine): whose CPU a
+    /// measured job is charged.
+    pub fn watched_pids(&self) -> Vec<(String, u32)> {
+        let mut pids = self.pids();
+        pids.extend(
+            self.database_pids
+                .iter()
+                .map(|pid| (format!("postgres-{pid}"), *pid)),
+        );
+        pids
+    }
+
+    /// The server processes (backends) of the connections to this deployment's database,
+    /// other than the query's own; none on SQLite or when the server is on another machine.
+    async fn find_database_pids(&self) -> Result<Vec<u32>> {
+        let Some(database) = &self.database else {
+            return Ok(Vec::new());
+        };
+        let client = database.connect().await?;
+        let rows = client
+            .query(
+                "SELECT pid FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .context("listing the database's connections")?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| u32::try_from(row.get::<_, i32>(0)).ok())
+            .filter(|pid| Path::new(&format!("/proc/{pid}")).exists())
+            .collect())
     }
 
     /// Fails, naming it, when a process exited: a crashed process would only show as a
@@ -506,7 +603,15 @@ impl Deployment {
             proc.kill();
         }
         self.watch.abort();
-        let cleanup = delete_namespace(&self.broker, &self.names, &self.extra_queues).await;
+        let mut cleanup = delete_namespace(&self.broker, &self.names, &self.extra_queues).await;
+        if let Some(database) = self.database.take() {
+            let name = database.name().to_owned();
+            let dropped = database
+                .drop_now()
+                .await
+                .with_context(|| format!("dropping database {name}"));
+            cleanup = cleanup.and(dropped);
+        }
         let _ = self
             .publisher
             .channel()
@@ -515,7 +620,7 @@ impl Deployment {
         match (outcome, cleanup) {
             (Ok(value), Ok(())) => Ok(value),
             (Ok(_), Err(e)) => {
-                Err(e.context(format!("deleting namespace {}", self.names.namespace())))
+                Err(e.context(format!("cleaning up namespace {}", self.names.namespace())))
             }
             (Err(e), Ok(())) => Err(e),
             (Err(e), Err(cleanup)) => {

@@ -176,7 +176,8 @@ impl Report {
         align(&rows)
     }
 
-    /// CPU use per measured job, in percent of one core.
+    /// CPU use per measured job, in percent of one core (`postgres`: the server processes of
+    /// a PostgreSQL deployment's connections).
     pub fn cpu_table(&self) -> String {
         let mut rows = vec![[
             "job".to_owned(),
@@ -185,6 +186,7 @@ impl Report {
             "reducer".to_owned(),
             "workers".to_owned(),
             "broker".to_owned(),
+            "postgres".to_owned(),
             "bench".to_owned(),
             "machine".to_owned(),
         ]];
@@ -198,6 +200,7 @@ impl Report {
                 percent(u.cores_of("reducer")),
                 percent(u.cores_of("worker")),
                 percent(u.cores_of("broker")),
+                percent(u.cores_of("postgres")),
                 percent(u.cores_of("bench")),
                 percent(u.machine_cores),
             ]);

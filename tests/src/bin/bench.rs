@@ -11,6 +11,14 @@
 //! that namespace at its end, whatever happened. A job that does not succeed with exact counts
 //! fails the run; the figures themselves are only reported (printed as a table, written as JSON
 //! to `target/bench/pipeline.json` by default), never asserted: they move with the machine.
+//!
+//! The splitter and reducer keep their state in SQLite. The per-fragment part and the noop
+//! part's job with results run a second time on a deployment whose splitter and reducer keep it
+//! in a fresh PostgreSQL database (`BATCHQ_TEST_POSTGRES_URL`, default
+//! `postgres://postgres@127.0.0.1:5432`; dropped after): figures "… on PostgreSQL", held
+//! against the SQLite figure of the same run (issue 12: a ratio of at least 0.5). Where
+//! PostgreSQL does not answer those rows are skipped, saying so, unless
+//! `BATCHQ_TEST_REQUIRE_POSTGRES` is set: then the run fails.
 
 #[path = "../bench/compute.rs"]
 mod compute;
@@ -33,7 +41,7 @@ use common::config::BrokerArgs;
 use common::contract::ResultLine;
 use serde_json::json;
 
-use crate::deployment::{Deployment, JobRun, Programs};
+use crate::deployment::{Deployment, JobRun, Programs, Store};
 use crate::procfs::{CpuSample, CpuUsage};
 use crate::relay::RelaySettings;
 use crate::report::{CpuRow, Figure, Machine, PartInfo, Report, Target};
@@ -151,7 +159,16 @@ struct Bench {
     report: Report,
     /// Messages per second of the two-hop relay, once measured.
     broker_ceiling: Option<f64>,
+    /// Whether PostgreSQL answers (and so the PostgreSQL column runs), once asked.
+    postgres: Option<bool>,
 }
+
+/// The per-fragment part's deployment and job: workers, prefetch, max_concurrent_fragments.
+const FRAGMENT_SETUP: (usize, u16, u64) = (1, 64, 256);
+/// The noop part's: workers, prefetch, max_concurrent_fragments, fragment_size.
+const NOOP_SETUP: (usize, u16, u64, u64) = (1, 16, 64, 1000);
+/// Issue 12: PostgreSQL at least half as fast as SQLite on the same run.
+const POSTGRES_TARGET: Target = Target::RatioAtLeast(0.5);
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -222,6 +239,7 @@ async fn run(options: &Options) -> Result<()> {
             seconds: 0.0,
         },
         broker_ceiling: None,
+        postgres: None,
     };
     for part in PARTS {
         if !options.parts.iter().any(|p| p == part) {
@@ -276,9 +294,10 @@ impl Bench {
         println!("== {part}: {settings}");
     }
 
-    /// Processes whose CPU is watched: the deployment's, the bench itself and the broker.
+    /// Processes whose CPU is watched: the deployment's (with its PostgreSQL backends), the
+    /// bench itself and the broker.
     fn watched(&self, deployment: Option<&Deployment>) -> Vec<(String, u32)> {
-        let mut watched = deployment.map(Deployment::pids).unwrap_or_default();
+        let mut watched = deployment.map(Deployment::watched_pids).unwrap_or_default();
         watched.push(("bench".to_owned(), std::process::id()));
         if let Some(pid) = self.broker_pid {
             watched.push(("broker".to_owned(), pid));
@@ -308,6 +327,40 @@ impl Bench {
         let after = CpuSample::take(&watched);
         self.record_cpu(&deployment.part.clone(), job, &before, &after);
         Ok(run)
+    }
+
+    /// Whether the PostgreSQL figures run: PostgreSQL answers. When it does not, prints that
+    /// `what` is skipped, or fails when `BATCHQ_TEST_REQUIRE_POSTGRES` is set. The server is
+    /// asked once per run.
+    async fn postgres_answers(&mut self, what: &str) -> Result<bool> {
+        let answers = match self.postgres {
+            Some(answers) => answers,
+            None => {
+                let skip = batchq_tests::postgres::skip_without_postgres("bench").await?;
+                self.postgres = Some(!skip);
+                !skip
+            }
+        };
+        if !answers {
+            println!(
+                "   {what} on PostgreSQL: SKIPPED (PostgreSQL {} does not answer)",
+                common::config::redact_url(&batchq_tests::postgres::test_postgres_url())
+            );
+        }
+        Ok(answers)
+    }
+
+    /// A figure measured on PostgreSQL, held against the same figure on SQLite.
+    fn postgres_figure(&mut self, sqlite: &Figure, value: f64) {
+        self.figure(
+            Figure::new(
+                &sqlite.part,
+                format!("{} on PostgreSQL", sqlite.name),
+                value,
+                &sqlite.unit,
+            )
+            .against(Some(sqlite.value), "SQLite, same run", POSTGRES_TARGET),
+        );
     }
 
     // --- parts --------------------------------------------------------------------------------
@@ -355,14 +408,42 @@ impl Bench {
     }
 
     async fn per_fragment(&mut self) -> Result<String> {
-        let (workers, prefetch, window) = (1, 64, 256);
+        let (workers, prefetch, window) = FRAGMENT_SETUP;
         let ops = self.sizes.fragment_ops;
-        let text = format!(
+        let mut text = format!(
             "{ops} noop, fragment_size 1, max_concurrent_fragments {window}, \
-             collect_results false; {workers} worker of prefetch {prefetch}"
+             collect_results false; {workers} worker of prefetch {prefetch}; on SQLite, then on \
+             PostgreSQL"
         );
         Self::announce("per-fragment overhead", &text);
-        let mut deployment = Deployment::new("fragment", &self.url, &self.programs).await?;
+        let sqlite = Figure::new(
+            "fragment",
+            "per-fragment (noop, fragment_size 1)",
+            self.per_fragment_on(Store::Sqlite).await?,
+            "fragments/s",
+        )
+        .against_in(
+            self.broker_ceiling,
+            "msg/s",
+            "broker ceiling",
+            Target::RatioAtLeast(0.6),
+        );
+        self.figure(sqlite.clone());
+        if self.postgres_answers(&sqlite.name).await? {
+            let value = self.per_fragment_on(Store::Postgres).await?;
+            self.postgres_figure(&sqlite, value);
+        } else {
+            text.push_str(" (PostgreSQL skipped: it did not answer)");
+        }
+        Ok(text)
+    }
+
+    /// The per-fragment job on a deployment of its own on `store`: fragments per second.
+    async fn per_fragment_on(&mut self, store: Store) -> Result<f64> {
+        let (workers, prefetch, window) = FRAGMENT_SETUP;
+        let ops = self.sizes.fragment_ops;
+        let mut deployment =
+            Deployment::with_store("fragment", &self.url, &self.programs, store).await?;
         let outcome = async {
             deployment.start_spine(workers, prefetch).await?;
             let spec = json!({
@@ -373,42 +454,86 @@ impl Bench {
                 "max_concurrent_fragments": window,
                 "collect_results": false,
             });
-            self.measured_job(&mut deployment, "noop fs=1", &spec).await
+            let label = job_label("noop fs=1", store);
+            self.measured_job(&mut deployment, &label, &spec).await
         }
         .await;
         let run = deployment.conclude(outcome).await?;
-        let value = run.status.fragments_done as f64 / run.seconds;
-        let figure = Figure::new(
-            "fragment",
-            "per-fragment (noop, fragment_size 1)",
-            value,
-            "fragments/s",
-        )
-        .against_in(
-            self.broker_ceiling,
-            "msg/s",
-            "broker ceiling",
-            Target::RatioAtLeast(0.6),
-        );
-        self.figure(figure);
-        Ok(text)
+        Ok(run.status.fragments_done as f64 / run.seconds)
     }
 
     async fn per_operation(&mut self) -> Result<String> {
-        let (workers, prefetch, window, fragment_size) = (1, 16, 64, 1000);
+        let (workers, prefetch, window, fragment_size) = NOOP_SETUP;
         let ops = self.sizes.noop_ops;
         let repeats = self.sizes.repeats;
-        let text = format!(
+        let mut text = format!(
             "{ops} noop, fragment_size {fragment_size}, max_concurrent_fragments {window}, \
              without then with collect_results, {repeats} time(s) (figures: the medians); \
-             {workers} worker of prefetch {prefetch}; peak RSS read after every job"
+             {workers} worker of prefetch {prefetch}; peak RSS read after every job; on SQLite, \
+             then the job with results on PostgreSQL"
         );
         Self::announce("per-operation overhead and memory", &text);
-        let mut deployment = Deployment::new("noop", &self.url, &self.programs).await?;
+        let (runs, memory) = self.per_operation_on(Store::Sqlite, &[false, true]).await?;
+        let mut with_results = None;
+        for (runs, (name, target)) in runs.iter().zip([
+            ("noop, no results (fragment_size 1000)", 2_000_000.0),
+            ("noop, with results (fragment_size 1000)", 500_000.0),
+        ]) {
+            let value = median(runs);
+            let figure = Figure::new("noop", name, value, "ops/s").target(Target::AtLeast(target));
+            self.figure(figure.clone());
+            with_results = Some(figure);
+        }
+        for (label, kib) in memory {
+            let Some(kib) = kib else {
+                bail!("could not read the peak RSS of {label}");
+            };
+            let limit = match label.as_str() {
+                "splitter" => 32.0,
+                "reducer" => 64.0,
+                _ => 20.0,
+            };
+            self.figure(
+                Figure::new(
+                    "memory",
+                    format!("peak RSS {label}"),
+                    kib as f64 / 1024.0,
+                    "MiB",
+                )
+                .target(Target::AtMost(limit)),
+            );
+        }
+        let sqlite = with_results.context("the noop part measured no job with results")?;
+        if self.postgres_answers(&sqlite.name).await? {
+            // Only the job with results: without them the reducer's store sees one small write
+            // per fragment, and the per-fragment part measures that already.
+            let (runs, _memory) = self.per_operation_on(Store::Postgres, &[true]).await?;
+            self.postgres_figure(&sqlite, median(&runs[1]));
+        } else {
+            text.push_str(" (PostgreSQL skipped: it did not answer)");
+        }
+        Ok(text)
+    }
+
+    /// The noop part's jobs on a deployment of its own on `store`, those with
+    /// `collect_results` among `collects`, each `repeats` times: operations per second of the
+    /// runs without results (`[0]`) and with them (`[1]`), and the peak RSS of each process
+    /// after the last job.
+    async fn per_operation_on(
+        &mut self,
+        store: Store,
+        collects: &[bool],
+    ) -> Result<([Vec<f64>; 2], Vec<(String, Option<u64>)>)> {
+        let (workers, prefetch, window, fragment_size) = NOOP_SETUP;
+        let ops = self.sizes.noop_ops;
+        let repeats = self.sizes.repeats;
+        let mut deployment =
+            Deployment::with_store("noop", &self.url, &self.programs, store).await?;
         let outcome = async {
             deployment.start_spine(workers, prefetch).await?;
             let mut runs: [Vec<f64>; 2] = Default::default();
-            for (collect_results, repeat) in (0..repeats).flat_map(|r| [(false, r), (true, r)]) {
+            let jobs = (0..repeats).flat_map(|r| collects.iter().map(move |c| (*c, r)));
+            for (collect_results, repeat) in jobs {
                 let job_id = deployment.job_id(&if collect_results {
                     format!("noop-results-{repeat}")
                 } else {
@@ -422,12 +547,15 @@ impl Bench {
                     "max_concurrent_fragments": window,
                     "collect_results": collect_results,
                 });
-                let label = if collect_results {
-                    "noop with results"
-                } else {
-                    "noop"
-                };
-                let run = self.measured_job(&mut deployment, label, &spec).await?;
+                let label = job_label(
+                    if collect_results {
+                        "noop with results"
+                    } else {
+                        "noop"
+                    },
+                    store,
+                );
+                let run = self.measured_job(&mut deployment, &label, &spec).await?;
                 if collect_results {
                     // The results are really there: the last page holds the last indices.
                     let tail = deployment.results(&job_id, ops - 3, 10).await?;
@@ -451,34 +579,7 @@ impl Bench {
             Ok((runs, memory))
         }
         .await;
-        let (runs, memory) = deployment.conclude(outcome).await?;
-        for (runs, (name, target)) in runs.iter().zip([
-            ("noop, no results (fragment_size 1000)", 2_000_000.0),
-            ("noop, with results (fragment_size 1000)", 500_000.0),
-        ]) {
-            let value = median(runs);
-            self.figure(Figure::new("noop", name, value, "ops/s").target(Target::AtLeast(target)));
-        }
-        for (label, kib) in memory {
-            let Some(kib) = kib else {
-                bail!("could not read the peak RSS of {label}");
-            };
-            let limit = match label.as_str() {
-                "splitter" => 32.0,
-                "reducer" => 64.0,
-                _ => 20.0,
-            };
-            self.figure(
-                Figure::new(
-                    "memory",
-                    format!("peak RSS {label}"),
-                    kib as f64 / 1024.0,
-                    "MiB",
-                )
-                .target(Target::AtMost(limit)),
-            );
-        }
-        Ok(text)
+        deployment.conclude(outcome).await
     }
 
     async fn compute(&mut self) -> Result<String> {
@@ -675,6 +776,14 @@ impl Bench {
             );
         }
         Ok(text)
+    }
+}
+
+/// The label of a measured job in the CPU table: `job`, or `job on PostgreSQL`.
+fn job_label(job: &str, store: Store) -> String {
+    match store {
+        Store::Sqlite => job.to_owned(),
+        Store::Postgres => format!("{job} on {}", store.name()),
     }
 }
 
