@@ -16,7 +16,7 @@ use common::contract::{JobState, ResultLine};
 use serde_json::{Value, json};
 
 const JOBS: usize = 20;
-const OPS: u64 = 1500;
+const OPS: u64 = 2000;
 const FRAGMENT: u64 = 5;
 const ROUNDS: u32 = 2;
 
@@ -88,7 +88,7 @@ async fn twenty_jobs_survive_every_fault_in_turn() -> Result<()> {
     let mut log = Vec::new();
 
     // 1. A broker node SIGKILLed, booted again after a while.
-    until(&env, &jobs, 0.05).await?;
+    until(&env, &jobs, 0.03).await?;
     cluster.kill(0)?;
     log.push("node 0 killed".to_owned());
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -96,7 +96,7 @@ async fn twenty_jobs_survive_every_fault_in_turn() -> Result<()> {
     log.push(format!("node 0 rejoined in {rejoined:.1?}"));
 
     // 2. The active splitter SIGKILLed.
-    until(&env, &jobs, 0.2).await?;
+    until(&env, &jobs, 0.12).await?;
     let (splitter, token) = active_of(&env, "splitter", &splitters).await?;
     let killed = Instant::now();
     env.kill(splitter, Signal::Kill)?;
@@ -105,7 +105,7 @@ async fn twenty_jobs_survive_every_fault_in_turn() -> Result<()> {
     env.restart(splitter)?;
 
     // 3. The active reducer SIGKILLed.
-    until(&env, &jobs, 0.35).await?;
+    until(&env, &jobs, 0.22).await?;
     let (reducer, token) = active_of(&env, "reducer", &reducers).await?;
     let killed = Instant::now();
     env.kill(reducer, Signal::Kill)?;
@@ -114,7 +114,7 @@ async fn twenty_jobs_survive_every_fault_in_turn() -> Result<()> {
     env.restart(reducer)?;
 
     // 4. The active reducer SIGSTOPped past its lease, then woken: it commits nothing.
-    until(&env, &jobs, 0.5).await?;
+    until(&env, &jobs, 0.32).await?;
     let (paused, token) = active_of(&env, "reducer", &reducers).await?;
     env.kill(paused, Signal::Stop)?;
     let stopped = Instant::now();
@@ -137,7 +137,7 @@ async fn twenty_jobs_survive_every_fault_in_turn() -> Result<()> {
     ));
 
     // 5. Another broker node SIGKILLed; it stays down until the jobs end.
-    until(&env, &jobs, 0.65).await?;
+    until(&env, &jobs, 0.42).await?;
     cluster.kill(1)?;
     log.push("node 1 killed".to_owned());
 
