@@ -30,7 +30,10 @@ pub async fn postgres(
     migrations: &[&str],
     shutdown: &CancellationToken,
 ) -> Result<(PgDatabase, Elector), ServiceError> {
-    let replica = crate::health::instance();
+    // `{host}-{pid}` names the replica for people (`batchctl members`); the suffix keeps two
+    // containers of one hostname and pid 1 from each taking the other's lease for its own.
+    let nonce = uuid::Uuid::new_v4().simple().to_string();
+    let replica = format!("{}/{}", crate::health::instance(), &nonce[..8]);
     let db = PgDatabase::for_replica(
         url,
         namespace,

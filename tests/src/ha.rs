@@ -37,7 +37,7 @@ pub async fn active_of(env: &TestEnv, role: &str, replicas: &[ProcId]) -> Result
         if let Some((holder, token)) = lease(env, role).await? {
             let found = replicas.iter().copied().find(|&id| {
                 env.pid(id)
-                    .is_some_and(|pid| holder.ends_with(&format!("-{pid}")))
+                    .is_some_and(|pid| holder.contains(&format!("-{pid}/")))
             });
             if let Some(id) = found {
                 return Ok((id, token));
