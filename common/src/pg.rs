@@ -369,6 +369,45 @@ pub fn get_u64(row: &Row, column: usize) -> Result<u64, StoreError> {
         .map_err(|_| StoreError::Corrupt(format!("column {column} holds {v}, a negative count")))
 }
 
+/// Deletes up to `limit` rows of one deleted job (a tombstone not yet marked `purged`) in one
+/// fenced transaction: `statements` in order, each `DELETE … WHERE job_id = $1 … LIMIT $2`
+/// given what is left of the budget; when all have deleted less than their budget, the
+/// tombstone is marked purged. `None` when no deleted job has rows left. What
+/// [`crate::store::purge_tombstoned`] does for SQLite.
+pub fn purge_tombstoned(
+    db: &PgDatabase,
+    fence: Option<&Fence>,
+    statements: &[&str],
+    limit: u32,
+) -> Result<Option<u64>, StoreError> {
+    db.transaction(fence, |tx| {
+        let Some(row) = tx.query_opt(
+            "SELECT job_id FROM tombstones WHERE NOT purged ORDER BY job_id LIMIT 1",
+            &[],
+        )?
+        else {
+            return Ok(None);
+        };
+        let job_id: String = row.try_get(0)?;
+        let limit = u64::from(limit.max(1));
+        let mut deleted = 0u64;
+        for sql in statements {
+            let budget = big(limit - deleted)?;
+            deleted += tx.execute(sql, &[&job_id, &budget])?;
+            if deleted >= limit {
+                break;
+            }
+        }
+        if deleted < limit {
+            tx.execute(
+                "UPDATE tombstones SET purged = true WHERE job_id = $1",
+                &[&job_id],
+            )?;
+        }
+        Ok(Some(deleted))
+    })
+}
+
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
     match e {
         deadpool_postgres::PoolError::Backend(e) => StoreError::Postgres(e),

@@ -838,32 +838,7 @@ impl PgPruner {
     /// buried job, in one transaction. `None` when no buried job has rows left. (The same
     /// steps as [`common::store::purge_tombstoned`].)
     pub fn purge_some(&mut self, limit: u32) -> Result<Option<u64>, StoreError> {
-        self.db.transaction(self.fence.as_ref(), |tx| {
-            let Some(row) = tx.query_opt(
-                "SELECT job_id FROM tombstones WHERE NOT purged ORDER BY job_id LIMIT 1",
-                &[],
-            )?
-            else {
-                return Ok(None);
-            };
-            let job_id: String = row.try_get(0)?;
-            let limit = u64::from(limit.max(1));
-            let mut deleted = 0u64;
-            for sql in PG_PURGE_STATEMENTS {
-                let budget = big(limit - deleted)?;
-                deleted += tx.execute(sql, &[&job_id, &budget])?;
-                if deleted >= limit {
-                    break;
-                }
-            }
-            if deleted < limit {
-                tx.execute(
-                    "UPDATE tombstones SET purged = true WHERE job_id = $1",
-                    &[&job_id],
-                )?;
-            }
-            Ok(Some(deleted))
-        })
+        common::pg::purge_tombstoned(&self.db, self.fence.as_ref(), PG_PURGE_STATEMENTS, limit)
     }
 }
 
