@@ -357,28 +357,27 @@ impl Deployment {
         )
     }
 
-    /// A worker offering every built-in, heartbeating twice a second (so it is known soon).
-    pub fn start_worker(&mut self, prefetch: u16) -> Result<()> {
+    /// A worker offering every built-in, heartbeating twice a second (so it is known soon),
+    /// of `prefetch`, or of the worker's own default when `None` (no `BATCHQ_PREFETCH` given,
+    /// as a user who keeps the defaults starts it).
+    pub fn start_worker(&mut self, prefetch: Option<u16>) -> Result<()> {
         let n = self
             .procs
             .iter()
             .filter(|p| p.label.starts_with("worker"))
             .count()
             + 1;
-        self.spawn(
-            "worker",
-            format!("worker-{n}"),
-            &[],
-            &[
-                ("BATCHQ_PREFETCH", prefetch.to_string()),
-                ("BATCHQ_HEARTBEAT_MS", "500".to_owned()),
-            ],
-        )
+        let mut envs = vec![("BATCHQ_HEARTBEAT_MS", "500".to_owned())];
+        if let Some(prefetch) = prefetch {
+            envs.push(("BATCHQ_PREFETCH", prefetch.to_string()));
+        }
+        self.spawn("worker", format!("worker-{n}"), &[], &envs)
     }
 
-    /// Splitter, reducer and `workers` workers of `prefetch`, ready: every worker known to the
-    /// reducer and a one-operation job of `operation` through the whole pipeline.
-    pub async fn start_spine(&mut self, workers: usize, prefetch: u16) -> Result<()> {
+    /// Splitter, reducer and `workers` workers of `prefetch` (`None`: the worker's default),
+    /// ready: every worker known to the reducer and a one-operation `noop` job through the
+    /// whole pipeline.
+    pub async fn start_spine(&mut self, workers: usize, prefetch: Option<u16>) -> Result<()> {
         self.start_splitter()?;
         self.start_reducer()?;
         for _ in 0..workers {

@@ -445,7 +445,7 @@ impl Bench {
         let mut deployment =
             Deployment::with_store("fragment", &self.url, &self.programs, store).await?;
         let outcome = async {
-            deployment.start_spine(workers, prefetch).await?;
+            deployment.start_spine(workers, Some(prefetch)).await?;
             let spec = json!({
                 "job_id": deployment.job_id("fragments"),
                 "operation": "noop",
@@ -530,7 +530,7 @@ impl Bench {
         let mut deployment =
             Deployment::with_store("noop", &self.url, &self.programs, store).await?;
         let outcome = async {
-            deployment.start_spine(workers, prefetch).await?;
+            deployment.start_spine(workers, Some(prefetch)).await?;
             let mut runs: [Vec<f64>; 2] = Default::default();
             let jobs = (0..repeats).flat_map(|r| collects.iter().map(move |c| (*c, r)));
             for (collect_results, repeat) in jobs {
@@ -607,7 +607,7 @@ impl Bench {
         let repeats = self.sizes.repeats;
         let mut deployment = Deployment::new("compute", &self.url, &self.programs).await?;
         let outcome = async {
-            deployment.start_spine(workers, prefetch).await?;
+            deployment.start_spine(workers, Some(prefetch)).await?;
             check_sha256_results(&mut deployment, rounds).await?;
             let mut runs = Vec::new();
             // The limits are measured beside each job, so a busy moment weighs on both.
@@ -695,7 +695,7 @@ impl Bench {
             let mut deployment =
                 Deployment::new(&format!("scaling{workers}"), &self.url, &self.programs).await?;
             let outcome = async {
-                deployment.start_spine(workers, prefetch).await?;
+                deployment.start_spine(workers, Some(prefetch)).await?;
                 let spec = json!({
                     "job_id": deployment.job_id("sleep"),
                     "operation": "sleep",
@@ -735,7 +735,7 @@ impl Bench {
         Self::announce("latency", &text);
         let mut deployment = Deployment::new("latency", &self.url, &self.programs).await?;
         let outcome = async {
-            deployment.start_spine(workers, prefetch).await?;
+            deployment.start_spine(workers, Some(prefetch)).await?;
             let watched = self.watched(Some(&deployment));
             let before = CpuSample::take(&watched);
             let mut samples = Vec::with_capacity(jobs);
