@@ -12,6 +12,15 @@
 //! fails the run; the figures themselves are only reported (printed as a table, written as JSON
 //! to `target/bench/pipeline.json` by default), never asserted: they move with the machine.
 //!
+//! The parts, in the order they run and print: `ceiling` (the broker's two-hop relay, the
+//! limit of the per-fragment figures), then `stock`, the settings a user keeps (issue 13:
+//! workers started without a prefetch, so at their default, and JobSpecs without
+//! `max_concurrent_fragments`, so in the default window of 16), so the table opens with the
+//! default rows: the per-fragment job, a sha256 job of fragment_size 100, how much of a
+//! window of workers × the default prefetch is in use, and the README demo's job on a fresh
+//! deployment (a first run). Then the parts at settings tuned to their question (`fragment`,
+//! `noop`, `compute`, `scaling`) and `latency` (a stock worker).
+//!
 //! The splitter and reducer keep their state in SQLite. The tuned per-fragment part and the noop
 //! part's job with results run a second time on a deployment whose splitter and reducer keep it
 //! in a fresh PostgreSQL database (`BATCHQ_TEST_POSTGRES_URL`, default
@@ -46,8 +55,10 @@ use crate::procfs::{CpuSample, CpuUsage};
 use crate::relay::RelaySettings;
 use crate::report::{CpuRow, Figure, Machine, PartInfo, Report, Target};
 
-const PARTS: [&str; 6] = [
-    "ceiling", "fragment", "noop", "compute", "scaling", "latency",
+/// In the order they run (and their figures print): the stock part right after the ceiling
+/// it is held against, before every part of tuned settings.
+const PARTS: [&str; 7] = [
+    "ceiling", "stock", "fragment", "noop", "compute", "scaling", "latency",
 ];
 
 const USAGE: &str = "\
@@ -55,7 +66,8 @@ usage: bench [--quick] [--json PATH] [--only PART,PART...]
 
   --quick        every part at a small size (well under a minute)
   --json PATH    where to write the figures (default target/bench/pipeline.json)
-  --only PARTS   run only these parts: ceiling, fragment, noop, compute, scaling, latency
+  --only PARTS   run only these parts: ceiling, stock, fragment, noop, compute, scaling,
+                 latency (they run in this order; a ratio to the broker ceiling needs ceiling)
 
 Build the binaries of the same profile first: cargo build [--release] --workspace --bins";
 
@@ -112,7 +124,14 @@ fn default_json_path() -> PathBuf {
 #[derive(Debug, Clone, Copy)]
 struct Sizes {
     relay_messages: u64,
+    /// The per-fragment jobs' operations (the stock part's and the tuned part's).
     fragment_ops: u64,
+    /// The stock part's sha256 job of fragment_size 100.
+    stock_sha_ops: u64,
+    /// The stock part's window-use job holds this many seconds of ideal work.
+    window_seconds: f64,
+    /// The README demo's job, in the stock part.
+    demo_ops: u64,
     noop_ops: u64,
     sha_ops: u64,
     /// Each scaling job holds this many seconds of ideal work.
@@ -128,6 +147,9 @@ impl Sizes {
         Self {
             relay_messages: 20_000,
             fragment_ops: 20_000,
+            stock_sha_ops: 200_000,
+            window_seconds: 4.0,
+            demo_ops: 1_000_000,
             noop_ops: 1_000_000,
             sha_ops: 1_000_000,
             scaling_seconds: 4.0,
@@ -140,6 +162,9 @@ impl Sizes {
         Self {
             relay_messages: 2_000,
             fragment_ops: 2_000,
+            stock_sha_ops: 20_000,
+            window_seconds: 1.0,
+            demo_ops: 50_000,
             noop_ops: 50_000,
             sha_ops: 50_000,
             scaling_seconds: 1.0,
@@ -163,6 +188,11 @@ struct Bench {
     postgres: Option<bool>,
 }
 
+/// The worker's default prefetch: the contract's default, what a worker started without
+/// `BATCHQ_PREFETCH` / `--prefetch` runs at once.
+const DEFAULT_PREFETCH: u64 = 4;
+/// The stock part's deployments: this many workers, each started without a prefetch.
+const STOCK_WORKERS: usize = 2;
 /// The per-fragment part's deployment and job (tuned): workers, prefetch,
 /// max_concurrent_fragments.
 const FRAGMENT_SETUP: (usize, u16, u64) = (1, 64, 256);
@@ -249,6 +279,7 @@ async fn run(options: &Options) -> Result<()> {
         let part_started = Instant::now();
         let settings = match part {
             "ceiling" => bench.ceiling().await,
+            "stock" => bench.stock().await,
             "fragment" => bench.per_fragment().await,
             "noop" => bench.per_operation().await,
             "compute" => bench.compute().await,
@@ -406,6 +437,182 @@ impl Bench {
             "msg/s",
         ));
         Ok(text)
+    }
+
+    /// The settings a user keeps (issue 13): workers started without a prefetch, JobSpecs
+    /// without `max_concurrent_fragments` (the contract's default window, 16). The per-fragment
+    /// job, a sha256 job of fragment_size 100 and a job measuring how much of a window of
+    /// workers × the default prefetch is in use, on one deployment; then the README demo's job
+    /// on a fresh one, so the splitter sizes it without a learned cost, as on a first run.
+    async fn stock(&mut self) -> Result<String> {
+        let workers = STOCK_WORKERS;
+        let rounds = 10u32;
+        let fragment_ops = self.sizes.fragment_ops;
+        let (sha_ops, sha_fragment) = (self.sizes.stock_sha_ops, 100u64);
+        // Fragments of 50 ms in a window as wide as the workers' default prefetch: every
+        // fragment the workers take at once.
+        let (sleep_ms, sleep_fragment) = (5u64, 10u64);
+        let window = workers as u64 * DEFAULT_PREFETCH;
+        let fragment_seconds = (sleep_ms * sleep_fragment) as f64 / 1000.0;
+        let ideal = (window * sleep_fragment) as f64 / fragment_seconds;
+        let sleep_ops = (ideal * self.sizes.window_seconds).round() as u64;
+        let demo_ops = self.sizes.demo_ops;
+        let default_window = common::jobspec::DEFAULT_MAX_CONCURRENT_FRAGMENTS;
+        let text = format!(
+            "{workers} workers started without a prefetch (their default, \
+             {DEFAULT_PREFETCH}), JobSpecs without max_concurrent_fragments unless said (the \
+             default, {default_window}); {fragment_ops} noop, fragment_size 1, collect_results false; \
+             {sha_ops} sha256 rounds {rounds}, fragment_size {sha_fragment}, collect_results \
+             false; {sleep_ops} sleep {sleep_ms} ms, fragment_size {sleep_fragment}, \
+             max_concurrent_fragments {window} (workers × default prefetch), collect_results \
+             false; then on a fresh deployment (no learned cost: a first run) the README demo's \
+             job: {demo_ops} sha256 rounds {rounds}, default fragment sizing, \
+             max_concurrent_fragments 16, collect_results true, its last 3 results checked"
+        );
+        Self::announce("stock settings", &text);
+        let mut deployment = Deployment::new("stock", &self.url, &self.programs).await?;
+        let outcome = async {
+            deployment.start_spine(workers, None).await?;
+            let spec = json!({
+                "job_id": deployment.job_id("stock-fragments"),
+                "operation": "noop",
+                "range": {"start": 0, "end": fragment_ops},
+                "fragment_size": 1,
+                "collect_results": false,
+            });
+            let fragments = self
+                .measured_job(&mut deployment, "noop fs=1", &spec)
+                .await?;
+            let spec = json!({
+                "job_id": deployment.job_id("stock-sha256"),
+                "operation": "sha256",
+                "params": {"rounds": rounds},
+                "range": {"start": 0, "end": sha_ops},
+                "fragment_size": sha_fragment,
+                "collect_results": false,
+            });
+            let sha = self
+                .measured_job(&mut deployment, "sha256 fs=100", &spec)
+                .await?;
+            let spec = json!({
+                "job_id": deployment.job_id("stock-window"),
+                "operation": "sleep",
+                "params": {"ms": sleep_ms},
+                "range": {"start": 0, "end": sleep_ops},
+                "fragment_size": sleep_fragment,
+                "max_concurrent_fragments": window,
+                "collect_results": false,
+            });
+            let sleep = self
+                .measured_job(&mut deployment, "window use (sleep)", &spec)
+                .await?;
+            Ok((fragments, sha, sleep))
+        }
+        .await;
+        let (fragments, sha, sleep) = deployment.conclude(outcome).await?;
+        self.figure(
+            Figure::new(
+                "stock",
+                "stock: per-fragment (noop, fragment_size 1, default window)",
+                fragments.status.fragments_done as f64 / fragments.seconds,
+                "fragments/s",
+            )
+            .against_in(
+                self.broker_ceiling,
+                "msg/s",
+                "broker ceiling",
+                Target::RatioAtLeast(0.6),
+            ),
+        );
+        let sha_name = format!("stock: sha256 rounds {rounds}, fragment_size {sha_fragment}");
+        self.figure(
+            Figure::new(
+                "stock",
+                sha_name.clone(),
+                sha.status.fragments_done as f64 / sha.seconds,
+                "fragments/s",
+            )
+            .against_in(
+                self.broker_ceiling,
+                "msg/s",
+                "broker ceiling",
+                Target::RatioAtLeast(0.6),
+            ),
+        );
+        self.figure(Figure::new(
+            "stock",
+            format!("{sha_name} (operations)"),
+            sha.status.ops_succeeded as f64 / sha.seconds,
+            "ops/s",
+        ));
+        self.figure(
+            Figure::new(
+                "stock",
+                format!(
+                    "stock: window use (sleep {sleep_ms} ms × {sleep_fragment}, window {window}: \
+                     effective concurrency)"
+                ),
+                sleep.status.ops_succeeded as f64 / sleep.seconds,
+                "ops/s",
+            )
+            .against(Some(ideal), "ideal", Target::RatioAtLeast(0.9)),
+        );
+        let demo = self.stock_demo(demo_ops, rounds).await?;
+        self.figure(
+            Figure::new(
+                "stock",
+                format!(
+                    "stock: README demo job ({} sha256 rounds {rounds}, with results, first run: \
+                     {} fragments)",
+                    report::number(demo_ops as f64),
+                    demo.status.fragments_done
+                ),
+                demo.status.ops_succeeded as f64 / demo.seconds,
+                "ops/s",
+            )
+            .target(Target::AtLeast(1_000_000.0)),
+        );
+        Ok(text)
+    }
+
+    /// The README demo's job (`batchctl demo`'s JobSpec) on a fresh deployment of stock
+    /// workers, its last 3 results checked against the compute ceiling's hashes.
+    async fn stock_demo(&mut self, ops: u64, rounds: u32) -> Result<JobRun> {
+        let mut deployment = Deployment::new("stock", &self.url, &self.programs).await?;
+        let outcome = async {
+            deployment.start_spine(STOCK_WORKERS, None).await?;
+            let job_id = deployment.job_id("stock-demo");
+            let spec = json!({
+                "job_id": job_id,
+                "operation": "sha256",
+                "params": {"rounds": rounds},
+                "range": {"start": 0, "end": ops},
+                "max_concurrent_fragments": 16,
+                "collect_results": true,
+            });
+            let run = self
+                .measured_job(&mut deployment, "README demo job", &spec)
+                .await?;
+            let first = ops.saturating_sub(3);
+            let tail = deployment.results(&job_id, first, 10).await?;
+            ensure!(
+                tail.len() as u64 == ops - first,
+                "the last results of {job_id} are {tail:?}"
+            );
+            for (item, line) in (first..).zip(&tail) {
+                let expected = compute::expected_hex(item, rounds);
+                match line {
+                    ResultLine::Ok { index, result }
+                        if *index == item && result.as_str() == Some(expected.as_str()) => {}
+                    other => {
+                        bail!("result of item {item} of {job_id}: {other:?}, expected {expected}")
+                    }
+                }
+            }
+            Ok(run)
+        }
+        .await;
+        deployment.conclude(outcome).await
     }
 
     async fn per_fragment(&mut self) -> Result<String> {
