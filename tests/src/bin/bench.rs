@@ -510,6 +510,12 @@ impl Bench {
         }
         .await;
         let (fragments, sha, sleep) = deployment.conclude(outcome).await?;
+        // The window is fully used when `window` fragments run at every instant, each taking
+        // as long as its sleeps really take: a tokio sleep of 5 ms wakes on the timer's next
+        // millisecond tick or later (5.5-6.5 ms here), which is the operation's own time, not
+        // a gap the pipeline leaves. Measured in this process's runtime, as the worker's.
+        let measured_fragment = sleep_fragment_seconds(sleep_ms, sleep_fragment).await;
+        let used_ideal = (window * sleep_fragment) as f64 / measured_fragment;
         self.figure(
             Figure::new(
                 "stock",
@@ -550,12 +556,29 @@ impl Bench {
                 "stock",
                 format!(
                     "stock: window use (sleep {sleep_ms} ms × {sleep_fragment}, window {window}: \
-                     effective concurrency)"
+                     against {window} fragments always running, each {:.1} ms as measured)",
+                    measured_fragment * 1000.0
                 ),
                 sleep.status.ops_succeeded as f64 / sleep.seconds,
                 "ops/s",
             )
-            .against(Some(ideal), "ideal", Target::RatioAtLeast(0.9)),
+            .against(
+                Some(used_ideal),
+                "window always full",
+                Target::RatioAtLeast(0.9),
+            ),
+        );
+        self.figure(
+            Figure::new(
+                "stock",
+                format!(
+                    "stock: window use against the nominal {} ms fragments",
+                    sleep_ms * sleep_fragment
+                ),
+                sleep.status.ops_succeeded as f64 / sleep.seconds,
+                "ops/s",
+            )
+            .against(Some(ideal), "nominal ideal", Target::None),
         );
         let demo = self.stock_demo(demo_ops, rounds).await?;
         self.figure(
@@ -993,6 +1016,17 @@ fn job_label(job: &str, store: Store) -> String {
         Store::Sqlite => job.to_owned(),
         Store::Postgres => format!("{job} on {}", store.name()),
     }
+}
+
+/// How long `per_fragment` tokio sleeps of `ms` take one after another (as the worker runs a
+/// `sleep` fragment), in seconds: the mean of 20 such fragments.
+async fn sleep_fragment_seconds(ms: u64, per_fragment: u64) -> f64 {
+    const FRAGMENTS: u32 = 20;
+    let started = Instant::now();
+    for _ in 0..FRAGMENTS * per_fragment as u32 {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    started.elapsed().as_secs_f64() / f64::from(FRAGMENTS)
 }
 
 /// The median of `values` (the mean of the middle two for an even count); 0 for none.
