@@ -36,6 +36,10 @@ pub struct DemoArgs {
     /// Keep the demo's namespace and data afterwards (for `batchctl` commands against it).
     #[arg(long)]
     keep: bool,
+    /// Write the components' logs to stderr, between the progress lines, rather than to
+    /// `demo.log` in the demo's data folder.
+    #[arg(long)]
+    verbose: bool,
 }
 
 pub async fn run(broker_args: BrokerArgs, args: DemoArgs) -> anyhow::Result<ExitCode> {
@@ -48,18 +52,38 @@ pub async fn run(broker_args: BrokerArgs, args: DemoArgs) -> anyhow::Result<Exit
         namespace: namespace.clone(),
         ..broker_args
     };
-    let data = tempfile::Builder::new().prefix("batchq-demo-").tempdir()?;
-    let data_dir = if args.keep {
-        data.keep()
-    } else {
-        data.path().to_path_buf()
+    // Deleted at the end unless `--keep`, or the demo failed (its log says why).
+    let mut data = Some(tempfile::Builder::new().prefix("batchq-demo-").tempdir()?);
+    let data_dir = match data.take_if(|_| args.keep) {
+        Some(kept) => kept.keep(),
+        None => data
+            .as_ref()
+            .map(|d| d.path().to_path_buf())
+            .unwrap_or_default(),
     };
+    let log = data_dir.join("demo.log");
+    if args.verbose {
+        common::init_logging();
+    } else {
+        common::init_logging_to(
+            std::fs::File::create(&log)
+                .with_context(|| format!("creating the demo's log {}", log.display()))?,
+        );
+    }
     let broker = Broker::new(&broker_args, "batchctl-demo")?;
     broker
         .declare_topology()
         .await
         .context("the demo needs RabbitMQ (AMQP_URL); is it running?")?;
-    eprintln!("namespace {namespace}, data in {}", data_dir.display());
+    if args.verbose {
+        eprintln!("namespace {namespace}, data in {}", data_dir.display());
+    } else {
+        eprintln!(
+            "namespace {namespace}, data in {}, the components' logs in {} (--verbose shows them here)",
+            data_dir.display(),
+            log.display()
+        );
+    }
 
     let shutdown = CancellationToken::new();
     let mut components = Components::default();
@@ -137,6 +161,15 @@ pub async fn run(broker_args: BrokerArgs, args: DemoArgs) -> anyhow::Result<Exit
         }
     };
     components.stop(&shutdown, STOP_GRACE).await;
+    if code != ExitCode::SUCCESS && !args.verbose {
+        // The log says what went wrong: keep it.
+        if let Some(failed) = data.take() {
+            eprintln!(
+                "the components' logs are kept in {}",
+                failed.keep().join("demo.log").display()
+            );
+        }
+    }
     if args.keep {
         eprintln!("kept: BATCHQ_NAMESPACE={namespace} batchctl results {job_id}");
     } else {

@@ -110,9 +110,6 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    if matches!(cli.command, Command::Demo(_)) {
-        common::init_logging();
-    }
     let broker = Broker::new(&cli.broker, "batchctl")?;
     let timeout = Duration::from_secs(cli.timeout.max(1));
     if !matches!(cli.command, Command::Demo(_)) {

@@ -32,6 +32,25 @@ pub use deadpool_lapin::lapin;
 /// where the supervisor reports each cause once, with the URL. refinery's and
 /// tokio-postgres's are at WARN unless named.
 pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(log_filter())
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// [`init_logging`]'s filter, with the lines written to `file` instead of stderr (no colours):
+/// for `batchctl demo`, whose terminal shows the job's progress.
+pub fn init_logging_to(file: std::fs::File) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(log_filter())
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(file))
+        .try_init();
+}
+
+/// `RUST_LOG` (default `info`), with the libraries batchq speaks through kept quiet unless
+/// `RUST_LOG` names them.
+fn log_filter() -> tracing_subscriber::EnvFilter {
     use tracing_subscriber::EnvFilter;
     let mut directives = std::env::var("RUST_LOG")
         .ok()
@@ -47,9 +66,5 @@ pub fn init_logging() {
             directives.push_str(&format!(",{library}=warn"));
         }
     }
-    let filter = EnvFilter::new(directives);
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    EnvFilter::new(directives)
 }
