@@ -36,6 +36,10 @@ struct Display {
     rate: RateWindow,
     /// When batchctl began watching: the elapsed time when the job's own times are unknown.
     watching_since: Instant,
+    /// Whether a status was shown (the bar shows counts from then on).
+    counting: bool,
+    /// What the job waits for, while no status has come.
+    waiting: Option<String>,
 }
 
 /// The current speed of a job: operations finished over about the last [`RateWindow::SPAN`],
@@ -191,13 +195,12 @@ fn plain_line(status: &JobStatus, pace: &Pace) -> String {
 impl Display {
     fn new() -> Self {
         let output = if std::io::stderr().is_terminal() {
+            // A spinner and a message until the job's first status: a bar of 0/0 operations
+            // would read as a job done.
             let bar = ProgressBar::new(0);
             bar.set_style(
-                ProgressStyle::with_template(
-                    "{spinner} {prefix:>7} [{wide_bar}] {human_pos}/{human_len} ops  {msg}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
+                ProgressStyle::with_template("{spinner} {prefix:>7} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
             );
             bar.enable_steady_tick(Duration::from_millis(200));
             Output::Bar(bar)
@@ -208,7 +211,27 @@ impl Display {
             output,
             rate: RateWindow::default(),
             watching_since: Instant::now(),
+            counting: false,
+            waiting: None,
         }
+    }
+
+    /// Before the job's first status: says what it waits for (once per change on plain
+    /// lines).
+    fn waiting(&mut self, text: String) {
+        let waited = format_duration(self.watching_since.elapsed());
+        match &mut self.output {
+            Output::Bar(bar) => {
+                bar.set_prefix(waited);
+                bar.set_message(text.clone());
+            }
+            Output::Lines { .. } => {
+                if self.waiting.as_deref() != Some(text.as_str()) {
+                    eprintln!("{waited:>7}  {text}");
+                }
+            }
+        }
+        self.waiting = Some(text);
     }
 
     fn show(&mut self, status: &JobStatus) {
@@ -222,6 +245,16 @@ impl Display {
         );
         match &mut self.output {
             Output::Bar(bar) => {
+                if !self.counting {
+                    self.counting = true;
+                    bar.set_style(
+                        ProgressStyle::with_template(
+                            "{spinner} {prefix:>7} [{wide_bar}] {human_pos}/{human_len} ops  {msg}",
+                        )
+                        .unwrap_or_else(|_| ProgressStyle::default_bar())
+                        .progress_chars("=> "),
+                    );
+                }
                 bar.set_length(status.ops_total);
                 bar.set_position(status.ops_succeeded + status.ops_failed);
                 bar.set_prefix(format_duration(pace.elapsed));
@@ -362,10 +395,37 @@ impl Watching<'_> {
             if lost_since.take().is_some() {
                 self.display.note("batchctl: reconnected");
             }
-            let Some(status) = update else { continue };
+            let Some(status) = update else {
+                if self.latest.is_none() {
+                    let text = self.unaccepted().await;
+                    self.display.waiting(text);
+                }
+                continue;
+            };
             if let Some(state) = self.show(status) {
                 return Ok(state);
             }
+        }
+    }
+
+    /// What a job the reducer does not know yet waits for: a splitter to take it from
+    /// `{ns}.jobs`, and whether any consumes that queue.
+    async fn unaccepted(&self) -> String {
+        let queue = self.broker.names().jobs();
+        let peek =
+            common::broker::peek_queues(std::slice::from_ref(&queue), || self.broker.channel())
+                .await;
+        match peek.as_deref() {
+            Ok([Some(peek)]) if peek.consumers == 0 => format!(
+                "waiting to be accepted: no splitter consumes {queue} ({} job(s) wait there); \
+                 start one",
+                peek.ready
+            ),
+            Ok([Some(peek)]) => format!(
+                "waiting to be accepted by the splitter ({} job(s) in {queue})",
+                peek.ready
+            ),
+            _ => format!("waiting to be accepted (could not look at {queue})"),
         }
     }
 
@@ -379,6 +439,16 @@ impl Watching<'_> {
                 if self.just_submitted && self.started.elapsed() < UNKNOWN_GRACE =>
             {
                 None
+            }
+            Response::NotFound { .. } if self.just_submitted => {
+                return Err(Interrupted::Fatal(anyhow!(
+                    "job {} was not accepted within {} s: no splitter took it from {} (it waits \
+                     there; `batchctl watch {}` once a splitter runs)",
+                    self.job_id,
+                    UNKNOWN_GRACE.as_secs(),
+                    self.broker.names().jobs(),
+                    self.job_id
+                )));
             }
             Response::NotFound { .. } => {
                 return Err(Interrupted::Fatal(anyhow!("unknown job {}", self.job_id)));

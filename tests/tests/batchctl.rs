@@ -156,6 +156,60 @@ async fn submit_wait_exits_0_for_a_succeeded_job_and_1_for_a_failed_one() -> Res
     env.finish().await
 }
 
+/// `submit --wait` of a job no splitter takes yet says so, rather than a bar of "0/0 ops" that
+/// reads as a job done; once a splitter starts, the job runs and the watch ends with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_wait_without_a_splitter_says_the_job_waits_to_be_accepted() -> Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let mut env = TestEnv::new("ctl-unaccepted").await?;
+    env.start_reducer()?;
+    env.start_worker(WorkerOpts::default())?;
+    let job_id = env.job_id("waits");
+    let spec = write_spec(
+        &env,
+        "waits",
+        &json!({"job_id": job_id, "operation": "noop", "range": {"start": 0, "end": 5}}),
+    )?;
+    let mut child = tokio::process::Command::new(bin_path(Bin::Batchctl))
+        .args(["submit", "--wait", spec.to_str().context("path")?])
+        .envs([
+            ("AMQP_URL", amqp_url()),
+            ("BATCHQ_NAMESPACE", env.names.namespace().to_owned()),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().context("stderr")?).lines();
+    let first = tokio::time::timeout(Duration::from_secs(15), lines.next_line())
+        .await
+        .context("no line within 15 s")??
+        .context("batchctl ended without a line")?;
+    let queue = env.names.jobs();
+    assert!(
+        first.ends_with(&format!(
+            "waiting to be accepted: no splitter consumes {queue} (1 job(s) wait there); start one"
+        )),
+        "the first line says what the job waits for: {first:?}"
+    );
+    env.start_splitter()?;
+    let status = tokio::time::timeout(JOB_TIMEOUT, child.wait())
+        .await
+        .context("the watch did not end")??;
+    let mut rest = Vec::new();
+    while let Some(line) = lines.next_line().await? {
+        rest.push(line);
+    }
+    assert_eq!(status.code(), Some(0), "stderr: {rest:?}");
+    assert_eq!(
+        rest.last().map(String::as_str),
+        Some(format!("job {job_id} succeeded: 5 succeeded, 0 failed of 5 operations").as_str()),
+        "{rest:?}"
+    );
+    env.finish().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_of_an_unknown_job_is_a_one_line_error() -> Result<()> {
     let mut env = TestEnv::new("ctl-unknown").await?;
