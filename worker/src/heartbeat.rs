@@ -32,7 +32,7 @@ pub(crate) async fn publish(
             host: state.host.clone(),
             pid: std::process::id(),
             operations: state.registry.names(),
-            prefetch: state.prefetch,
+            prefetch: state.budget_now(),
             fragments_in_flight: held.values().sum(),
             held_by_operation: held,
             started_at_ms: state.started_at_ms,

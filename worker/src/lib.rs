@@ -2,6 +2,7 @@
 //! operations, publishes a confirmed report, and only then acknowledges the fragment, so a
 //! worker that dies leaves its fragments to the broker, which hands them to another worker.
 
+mod adaptive;
 mod budget;
 pub mod builtin;
 mod control;
@@ -12,7 +13,7 @@ pub mod runner;
 mod session;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,9 +33,14 @@ pub struct WorkerConfig {
     #[command(flatten)]
     pub broker: BrokerArgs,
 
-    /// Fragments this worker runs at once (and the broker prefetch of each operation queue).
-    #[arg(long, env = "BATCHQ_PREFETCH", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
-    pub prefetch: u16,
+    /// Fragments this worker holds (delivered, not yet acknowledged) and runs at once.
+    /// Given: fixed, the broker prefetch of each operation queue it consumes (so a worker
+    /// offering k operations may hold k × N), and N run at once. Unset: adaptive; 4 run at
+    /// once, each queue starts at a prefetch of 4, and a queue whose fragments finish much
+    /// faster than their reports are confirmed is given more, up to 32 held over all the
+    /// worker's queues. With `--max-fragments`, unset means a fixed 4.
+    #[arg(long, env = "BATCHQ_PREFETCH", value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: Option<u16>,
 
     /// Comma-separated operations this worker offers (default: all it has).
     #[arg(long, env = "BATCHQ_OPERATIONS", value_delimiter = ',')]
@@ -76,7 +82,7 @@ impl WorkerConfig {
     pub fn new(broker: BrokerArgs) -> Self {
         Self {
             broker,
-            prefetch: 4,
+            prefetch: None,
             operations: None,
             exec_allow: None,
             heartbeat_ms: 2000,
@@ -149,7 +155,11 @@ struct WorkerState {
     host: String,
     started_at_ms: i64,
     registry: Registry,
-    prefetch: u16,
+    /// `--prefetch`; `None`: adaptive (unless `--max-fragments` is set).
+    fixed_prefetch: Option<u16>,
+    /// What the worker may hold now, as its heartbeats report it: `--prefetch` when fixed, the
+    /// adaptive budget over all its operation queues otherwise.
+    budget_now: AtomicU16,
     heartbeat: Duration,
     cancelled: CancelledJobs,
     /// Fragments delivered and not yet acknowledged, by operation.
@@ -180,6 +190,24 @@ impl WorkerState {
     fn fragments_left(&self) -> Option<u64> {
         self.max_fragments
             .map(|max| max.saturating_sub(self.fragments_run()))
+    }
+
+    /// Fragments run at once: `--prefetch` when given, else the default prefetch.
+    fn run_slots(&self) -> u16 {
+        self.fixed_prefetch.unwrap_or(adaptive::DEFAULT_PREFETCH)
+    }
+
+    /// Whether the worker's prefetch adapts: no `--prefetch`, no `--max-fragments`.
+    fn adapts(&self) -> bool {
+        self.fixed_prefetch.is_none() && self.max_fragments.is_none()
+    }
+
+    fn budget_now(&self) -> u16 {
+        self.budget_now.load(Ordering::Relaxed)
+    }
+
+    fn set_budget_now(&self, budget: u16) {
+        self.budget_now.store(budget, Ordering::Relaxed);
     }
 
     fn fragments_run(&self) -> u64 {
@@ -230,7 +258,8 @@ pub async fn run(
         host,
         started_at_ms: common::timefmt::now_ms(),
         registry,
-        prefetch: config.prefetch,
+        fixed_prefetch: config.prefetch,
+        budget_now: AtomicU16::new(config.prefetch.unwrap_or(adaptive::DEFAULT_PREFETCH)),
         heartbeat: Duration::from_millis(config.heartbeat_ms.max(100)),
         cancelled: CancelledJobs::default(),
         held: Mutex::default(),
@@ -238,7 +267,7 @@ pub async fn run(
         fragments_run: AtomicU64::new(0),
     });
     let broker = Broker::new(&config.broker, "batchq-worker")?;
-    tracing::info!(worker = %state.id, operations = ?state.registry.names(), prefetch = state.prefetch, max_lifetime_s = config.max_lifetime.map(|l| l.as_secs()), max_fragments = config.max_fragments, "worker starting");
+    tracing::info!(worker = %state.id, operations = ?state.registry.names(), prefetch = ?state.fixed_prefetch, adaptive = state.adapts(), max_lifetime_s = config.max_lifetime.map(|l| l.as_secs()), max_fragments = config.max_fragments, "worker starting");
     // Reaching the max lifetime is a shutdown like SIGTERM, from the inside.
     let retire = shutdown.child_token();
     let lifetime = config.max_lifetime.map(|lifetime| {
@@ -411,6 +440,20 @@ mod tests {
         );
         let error = offered(&["--exec-allow", "sh,./run"]).expect_err("a relative entry");
         assert!(error.contains("\"./run\" is a relative path"), "{error}");
+    }
+
+    #[test]
+    fn the_prefetch_is_fixed_only_when_given() {
+        assert_eq!(config(&[]).prefetch, None);
+        assert_eq!(WorkerConfig::new(config(&[]).broker).prefetch, None);
+        assert_eq!(config(&["--prefetch", "8"]).prefetch, Some(8));
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            config: WorkerConfig,
+        }
+        assert!(Cli::try_parse_from(["worker", "--prefetch", "0"]).is_err());
     }
 
     #[test]
