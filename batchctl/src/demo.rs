@@ -30,9 +30,10 @@ pub struct DemoArgs {
     /// Worker replicas to start.
     #[arg(long, default_value_t = 2)]
     workers: u16,
-    /// Fragments each worker runs at once.
-    #[arg(long, default_value_t = 4)]
-    prefetch: u16,
+    /// Fragments each worker holds and runs at once; unset, the workers' default (4 run at
+    /// once, holding adapted to the fragments' length).
+    #[arg(long)]
+    prefetch: Option<u16>,
     /// Keep the demo's namespace and data afterwards (for `batchctl` commands against it).
     #[arg(long)]
     keep: bool,
@@ -130,8 +131,12 @@ pub async fn run(broker_args: BrokerArgs, args: DemoArgs) -> anyhow::Result<Exit
         "collect_results": true,
     });
     eprintln!(
-        "submitting {job_id}: sha256 x{} rounds over {} items, {} workers x prefetch {}",
-        args.rounds, args.ops, args.workers, args.prefetch
+        "submitting {job_id}: sha256 x{} rounds over {} items, {} workers, prefetch {}",
+        args.rounds,
+        args.ops,
+        args.workers,
+        args.prefetch
+            .map_or_else(|| "adaptive".to_owned(), |p| p.to_string())
     );
     let started = Instant::now();
     crate::submit_body(&broker, &job_id, &serde_json::to_vec(&spec)?).await?;

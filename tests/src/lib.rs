@@ -211,6 +211,9 @@ pub enum Signal {
 #[derive(Debug, Clone)]
 pub struct WorkerOpts {
     pub prefetch: u16,
+    /// Start the worker without `BATCHQ_PREFETCH` (its adaptive default) instead of
+    /// `prefetch`.
+    pub adaptive: bool,
     /// `None`: every built-in.
     pub operations: Option<Vec<String>>,
     pub heartbeat_ms: u64,
@@ -231,6 +234,7 @@ impl Default for WorkerOpts {
     fn default() -> Self {
         Self {
             prefetch: 4,
+            adaptive: false,
             operations: None,
             heartbeat_ms: 500,
             max_lifetime: None,
@@ -734,7 +738,9 @@ impl TestEnv {
     /// deleted at the end.
     pub fn start_worker_program(&mut self, program: PathBuf, opts: WorkerOpts) -> Result<ProcId> {
         let mut envs = self.base_env();
-        envs.push(("BATCHQ_PREFETCH".into(), opts.prefetch.to_string()));
+        if !opts.adaptive {
+            envs.push(("BATCHQ_PREFETCH".into(), opts.prefetch.to_string()));
+        }
         envs.push(("BATCHQ_HEARTBEAT_MS".into(), opts.heartbeat_ms.to_string()));
         if let Some(lifetime) = &opts.max_lifetime {
             envs.push(("BATCHQ_MAX_LIFETIME".into(), lifetime.clone()));

@@ -421,6 +421,65 @@ async fn small_job_overtakes_a_huge_one() -> Result<()> {
     env.finish().await
 }
 
+/// Workers started without a prefetch (the stock setting) hold more of a queue whose fragments
+/// finish much faster than their reports are confirmed, within their bound of 32, and every
+/// operation is still counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adaptive_workers_hold_more_of_short_fragments_within_their_bound() -> Result<()> {
+    const MAX_HELD: u16 = 32;
+    let mut env = TestEnv::new("adaptive").await?;
+    env.start_splitter()?;
+    env.start_reducer()?;
+    for _ in 0..2 {
+        env.start_worker(WorkerOpts {
+            adaptive: true,
+            ..WorkerOpts::default()
+        })?;
+    }
+    let workers = env.wait_for_workers(2, Duration::from_secs(20)).await?;
+    // Every queue a worker consumes starts with a share of 4.
+    let start: Vec<u16> = workers.iter().map(|w| w.prefetch).collect();
+    let queues = workers[0].operations.len() as u16;
+    assert!(
+        start.iter().all(|p| *p == 4 * queues),
+        "{queues} queues of 4 each to start with: {start:?}"
+    );
+    let n = 8_000;
+    let job_id = env
+        .submit(&json!({
+            "job_id": env.job_id("short"),
+            "operation": "noop",
+            "range": {"start": 0, "end": n},
+            "fragment_size": 1,
+            "max_concurrent_fragments": 64,
+            "collect_results": true,
+        }))
+        .await?;
+    let (mut most_prefetch, mut most_held) = (0u16, 0u64);
+    let status = loop {
+        for worker in env.rpc().workers(&env.names).await? {
+            most_prefetch = most_prefetch.max(worker.prefetch);
+            most_held = most_held.max(worker.fragments_in_flight);
+        }
+        match env.status(&job_id).await? {
+            Some(status) if status.state.is_terminal() => break status,
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    assert_counts(&status, JobState::Succeeded, n, 0);
+    assert_one_per_index(&env.results(&job_id).await?, n);
+    assert!(
+        most_prefetch > 4 * queues,
+        "a worker raised its prefetch above its start ({}) for fragments of no work: {most_prefetch}",
+        4 * queues
+    );
+    assert!(
+        most_prefetch <= MAX_HELD && most_held <= u64::from(MAX_HELD),
+        "within the bound: prefetch {most_prefetch}, held {most_held}"
+    );
+    env.finish().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_share_the_fragments_of_one_job() -> Result<()> {
     let mut env = TestEnv::new("share").await?;
