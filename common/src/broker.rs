@@ -48,6 +48,10 @@ pub enum BrokerError {
     NoAnswer { what: String, secs: u64 },
     #[error("invalid broker settings: {0}")]
     Config(String),
+    /// An error met by another task on this one's behalf (a publish shared by several
+    /// reports), as text.
+    #[error("{what} failed: {reason}")]
+    Failed { what: String, reason: String },
 }
 
 impl BrokerError {

@@ -183,6 +183,49 @@ impl ReducerInput {
     }
 }
 
+/// The start of a message of several reports (see [`encode_reports`]).
+const REPORTS_PREFIX: &[u8] = br#"{"type":"fragments","body":["#;
+
+/// One message for `{ns}.reducer` holding the reports of fragments that ended together, each
+/// already encoded as a [`FragmentReport`]: one report is the [`ReducerInput::Fragment`]
+/// message it always was; several are `{"type":"fragments","body":[…]}`, one broker message
+/// for all (a worker sends them this way when reports queue up while the last one is being
+/// published). Only a reducer that reads [`decode_reducer_message`] understands the latter.
+pub fn encode_reports(reports: &[Vec<u8>]) -> Vec<u8> {
+    let len: usize = reports.iter().map(|r| r.len() + 1).sum();
+    let mut body = Vec::with_capacity(len + REPORTS_PREFIX.len() + 2);
+    if let [one] = reports {
+        body.extend_from_slice(br#"{"type":"fragment","body":"#);
+        body.extend_from_slice(one);
+        body.push(b'}');
+        return body;
+    }
+    body.extend_from_slice(REPORTS_PREFIX);
+    for (i, report) in reports.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(report);
+    }
+    body.extend_from_slice(b"]}");
+    body
+}
+
+/// The inputs one message of `{ns}.reducer` holds: a [`ReducerInput`], or the reports of
+/// several fragments ([`encode_reports`]).
+pub fn decode_reducer_message(bytes: &[u8]) -> Result<Vec<ReducerInput>, serde_json::Error> {
+    #[derive(Deserialize)]
+    #[serde(tag = "type", content = "body", rename_all = "lowercase")]
+    enum Group {
+        Fragments(Vec<FragmentReport>),
+    }
+    if bytes.starts_with(REPORTS_PREFIX) {
+        let Group::Fragments(reports) = serde_json::from_slice(bytes)?;
+        return Ok(reports.into_iter().map(ReducerInput::Fragment).collect());
+    }
+    serde_json::from_slice(bytes).map(|input| vec![input])
+}
+
 /// The reducer's decision on a fragment, sent to the splitter once the outcome is committed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Settled {
@@ -439,6 +482,59 @@ impl Tombstone {
 
 #[cfg(test)]
 mod tests {
+
+    fn report(job_id: &str, fragment: u64) -> FragmentReport {
+        FragmentReport {
+            job_id: job_id.into(),
+            fragment,
+            operation: "noop".into(),
+            attempt: 1,
+            worker: "w".into(),
+            indices: Indices::Span(fragment, fragment + 1),
+            done: 1,
+            failures: vec![],
+            results: vec![Value::from(fragment)],
+            cut: None,
+            started_at_ms: 1,
+            elapsed_us: 2,
+            measurements: Default::default(),
+        }
+    }
+
+    #[test]
+    fn reports_travel_one_or_several_to_a_message() {
+        let encoded = |r: &FragmentReport| serde_json::to_vec(r).expect("encodes");
+        let (a, b) = (report("a", 1), report("b", 2));
+        // One report is the message it always was.
+        let one = encode_reports(&[encoded(&a)]);
+        assert_eq!(
+            one,
+            serde_json::to_vec(&ReducerInput::Fragment(a.clone())).expect("encodes")
+        );
+        assert_eq!(
+            decode_reducer_message(&one).expect("decodes"),
+            vec![ReducerInput::Fragment(a.clone())]
+        );
+        let two = encode_reports(&[encoded(&a), encoded(&b)]);
+        assert_eq!(
+            decode_reducer_message(&two).expect("decodes"),
+            vec![ReducerInput::Fragment(a), ReducerInput::Fragment(b)]
+        );
+        // Any other input decodes as before; a broken group is an error naming the field.
+        let cancelled = serde_json::to_vec(&ReducerInput::Cancelled {
+            job_id: "c".into(),
+            at_ms: 3,
+        })
+        .expect("encodes");
+        assert_eq!(
+            decode_reducer_message(&cancelled).expect("decodes").len(),
+            1
+        );
+        let broken = br#"{"type":"fragments","body":[{"job_id":"a"}]}"#;
+        let error = decode_reducer_message(broken).expect_err("a report lacks fields");
+        assert!(error.to_string().contains("missing field"), "{error}");
+    }
+
     use super::*;
 
     #[test]

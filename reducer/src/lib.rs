@@ -291,25 +291,29 @@ async fn session(
     result
 }
 
-/// Decodes a delivery of `{ns}.reducer`. A fragment dead-lettered as poison becomes a report
-/// in which every operation failed.
-fn decode(delivery: &Delivery) -> Result<ReducerInput, String> {
+/// Decodes a delivery of `{ns}.reducer`: one input, or the reports of several fragments a
+/// worker sent together. A fragment dead-lettered as poison becomes a report in which every
+/// operation failed. A message with one unusable input is refused whole.
+fn decode(delivery: &Delivery) -> Result<Vec<ReducerInput>, String> {
     if delivery.routing_key.as_str() == KEY_POISON {
         let fragment: Fragment = serde_json::from_slice(&delivery.data)
             .map_err(|e| format!("poison message is not a fragment: {e}"))?;
-        return Ok(ReducerInput::Fragment(poison_report(fragment)));
+        return Ok(vec![ReducerInput::Fragment(poison_report(fragment))]);
     }
-    let input: ReducerInput =
-        serde_json::from_slice(&delivery.data).map_err(|e| format!("not a reducer input: {e}"))?;
+    let inputs = common::wire::decode_reducer_message(&delivery.data)
+        .map_err(|e| format!("not a reducer input: {e}"))?;
     // Every id batchq writes was validated at intake; one that is not valid did not come
     // from batchq, and a store may not hold it (PostgreSQL text holds no NUL).
-    if !common::jobspec::valid_id(input.job_id()) {
+    if let Some(input) = inputs
+        .iter()
+        .find(|input| !common::jobspec::valid_id(input.job_id()))
+    {
         return Err(format!(
             "not a reducer input: job_id {:?} is not a valid job id",
             input.job_id().chars().take(64).collect::<String>()
         ));
     }
-    Ok(input)
+    Ok(inputs)
 }
 
 fn poison_report(fragment: Fragment) -> FragmentReport {
@@ -404,7 +408,7 @@ async fn fold_events(
         let mut inputs = Vec::with_capacity(batch.len());
         for delivery in &batch {
             match decode(delivery) {
-                Ok(input) => inputs.push(input),
+                Ok(decoded) => inputs.extend(decoded),
                 Err(reason) => keep_on_dead(publisher, names, delivery, &reason).await?,
             }
         }
@@ -414,9 +418,13 @@ async fn fold_events(
         // common case copies nothing.
         let mut decoded = Some(inputs);
         let folded = AssertUnwindSafe(shared.write((stop, "fold"), || {
-            let inputs = decoded
-                .take()
-                .unwrap_or_else(|| batch.iter().filter_map(|d| decode(d).ok()).collect());
+            let inputs = decoded.take().unwrap_or_else(|| {
+                batch
+                    .iter()
+                    .filter_map(|d| decode(d).ok())
+                    .flatten()
+                    .collect()
+            });
             move |tx: &mut dyn store::ReducerTx| fold::apply(tx, inputs, now)
         }))
         .catch_unwind()
@@ -483,7 +491,7 @@ async fn fold_one_by_one(
         let folded = AssertUnwindSafe(shared.write((stop, "fold"), || {
             let input = decode(delivery);
             move |tx: &mut dyn store::ReducerTx| match input {
-                Ok(input) => fold::apply(tx, vec![input], now),
+                Ok(inputs) => fold::apply(tx, inputs, now),
                 Err(reason) => Err(StoreError::Corrupt(reason)),
             }
         }))

@@ -9,6 +9,7 @@ mod control;
 pub mod exec;
 mod heartbeat;
 pub mod operation;
+mod reporter;
 pub mod runner;
 mod session;
 

@@ -7,12 +7,12 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::broker::{Broker, BrokerError, Publisher, answered, json_properties};
+use common::broker::{Broker, BrokerError, Publisher, answered};
 use common::consume::consume;
 use common::lapin::Channel;
 use common::lapin::message::Delivery;
 use common::lapin::options::{BasicAckOptions, BasicCancelOptions, BasicQosOptions};
-use common::topology::{KEY_REDUCER, Names, declare_work_queue};
+use common::topology::{Names, declare_work_queue};
 use common::wire::Fragment;
 use futures::StreamExt;
 use futures::stream::{BoxStream, SelectAll};
@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::adaptive::{self, Controller, Decision, QueueLoad};
 use crate::budget::{SessionBudget, Taken, consumer_prefetch};
+use crate::reporter::Reporter;
 use crate::runner::run_fragment;
 use crate::{WorkerError, WorkerState};
 
@@ -56,8 +57,10 @@ pub(crate) async fn run(
     tracing::info!(worker = %state.id, queues = consumers.queues.len(), "consuming");
 
     let tracker = TaskTracker::new();
+    let (reporter, reporting) = Reporter::start(publisher.clone(), names.clone());
     let fragments = FragmentTasks {
         publisher: publisher.clone(),
+        reporter,
         names: names.clone(),
         state: Arc::clone(state),
         running: Arc::new(Semaphore::new(usize::from(state.run_slots()))),
@@ -130,6 +133,8 @@ pub(crate) async fn run(
     tracker.wait().await;
     fragments.stop.cancel();
     heartbeat.abort();
+    // Every fragment task has ended: no report is waiting for its confirm.
+    reporting.abort();
     control.abort();
     let _ = consumers.channel.close(200, "worker stopping".into()).await;
     let _ = publisher
@@ -561,6 +566,8 @@ async fn take_until_ended<T>(
 #[derive(Clone)]
 struct FragmentTasks {
     publisher: Publisher,
+    /// Publishes the reports, several to a message when they queue up.
+    reporter: Reporter,
     names: Names,
     state: Arc<WorkerState>,
     /// Permits for the fragments that run at once (`prefetch`).
@@ -683,19 +690,7 @@ async fn handle_fragment(
         .increment(1);
     metrics::counter!("batchq_worker_operations_total", "operation" => fragment.operation.clone())
         .increment(u64::from(report.done));
-    let body = serde_json::to_vec(&common::wire::ReducerInput::Fragment(report))?;
-    tasks
-        .publisher
-        .start_with(
-            &tasks.names.events(),
-            KEY_REDUCER,
-            &body,
-            json_properties(),
-            true,
-        )
-        .await?
-        .wait()
-        .await?;
+    tasks.reporter.report(serde_json::to_vec(&report)?).await?;
     // The settlement the prefetch must cover: the report's confirm (an ack held back while
     // consumers are cancelled is not part of it).
     let confirmed = Instant::now();
