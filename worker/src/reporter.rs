@@ -103,3 +103,89 @@ fn tell(waiting: Vec<oneshot::Sender<Result<(), String>>>, outcome: Result<(), S
         let _ = task.send(outcome.clone());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::broker::Broker;
+    use common::config::BrokerArgs;
+    use common::lapin::options::BasicGetOptions;
+    use common::wire::{FragmentReport, Indices, ReducerInput};
+
+    fn report(fragment: u64) -> Vec<u8> {
+        serde_json::to_vec(&FragmentReport {
+            job_id: "j".into(),
+            fragment,
+            operation: "noop".into(),
+            attempt: 1,
+            worker: "w".into(),
+            indices: Indices::Span(fragment, fragment + 1),
+            done: 1,
+            failures: vec![],
+            results: vec![],
+            cut: None,
+            started_at_ms: 1,
+            elapsed_us: 1,
+            measurements: Default::default(),
+        })
+        .expect("encodes")
+    }
+
+    /// Reports handed over while none is being published yet share one message; each task
+    /// hears its report confirmed, and the reducer's queue holds every report once. Needs the
+    /// broker of `AMQP_URL` (as the integration tests do), in a namespace of its own.
+    #[tokio::test]
+    async fn reports_that_queue_up_share_a_message() {
+        let url = std::env::var("AMQP_URL")
+            .unwrap_or_else(|_| common::config::DEFAULT_AMQP_URL.to_owned());
+        let ns = format!(
+            "test-reporter-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let broker =
+            Broker::new(&BrokerArgs::new(url.as_str(), ns.as_str()), "test").expect("broker");
+        broker.declare_topology().await.expect("topology");
+        let publisher = broker.publisher().await.expect("publisher");
+        let (reporter, task) = Reporter::start(publisher, broker.names().clone());
+        // Handed over together: all are queued before the publishing task first runs (this
+        // test's runtime has one thread).
+        let confirmed =
+            futures::future::join_all((0..40).map(|f| reporter.report(report(f)))).await;
+        assert!(confirmed.iter().all(Result::is_ok), "{confirmed:?}");
+
+        let channel = broker.channel().await.expect("channel");
+        let (mut messages, mut fragments) = (0, Vec::new());
+        while let Some(message) = channel
+            .basic_get(
+                broker.names().reducer_queue().as_str().into(),
+                BasicGetOptions { no_ack: true },
+            )
+            .await
+            .expect("basic.get")
+        {
+            messages += 1;
+            for input in common::wire::decode_reducer_message(&message.delivery.data)
+                .expect("a reducer message")
+            {
+                let ReducerInput::Fragment(report) = input else {
+                    panic!("not a report: {input:?}");
+                };
+                fragments.push(report.fragment);
+            }
+        }
+        task.abort();
+        common::topology::delete(&channel, broker.names(), &[])
+            .await
+            .expect("cleanup");
+        fragments.sort_unstable();
+        assert_eq!(
+            fragments,
+            (0..40).collect::<Vec<u64>>(),
+            "every report once"
+        );
+        assert_eq!(
+            messages, 1,
+            "40 reports queued together travel in one message"
+        );
+    }
+}
