@@ -1,6 +1,6 @@
 //! The worker as a library: `worker/examples/custom_operation.rs` registers a `reverse`
-//! operation beside the built-ins, and a job naming it runs end to end with the results and
-//! the failure the example promises.
+//! operation and a typed async function `scale` beside the built-ins, and jobs naming them
+//! run end to end with the results and the failures the example promises.
 
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ async fn custom_reverse_operation_runs_beside_the_builtins() -> Result<()> {
     env.start_worker_program(
         example_path("worker", "custom_operation"),
         WorkerOpts {
-            operations: Some(vec!["reverse".into(), "sha256".into()]),
+            operations: Some(vec!["reverse".into(), "scale".into(), "sha256".into()]),
             ..WorkerOpts::default()
         },
     )?;
@@ -138,6 +138,42 @@ async fn custom_reverse_operation_runs_beside_the_builtins() -> Result<()> {
             ResultLine::Ok {
                 index: 1,
                 result: json!(sha256_hex("7", 1))
+            },
+        ]
+    );
+
+    // `scale`, registered as an async function of the example's own types: an item that does
+    // not fit its type fails that operation alone, the error naming the field.
+    let scaled = env
+        .submit(&json!({
+            "job_id": env.job_id("scale"),
+            "operation": "scale",
+            "params": {"factor": 1.5},
+            "items": [
+                {"width": 640, "height": 480},
+                {"width": "wide", "height": 1},
+                {"width": 3, "height": 5},
+            ],
+            "max_attempts": 1,
+            "tolerated_failure_percent": 50.0,
+        }))
+        .await?;
+    let status = env.wait_for_terminal(&scaled, JOB_TIMEOUT).await?;
+    assert_counts(&status, JobState::Succeeded, 2, 1);
+    assert_eq!(
+        env.results(&scaled).await?,
+        vec![
+            ResultLine::Ok {
+                index: 0,
+                result: json!({"width": 960, "height": 720})
+            },
+            ResultLine::Err {
+                index: 1,
+                error: "item.width: invalid type: string \"wide\", expected u32".into()
+            },
+            ResultLine::Ok {
+                index: 2,
+                result: json!({"width": 5, "height": 8})
             },
         ]
     );

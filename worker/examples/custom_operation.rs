@@ -1,4 +1,6 @@
-//! A worker that offers an operation of its own, `reverse`, beside the built-ins.
+//! A worker that offers operations of its own beside the built-ins: `scale`, an async
+//! function over types of its own (the short way), and `reverse`, an [`Operation`] (the way
+//! that also records metrics of its own).
 //!
 //! The worker is a library: a program of your own builds a [`Registry`], registers its
 //! operations in it and hands it to [`worker::run`]. Everything else (flags, environment,
@@ -17,12 +19,50 @@
 //! {"operation": "reverse", "items": ["abc", "héllo", 42, {"a": 1}]}
 //! ```
 //!
-//! `batchctl results JOB` then prints `"cba"`, `"olléh"`, `"24"` and `"}1:\"a\"{"`.
+//! `batchctl results JOB` then prints `"cba"`, `"olléh"`, `"24"` and `"}1:\"a\"{"`. And
+//!
+//! ```json
+//! {"operation": "scale", "params": {"factor": 1.5},
+//!  "items": [{"width": 640, "height": 480}, {"width": "wide", "height": 1}]}
+//! ```
+//!
+//! gives `{"width":960,"height":720}` and, for the second item, the error
+//! `item.width: invalid type: string "wide", expected u32`.
 
-use async_trait::async_trait;
-use common::jobspec::item_text;
-use serde_json::Value;
-use worker::{OpError, OpInput, Operation, Registry};
+use serde::{Deserialize, Serialize};
+use worker::{OpError, OpInput, Operation, Registry, Value, async_trait, item_text};
+
+/// A `scale` item: a size in pixels.
+#[derive(Deserialize, Serialize)]
+struct Size {
+    width: u32,
+    height: u32,
+}
+
+/// `scale`'s params.
+#[derive(Deserialize)]
+struct Scale {
+    factor: f64,
+}
+
+/// `size` scaled by `params.factor`, rounded to whole pixels; a size that would not fit fails.
+async fn scale(size: Size, params: Scale) -> Result<Size, OpError> {
+    let scaled = |pixels: u32| {
+        let scaled = (f64::from(pixels) * params.factor).round();
+        if (0.0..=f64::from(u32::MAX)).contains(&scaled) {
+            Ok(scaled as u32)
+        } else {
+            Err(OpError::new(format!(
+                "{pixels} × {} is no size",
+                params.factor
+            )))
+        }
+    };
+    Ok(Size {
+        width: scaled(size.width)?,
+        height: scaled(size.height)?,
+    })
+}
 
 /// Reverses `text(item)` (a string item as itself, anything else as its compact JSON) by
 /// Unicode scalar values. An empty text has nothing to reverse, and fails.
@@ -54,6 +94,7 @@ impl Operation for Reverse {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut registry = Registry::with_builtins();
+    registry.register_fn("scale", scale);
     registry.register(Reverse);
     worker::main_with(registry).await?;
     Ok(())

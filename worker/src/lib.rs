@@ -27,6 +27,12 @@ use tokio_util::sync::CancellationToken;
 pub use crate::exec::{Exec, ExecAllowList};
 pub use crate::operation::{EXEC, OpError, OpInput, OpMetrics, Operation, Registry};
 use crate::runner::CancelledJobs;
+/// What a program with operations of its own needs beside these, so that it depends on
+/// `worker` alone: the trait's attribute, JSON values, and the text of an item as the
+/// built-ins read it.
+pub use async_trait::async_trait;
+pub use common::jobspec::item_text;
+pub use serde_json::{Map, Value, json};
 
 /// Settings of a worker.
 #[derive(Debug, Clone, Args)]
