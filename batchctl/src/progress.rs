@@ -421,6 +421,9 @@ impl Watching<'_> {
                  start one",
                 peek.ready
             ),
+            Ok([Some(peek)]) if peek.ready == 0 => {
+                "taken by the splitter; waiting for its acceptance to reach the reducer".to_owned()
+            }
             Ok([Some(peek)]) => format!(
                 "waiting to be accepted by the splitter ({} job(s) in {queue})",
                 peek.ready
