@@ -16,7 +16,7 @@ use common::contract::{JobState, ResultLine};
 use serde_json::{Value, json};
 
 const JOBS: usize = 20;
-const OPS: u64 = 2000;
+const OPS: u64 = 6000;
 const FRAGMENT: u64 = 5;
 const ROUNDS: u32 = 2;
 
