@@ -60,10 +60,47 @@ pub struct JobSpec {
     pub collect_results: bool,
 }
 
+/// Largest `params`, as JSON, that [`JobSpec::summary`] keeps whole.
+pub const SUMMARY_MAX_PARAMS_BYTES: usize = 16 * 1024;
+
 impl JobSpec {
     /// Number of operations in the job, at most [`MAX_OPS_TOTAL`].
     pub fn ops_total(&self) -> u64 {
         self.ops_total
+    }
+
+    /// The job as validated, every default filled in, for people to read (the console's job
+    /// page): `items` become their count, and `params` larger than
+    /// [`SUMMARY_MAX_PARAMS_BYTES`] become a note of their size, so the summary stays small
+    /// whatever the job holds.
+    pub fn summary(&self) -> Value {
+        let params = Value::Object(self.params.clone());
+        let params_bytes = serde_json::to_vec(&params).map_or(0, |b| b.len());
+        let params = if params_bytes > SUMMARY_MAX_PARAMS_BYTES {
+            Value::String(format!("({params_bytes} bytes of JSON, not kept)"))
+        } else {
+            params
+        };
+        let mut summary = serde_json::json!({
+            "operation": self.operation,
+            "params": params,
+            "fragment_size": self.fragment_size,
+            "max_concurrent_fragments": self.max_concurrent_fragments,
+            "lifespan_ms": self.lifespan_ms,
+            "max_attempts": self.max_attempts,
+            "tolerated_failure_percent": self.tolerated_failure_percent,
+            "collect_results": self.collect_results,
+        });
+        let input = match &self.input {
+            JobInput::Items(items) => ("items", serde_json::json!({ "count": items.len() })),
+            JobInput::Range { start, end } => {
+                ("range", serde_json::json!({ "start": start, "end": end }))
+            }
+        };
+        if let Some(object) = summary.as_object_mut() {
+            object.insert(input.0.to_owned(), input.1);
+        }
+        summary
     }
 }
 
@@ -518,6 +555,31 @@ mod tests {
         assert_eq!(spec.lifespan_ms, 1000);
         assert_eq!(spec.max_attempts, 4);
         assert!(!spec.collect_results);
+    }
+
+    #[test]
+    fn summary_counts_items_and_leaves_out_huge_params() {
+        let spec =
+            parse(r#"{"operation":"noop","items":[1,2,3],"params":{"n":1}}"#).expect("valid");
+        let summary = spec.summary();
+        assert_eq!(summary["items"], serde_json::json!({"count": 3}));
+        assert_eq!(summary["params"], serde_json::json!({"n": 1}));
+        assert_eq!(summary["max_concurrent_fragments"], 16);
+        assert_eq!(summary["lifespan_ms"], 60_000);
+        assert_eq!(summary["max_attempts"], 3);
+        assert_eq!(summary["fragment_size"], Value::Null);
+
+        let big = "x".repeat(SUMMARY_MAX_PARAMS_BYTES);
+        let body = format!(
+            r#"{{"operation":"noop","range":{{"start":0,"end":2}},"params":{{"blob":"{big}"}}}}"#
+        );
+        let summary = parse(&body).expect("valid").summary();
+        assert_eq!(summary["range"], serde_json::json!({"start": 0, "end": 2}));
+        let note = summary["params"].as_str().expect("a note, not the params");
+        assert!(
+            note.contains(&format!("{} bytes", SUMMARY_MAX_PARAMS_BYTES + 11)),
+            "{note}"
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::contract::JobStatus;
+use crate::contract::{JobState, JobStatus};
 
 /// The operation indices a fragment covers, in the order they run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,6 +150,10 @@ pub enum ReducerInput {
         collect_results: bool,
         tolerated_failure_percent: f64,
         max_attempts: u32,
+        /// [`crate::jobspec::JobSpec::summary`], for the console (absent from splitters
+        /// before issue 14).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        spec: Option<Value>,
     },
     /// The splitter refused the message as a job.
     Rejected {
@@ -164,7 +168,8 @@ pub enum ReducerInput {
         seq: u64,
         at_ms: i64,
     },
-    /// A cancelled job has no fragment out any more: its counts are final.
+    /// The job was cancelled: it ends now. Fragments that were running still report what
+    /// they ran, which the reducer adds to its counts.
     Cancelled { job_id: String, at_ms: i64 },
     /// A worker finished (or stopped) a fragment.
     Fragment(FragmentReport),
@@ -379,6 +384,62 @@ pub enum Request {
     Delete {
         job_id: String,
     },
+    /// One page of jobs, newest submitted first, for the web console: only those in `state`
+    /// (if given) whose id starts with `prefix` (if given), skipping `offset` of them.
+    #[serde(rename = "jobs_page")]
+    JobsPage {
+        #[serde(default)]
+        state: Option<JobState>,
+        #[serde(default)]
+        prefix: Option<String>,
+        offset: u64,
+        limit: u32,
+    },
+    /// One page of a job's failed operations, ordered by index: only those whose error
+    /// contains `search` (ignoring ASCII case, if given), skipping `offset` of them.
+    Failures {
+        job_id: String,
+        #[serde(default)]
+        search: Option<String>,
+        offset: u64,
+        limit: u32,
+    },
+    /// The job's status and the JobSpec it was accepted with (see [`SpecSummary`]).
+    Job {
+        job_id: String,
+    },
+}
+
+/// One page of jobs; `total` counts every job that matches the filter, `by_state` every job
+/// the reducer keeps, by state, whatever the filter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobsPage {
+    pub jobs: Vec<JobStatus>,
+    pub total: u64,
+    pub by_state: std::collections::BTreeMap<String, u64>,
+}
+
+/// A failed operation and its error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailedItem {
+    pub index: u64,
+    pub error: String,
+}
+
+/// One page of failed operations; `total` counts every one that matches the search.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailuresPage {
+    pub failures: Vec<FailedItem>,
+    pub total: u64,
+}
+
+/// A job as the console shows it: its status, and the JobSpec it was accepted with as
+/// [`crate::jobspec::JobSpec::summary`] gives it (`None` for a job accepted before the
+/// reducer kept specs, or rejected).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobDetail {
+    pub status: JobStatus,
+    pub spec: Option<Value>,
 }
 
 /// One page of results; `next` is where the following page starts, if any.
@@ -417,6 +478,10 @@ pub enum Response {
     Deleted {
         job_id: String,
     },
+    #[serde(rename = "jobs_page")]
+    JobsPage(JobsPage),
+    Failures(FailuresPage),
+    Job(JobDetail),
 }
 
 /// Why a job's records are gone.

@@ -158,6 +158,7 @@ impl Fold<'_> {
                 collect_results,
                 tolerated_failure_percent,
                 max_attempts,
+                spec: _,
             } => {
                 let job = self.job(&job_id)?;
                 if job.state.is_some() {
@@ -437,6 +438,7 @@ pub(crate) mod tests {
             collect_results: true,
             tolerated_failure_percent: tolerated,
             max_attempts,
+            spec: None,
         }
     }
 

@@ -1227,6 +1227,7 @@ mod bench {
                 collect_results: true,
                 tolerated_failure_percent: 0.0,
                 max_attempts: 1,
+                spec: None,
             })
             .collect();
         let store = fx.store();

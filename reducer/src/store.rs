@@ -861,6 +861,7 @@ pub(crate) mod tests {
             collect_results: true,
             tolerated_failure_percent: 0.0,
             max_attempts: 1,
+            spec: None,
         }
     }
 
@@ -1017,6 +1018,7 @@ pub(crate) mod tests {
                 collect_results: true,
                 tolerated_failure_percent: 0.0,
                 max_attempts: 1,
+                spec: None,
             };
             let inputs = vec![
                 accept("b", 1),

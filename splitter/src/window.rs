@@ -243,6 +243,7 @@ impl Batch<'_> {
             return Ok(());
         }
         let ops_total = spec.ops_total();
+        let summary = spec.summary();
         let params =
             serde_json::to_string(&spec.params).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         // A job without fragment_size starts from the cost the same operation with the same
@@ -294,6 +295,7 @@ impl Batch<'_> {
             collect_results: job.collect_results,
             tolerated_failure_percent: spec.tolerated_failure_percent,
             max_attempts: spec.max_attempts,
+            spec: Some(summary),
         })?;
         tracing::info!(job_id = %job.job_id, ops_total, fragment_size = job.fragment_size, "job accepted");
         self.jobs.insert(job.job_id.clone(), (job, true));
