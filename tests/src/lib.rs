@@ -39,6 +39,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 
+pub mod browser;
 pub mod cluster;
 pub mod ha;
 pub mod postgres;
@@ -292,6 +293,7 @@ impl Proc {
             "BATCHQ_RETENTION",
             "BATCHQ_TLS_CA_FILE",
             "BATCHQ_EXEC_ALLOW",
+            "BATCHQ_UI_TOKEN",
         ] {
             command.env_remove(var);
         }
