@@ -74,19 +74,19 @@ fn job_filter(job: Option<String>) -> anyhow::Result<Option<String>> {
 
 /// One message of `{ns}.dead`, as listed.
 #[derive(Debug, Serialize)]
-struct DeadRow {
+pub(crate) struct DeadRow {
     /// 1 is the head of the queue.
-    position: u64,
-    reason: Option<String>,
-    job_id: Option<String>,
+    pub position: u64,
+    pub reason: Option<String>,
+    pub job_id: Option<String>,
     /// Body size in bytes.
-    size: usize,
-    age_secs: Option<u64>,
-    kept_at: Option<String>,
-    kept_by: KeptBy,
-    origin_exchange: Option<String>,
-    origin_routing_key: Option<String>,
-    message_id: Option<String>,
+    pub size: usize,
+    pub age_secs: Option<u64>,
+    pub kept_at: Option<String>,
+    pub kept_by: KeptBy,
+    pub origin_exchange: Option<String>,
+    pub origin_routing_key: Option<String>,
+    pub message_id: Option<String>,
 }
 
 impl DeadRow {
@@ -116,7 +116,7 @@ impl DeadRow {
         }
     }
 
-    fn origin_text(&self) -> String {
+    pub(crate) fn origin_text(&self) -> String {
         match (&self.origin_exchange, &self.origin_routing_key) {
             (Some(exchange), Some(key)) if exchange.is_empty() => format!("(default)/{key}"),
             (Some(exchange), Some(key)) => format!("{exchange}/{key}"),
@@ -167,6 +167,29 @@ fn rows_table(rows: &[DeadRow]) -> String {
 /// Lists the first `limit` messages of `{ns}.dead`, then hands every one back.
 async fn list(broker: &Broker, json: bool, limit: u32) -> anyhow::Result<()> {
     let queue = broker.names().dead();
+    let (rows, present) = read_rows(broker, limit).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("{queue} is empty");
+        return Ok(());
+    }
+    print!("{}", rows_table(&rows));
+    if present > rows.len() as u64 {
+        println!(
+            "{} of {present} messages listed (--limit {limit})",
+            rows.len()
+        );
+    }
+    Ok(())
+}
+
+/// The first `limit` messages of `{ns}.dead`, described, and how many it held. The queue is
+/// read whole and handed back in its order.
+pub(crate) async fn read_rows(broker: &Broker, limit: u32) -> anyhow::Result<(Vec<DeadRow>, u64)> {
+    let queue = broker.names().dead();
     let channel = broker.channel().await?;
     let mut walk = DeadWalk::start(channel, &queue).await?;
     let now_secs = common::timefmt::now_ms().max(0) as u64 / 1000;
@@ -185,22 +208,7 @@ async fn list(broker: &Broker, json: bool, limit: u32) -> anyhow::Result<()> {
     .await;
     let present = walk.present;
     walk.finish().await.and(read)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(());
-    }
-    if rows.is_empty() {
-        println!("{queue} is empty");
-        return Ok(());
-    }
-    print!("{}", rows_table(&rows));
-    if present > rows.len() as u64 {
-        println!(
-            "{} of {present} messages listed (--limit {limit})",
-            rows.len()
-        );
-    }
-    Ok(())
+    Ok((rows, present))
 }
 
 /// What `requeue` did, for its report.

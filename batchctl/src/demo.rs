@@ -41,6 +41,13 @@ pub struct DemoArgs {
     /// `demo.log` in the demo's data folder.
     #[arg(long)]
     verbose: bool,
+    /// Serve the web console (`batchctl ui`) beside the demo, and keep it, and the demo's
+    /// components, up after the job ends until Ctrl-C.
+    #[arg(long)]
+    ui: bool,
+    /// Where the console listens with `--ui`.
+    #[arg(long, default_value = "127.0.0.1:8080", requires = "ui")]
+    listen: std::net::SocketAddr,
 }
 
 pub async fn run(broker_args: BrokerArgs, args: DemoArgs) -> anyhow::Result<ExitCode> {
@@ -71,6 +78,19 @@ pub async fn run(broker_args: BrokerArgs, args: DemoArgs) -> anyhow::Result<Exit
                 .with_context(|| format!("creating the demo's log {}", log.display()))?,
         );
     }
+    // The console's port is taken before anything starts, so a port in use fails at once.
+    let token = std::env::var("BATCHQ_UI_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    let listener = if args.ui {
+        let ui = crate::ui::UiArgs {
+            listen: args.listen,
+            token: token.clone(),
+        };
+        Some(crate::ui::bind(&ui).await?)
+    } else {
+        None
+    };
     let broker = Broker::new(&broker_args, "batchctl-demo")?;
     broker
         .declare_topology()
@@ -122,6 +142,19 @@ pub async fn run(broker_args: BrokerArgs, args: DemoArgs) -> anyhow::Result<Exit
     }
 
     let job_id = format!("demo-sha256-{}", args.ops);
+    let console_url = match listener {
+        Some(listener) => {
+            let url = crate::ui::announce(&listener)?;
+            eprintln!("watch it in a browser: {url}jobs/{job_id}");
+            let console = crate::ui::Console::new(broker.clone(), Duration::from_secs(5), token);
+            let stop = shutdown.clone();
+            components.spawn("console", async move {
+                crate::ui::serve(listener, console, async move { stop.cancelled().await }).await
+            });
+            Some(url)
+        }
+        None => None,
+    };
     let spec = serde_json::json!({
         "job_id": job_id,
         "operation": "sha256",
@@ -165,6 +198,15 @@ pub async fn run(broker_args: BrokerArgs, args: DemoArgs) -> anyhow::Result<Exit
             ExitCode::from(2)
         }
     };
+    if let Some(url) = console_url
+        && code != ExitCode::from(2)
+    {
+        eprintln!("the console stays up at {url} until Ctrl-C");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            stopped = components.first_stopped() => eprintln!("batchctl demo: {stopped}"),
+        }
+    }
     components.stop(&shutdown, STOP_GRACE).await;
     if code != ExitCode::SUCCESS && !args.verbose {
         // The log says what went wrong: keep it.

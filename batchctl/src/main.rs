@@ -4,6 +4,7 @@ mod dead;
 mod demo;
 mod progress;
 mod table;
+mod ui;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -94,6 +95,9 @@ enum Command {
     /// Run a real job end to end on this machine: splitter, reducer and workers in this
     /// process, a sha256 job over a range, with live progress.
     Demo(demo::DemoArgs),
+    /// A web console: jobs, a job's failed items, workers, queues, dead letters, submit and
+    /// cancel (default http://127.0.0.1:8080/; `BATCHQ_UI_TOKEN` to require a token).
+    Ui(ui::UiArgs),
 }
 
 /// Exit codes: 0 done (and for waits, the job succeeded), 1 the job ended otherwise, 2 error.
@@ -226,6 +230,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Dead(args) => dead::run(&broker, args).await?,
         Command::Demo(args) => return demo::run(cli.broker, args).await,
+        Command::Ui(args) => ui::run(broker, timeout, args).await?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -286,7 +291,7 @@ fn exit_for(state: JobState) -> ExitCode {
     }
 }
 
-fn unexpected(response: Response) -> anyhow::Error {
+pub(crate) fn unexpected(response: Response) -> anyhow::Error {
     match response {
         Response::NotFound { job_id } => anyhow!("unknown job {job_id}"),
         Response::Gone(tombstone) => anyhow!("{}", tombstone.describe()),
@@ -298,7 +303,9 @@ fn unexpected(response: Response) -> anyhow::Error {
     }
 }
 
-async fn declared_publisher(broker: &Broker) -> anyhow::Result<common::broker::Publisher> {
+pub(crate) async fn declared_publisher(
+    broker: &Broker,
+) -> anyhow::Result<common::broker::Publisher> {
     broker.declare_topology().await?;
     Ok(broker.publisher().await?)
 }
@@ -346,10 +353,19 @@ fn read_spec(file: &str) -> anyhow::Result<Vec<u8>> {
 /// Publishes a JobSpec (confirmed) and returns its job id, giving it one if it has none.
 pub(crate) async fn submit(broker: &Broker, file: &str) -> anyhow::Result<String> {
     let body = read_spec(file)?;
+    let (job_id, body) = checked_spec(&body).map_err(|e| anyhow!("{file}: {e}"))?;
+    submit_body(broker, &job_id, &body).await?;
+    Ok(job_id)
+}
+
+/// A JobSpec as published: given a job id if it has none, and checked here for what the
+/// splitter would reject, so the mistake is shown where it was made. The error names the
+/// problem as the splitter's rejection would.
+pub(crate) fn checked_spec(body: &[u8]) -> Result<(String, Vec<u8>), String> {
     let mut value: Value =
-        serde_json::from_slice(&body).map_err(|e| anyhow!("{file} is not a JSON JobSpec: {e}"))?;
+        serde_json::from_slice(body).map_err(|e| format!("not a JSON JobSpec: {e}"))?;
     let Some(object) = value.as_object_mut() else {
-        bail!("{file}: a JobSpec is a JSON object");
+        return Err("a JobSpec is a JSON object".into());
     };
     if !object.contains_key("job_id") {
         object.insert(
@@ -357,12 +373,10 @@ pub(crate) async fn submit(broker: &Broker, file: &str) -> anyhow::Result<String
             Value::String(uuid::Uuid::new_v4().to_string()),
         );
     }
-    let body = serde_json::to_vec(&value)?;
-    // Check here what the splitter would reject, so the mistake is shown where it was made.
+    let body = serde_json::to_vec(&value).map_err(|e| e.to_string())?;
     let spec = parse_job_spec(&body, None, None, ParseLimits::default())
-        .map_err(|rejection| anyhow!("invalid JobSpec: {}", rejection.error))?;
-    submit_body(broker, &spec.job_id, &body).await?;
-    Ok(spec.job_id)
+        .map_err(|rejection| format!("invalid JobSpec: {}", rejection.error))?;
+    Ok((spec.job_id, body))
 }
 
 pub(crate) async fn submit_body(broker: &Broker, job_id: &str, body: &[u8]) -> anyhow::Result<()> {
@@ -408,6 +422,21 @@ async fn results(broker: &Broker, job: &str, timeout: Duration) -> anyhow::Resul
 
 /// Queue figures from passive declares (no management plugin needed).
 async fn queues(broker: &Broker, timeout: Duration, json: bool) -> anyhow::Result<()> {
+    let rows = queue_rows(broker, timeout).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", table::queues(&rows));
+    }
+    Ok(())
+}
+
+/// Every batchq queue of the namespace that exists: the fixed ones, and the work queues of
+/// the built-in operations, of those live workers offer and of recent jobs.
+pub(crate) async fn queue_rows(
+    broker: &Broker,
+    timeout: Duration,
+) -> anyhow::Result<Vec<table::QueueRow>> {
     let names = broker.names();
     let mut operations: Vec<String> = BUILTIN_OPERATIONS.iter().map(|s| s.to_string()).collect();
     // Unacknowledged work comes from worker heartbeats: what each live worker holds.
@@ -452,10 +481,5 @@ async fn queues(broker: &Broker, timeout: Duration, json: bool) -> anyhow::Resul
             })
         })
         .collect();
-    if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-    } else {
-        print!("{}", table::queues(&rows));
-    }
-    Ok(())
+    Ok(rows)
 }

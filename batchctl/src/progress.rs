@@ -134,13 +134,13 @@ fn job_elapsed(status: &JobStatus, now_ms: i64) -> Option<Duration> {
 }
 
 /// Milliseconds since the epoch of a contract timestamp (RFC 3339).
-fn parse_ms(timestamp: &str) -> Option<i64> {
+pub(crate) fn parse_ms(timestamp: &str) -> Option<i64> {
     let t = OffsetDateTime::parse(timestamp, &Rfc3339).ok()?;
     i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
 }
 
 /// `4.2s`, `2m05s`, `2h01m`: short, and precise where it matters.
-fn format_duration(d: Duration) -> String {
+pub(crate) fn format_duration(d: Duration) -> String {
     let secs = d.as_secs();
     if secs >= 3600 {
         format!("{}h{:02}m", secs / 3600, secs % 3600 / 60)
@@ -156,7 +156,7 @@ fn format_eta(eta: Option<Duration>) -> String {
 }
 
 /// Operations per second: a decimal for slow jobs, whole numbers otherwise.
-fn format_rate(rate: Option<f64>) -> String {
+pub(crate) fn format_rate(rate: Option<f64>) -> String {
     match rate {
         None => "?".to_owned(),
         Some(r) if r < 10.0 => format!("{r:.1}"),

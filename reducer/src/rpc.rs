@@ -199,14 +199,17 @@ fn health(tables: &Tables) -> HealthReport {
         &tables.health,
         true,
     ))];
-    // This process's own beats from a time it was a standby are not listed twice.
+    // This process's own beats from a time it was a standby are not listed twice (by role
+    // too: a splitter in the same process, as in `batchctl demo`, has the same instance).
     let me = services[0].instance.clone();
     let mut others: Vec<ServiceHealth> = {
         let mut table = tables.services.lock().unwrap_or_else(|p| p.into_inner());
         table.retain(|_, (beat, seen)| now - *seen <= 3 * beat.interval_ms as i64);
         table
             .values()
-            .filter(|(beat, _)| me.as_deref() != Some(beat.instance.as_str()))
+            .filter(|(beat, _)| {
+                beat.role != "reducer" || me.as_deref() != Some(beat.instance.as_str())
+            })
             .map(|(beat, _)| ServiceHealth::from_beat(beat))
             .collect()
     };
