@@ -6,12 +6,12 @@ use std::path::PathBuf;
 use common::contract::{JobState, JobStatus, ResultLine};
 use common::lease::Fence;
 use common::pg::PgDatabase;
-use common::wire::{Removal, Tombstone};
+use common::wire::{FailuresPage, JobDetail, JobsPage, Removal, Tombstone};
 
 use crate::pg_store::{PgPruner, PgQueries, PgStore};
 use crate::store::{
-    Burial, ReducerQueries, ReducerStore, ReducerTx, SqlitePruner, SqliteQueries, SqliteStore,
-    StoreError,
+    Burial, JobsFilter, ReducerQueries, ReducerStore, ReducerTx, SqlitePruner, SqliteQueries,
+    SqliteStore, StoreError,
 };
 
 /// Where the store is: what the reducer opens its connections to.
@@ -115,6 +115,29 @@ impl ReducerQueries for Queries {
 
     fn jobs_by_state(&mut self) -> Result<Vec<(JobState, u64)>, StoreError> {
         self.get().jobs_by_state()
+    }
+
+    fn jobs_page(
+        &mut self,
+        filter: &JobsFilter,
+        offset: u64,
+        limit: u32,
+    ) -> Result<JobsPage, StoreError> {
+        self.get().jobs_page(filter, offset, limit)
+    }
+
+    fn failures(
+        &mut self,
+        job_id: &str,
+        search: Option<&str>,
+        offset: u64,
+        limit: u32,
+    ) -> Result<FailuresPage, StoreError> {
+        self.get().failures(job_id, search, offset, limit)
+    }
+
+    fn job_detail(&mut self, job_id: &str) -> Result<Option<JobDetail>, StoreError> {
+        self.get().job_detail(job_id)
     }
 }
 

@@ -158,7 +158,7 @@ impl Fold<'_> {
                 collect_results,
                 tolerated_failure_percent,
                 max_attempts,
-                spec: _,
+                spec,
             } => {
                 let job = self.job(&job_id)?;
                 if job.state.is_some() {
@@ -170,6 +170,7 @@ impl Fold<'_> {
                 job.collect_results = collect_results;
                 job.tolerated_failure_percent = tolerated_failure_percent;
                 job.max_attempts = max_attempts.max(1);
+                job.spec = spec.map(|spec| spec.to_string());
                 self.transition(&job_id, JobState::Accepted)?;
                 // Reports that overtook the accept may already complete the job; an empty job
                 // is complete at once.

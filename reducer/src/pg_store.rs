@@ -30,13 +30,14 @@ use common::lease::Fence;
 use common::pg::{Params, PgDatabase, PgTx, big, get_u64};
 use common::retention::format_period_ms;
 use common::timefmt::format_ms;
-use common::wire::{Removal, Tombstone};
+use common::wire::{FailedItem, FailuresPage, JobDetail, JobsPage, Removal, Tombstone};
 use tokio_postgres::Row;
 
 use crate::aggregate::Measured;
 use crate::store::{
-    Burial, JOB_COLUMNS, JobRecord, Outcome, RecordedFragment, ReducerQueries, ReducerStore,
-    ReducerTx, StoreError, TERMINAL_STATES, encode, with_state,
+    Burial, JOB_COLUMNS, JobRecord, JobsFilter, Outcome, RecordedFragment, ReducerQueries,
+    ReducerStore, ReducerTx, StoreError, TERMINAL_STATES, by_state_map, encode, parse_spec,
+    search_needle, with_state,
 };
 
 /// Schema version 1: the SQLite store's tables after all its migrations (see
@@ -106,8 +107,21 @@ CREATE TABLE tombstones (
 CREATE INDEX tombstones_to_purge ON tombstones (job_id) WHERE NOT purged;
 "#;
 
+/// Schema version 2: the web console, as the SQLite store's version 3
+/// ([`crate::store::MIGRATIONS`]): the JobSpec summary kept with each job (`spec`, JSON text,
+/// which never holds a NUL), indexes in the console's order (newest submitted first, NULLs
+/// last as SQLite orders them) in place of the plain ones, and an index of the failed rows.
+const PG_SCHEMA_V2: &str = r#"
+ALTER TABLE jobs ADD COLUMN spec TEXT;
+DROP INDEX jobs_by_state;
+DROP INDEX jobs_by_submitted;
+CREATE INDEX jobs_newest ON jobs (submitted_at_ms DESC NULLS LAST, job_id);
+CREATE INDEX jobs_by_state_newest ON jobs (state, submitted_at_ms DESC NULLS LAST, job_id);
+CREATE INDEX results_failed ON results (job_id, idx) WHERE NOT ok;
+"#;
+
 /// The PostgreSQL reducer store's migrations, in order (for [`PgDatabase::migrate`]).
-pub const PG_MIGRATIONS: &[&str] = &[PG_SCHEMA_V1];
+pub const PG_MIGRATIONS: &[&str] = &[PG_SCHEMA_V1, PG_SCHEMA_V2];
 
 /// Text stored as its UTF-8 bytes (see [`PG_SCHEMA_V1`]).
 fn text(bytes: Vec<u8>, what: &str) -> Result<String, StoreError> {
@@ -145,6 +159,7 @@ fn job_from_row(r: &Row) -> Result<JobRecord, StoreError> {
         collect_results: r.try_get(13)?,
         tolerated_failure_percent: r.try_get(14)?,
         max_attempts: get_u32(r, 15)?,
+        spec: None,
     };
     with_state((job, state))
 }
@@ -162,6 +177,7 @@ struct JobRow {
     collect_results: bool,
     tolerated_failure_percent: f64,
     max_attempts: i64,
+    spec: Option<String>,
 }
 
 impl JobRow {
@@ -184,6 +200,7 @@ impl JobRow {
             collect_results: job.collect_results,
             tolerated_failure_percent: job.tolerated_failure_percent,
             max_attempts: i64::from(job.max_attempts),
+            spec: job.spec.clone(),
         })
     }
 }
@@ -252,10 +269,10 @@ const FLUSH: &str = "
 WITH put_jobs AS (
     INSERT INTO jobs (job_id, state, operation, ops_total, ops_succeeded, ops_failed,
         fragments_done, fragments_in_flight, progress_seq, submitted_at_ms, started_at_ms,
-        finished_at_ms, error, collect_results, tolerated_failure_percent, max_attempts)
+        finished_at_ms, error, collect_results, tolerated_failure_percent, max_attempts, spec)
     SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
         $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[],
-        $12::bigint[], $13::bytea[], $14::boolean[], $15::float8[], $16::bigint[])
+        $12::bigint[], $13::bytea[], $14::boolean[], $15::float8[], $16::bigint[], $27::text[])
     ON CONFLICT (job_id) DO UPDATE SET
         state = excluded.state, operation = excluded.operation,
         ops_total = excluded.ops_total, ops_succeeded = excluded.ops_succeeded,
@@ -265,7 +282,9 @@ WITH put_jobs AS (
         started_at_ms = excluded.started_at_ms, finished_at_ms = excluded.finished_at_ms,
         error = excluded.error, collect_results = excluded.collect_results,
         tolerated_failure_percent = excluded.tolerated_failure_percent,
-        max_attempts = excluded.max_attempts
+        max_attempts = excluded.max_attempts,
+        -- Only the accept's put carries the spec; later puts keep it.
+        spec = COALESCE(excluded.spec, jobs.spec)
 ), put_results AS (
     INSERT INTO results (job_id, idx, ok, value)
     SELECT * FROM UNNEST($17::text[], $18::bigint[], $19::boolean[], $20::bytea[])
@@ -364,6 +383,7 @@ impl PgReducerTx<'_, '_> {
         let collect: Vec<bool> = jobs.values().map(|j| j.collect_results).collect();
         let tolerated: Vec<f64> = jobs.values().map(|j| j.tolerated_failure_percent).collect();
         let attempts: Vec<i64> = jobs.values().map(|j| j.max_attempts).collect();
+        let specs: Vec<Option<&str>> = jobs.values().map(|j| j.spec.as_deref()).collect();
         let values: Vec<&[u8]> = pending.result_values.iter().map(Vec::as_slice).collect();
         self.pg.execute(
             FLUSH,
@@ -394,6 +414,7 @@ impl PgReducerTx<'_, '_> {
                 &pending.fragment_done,
                 &pending.fragment_retry,
                 &self.fence_token,
+                &specs,
             ],
         )?;
         Ok(())
@@ -712,22 +733,149 @@ impl ReducerQueries for PgQueries {
     }
 
     fn jobs_by_state(&mut self) -> Result<Vec<(JobState, u64)>, StoreError> {
-        let rows = self.db.read(|tx| {
-            tx.query(
-                "SELECT state, COUNT(*) FROM jobs WHERE state IS NOT NULL
-                 GROUP BY state ORDER BY state",
-                &[],
+        self.db.read(counts_by_state)
+    }
+
+    fn jobs_page(
+        &mut self,
+        filter: &JobsFilter,
+        offset: u64,
+        limit: u32,
+    ) -> Result<JobsPage, StoreError> {
+        let state = filter.state.map(JobState::as_str);
+        let prefix = filter.prefix();
+        // substr counts characters, as chars() does; no id is 2^31 characters long.
+        let prefix_chars = prefix.map(|p| i32::try_from(p.chars().count()).unwrap_or(i32::MAX));
+        // Only the filters given are in the statement, so the planner picks the index that
+        // serves it (`jobs_by_state_newest` with a state, else `jobs_newest`).
+        let mut conditions = String::from("state IS NOT NULL");
+        let mut args: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = Vec::new();
+        if let Some(state) = &state {
+            args.push(state);
+            conditions.push_str(&format!(" AND state = ${}", args.len()));
+        }
+        if let (Some(prefix), Some(chars)) = (&prefix, &prefix_chars) {
+            args.push(chars);
+            args.push(prefix);
+            conditions.push_str(&format!(
+                " AND substr(job_id, 1, ${}) = ${}",
+                args.len() - 1,
+                args.len()
+            ));
+        }
+        let count_sql = format!("SELECT COUNT(*) FROM jobs WHERE {conditions}");
+        // SQLite orders NULL first, so last when descending.
+        let page_sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE {conditions}
+             ORDER BY submitted_at_ms DESC NULLS LAST, job_id LIMIT ${} OFFSET ${}",
+            args.len() + 1,
+            args.len() + 2
+        );
+        let (limit, offset) = (self::limit(limit), big(offset)?);
+        self.db.read(|tx| {
+            let total = get_u64(&tx.query_one(&count_sql, &args)?, 0)?;
+            let mut page_args = args.clone();
+            page_args.extend([
+                &limit as &(dyn tokio_postgres::types::ToSql + Sync),
+                &offset,
+            ]);
+            let rows = tx.query(&page_sql, &page_args)?;
+            let mut jobs = Vec::with_capacity(rows.len());
+            for row in &rows {
+                if let Some(status) = job_from_row(row)?.status() {
+                    jobs.push(status);
+                }
+            }
+            Ok(JobsPage {
+                jobs,
+                total,
+                by_state: by_state_map(counts_by_state(tx)?),
+            })
+        })
+    }
+
+    fn failures(
+        &mut self,
+        job_id: &str,
+        search: Option<&str>,
+        offset: u64,
+        limit: u32,
+    ) -> Result<FailuresPage, StoreError> {
+        let needle = search_needle(search);
+        let (limit, offset) = (self::limit(limit), big(offset)?);
+        self.db.read(|tx| {
+            let total = get_u64(
+                &tx.query_one(
+                    &format!("SELECT COUNT(*) FROM results WHERE {PG_FAILURE_MATCHES}"),
+                    &[&job_id, &needle],
+                )?,
+                0,
+            )?;
+            let rows = tx.query(
+                &format!(
+                    "SELECT idx, value FROM results WHERE {PG_FAILURE_MATCHES}
+                     ORDER BY idx LIMIT $3 OFFSET $4"
+                ),
+                &[&job_id, &needle, &limit, &offset],
+            )?;
+            let mut failures = Vec::with_capacity(rows.len());
+            for row in &rows {
+                failures.push(FailedItem {
+                    index: get_u64(row, 0)?,
+                    error: text(row.try_get(1)?, "an error")?,
+                });
+            }
+            Ok(FailuresPage { failures, total })
+        })
+    }
+
+    fn job_detail(&mut self, job_id: &str) -> Result<Option<JobDetail>, StoreError> {
+        let row = self.db.read(|tx| {
+            tx.query_opt(
+                &format!("SELECT {JOB_COLUMNS}, spec FROM jobs WHERE job_id = $1"),
+                &[&job_id],
             )
         })?;
-        let mut counts = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let state: &str = row.try_get(0)?;
-            let state = JobState::parse(state)
-                .ok_or_else(|| StoreError::Corrupt(format!("unknown job state {state:?}")))?;
-            counts.push((state, get_u64(row, 1)?));
-        }
-        Ok(counts)
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let Some(status) = job_from_row(&row)?.status() else {
+            return Ok(None);
+        };
+        let spec: Option<&str> = row.try_get(16)?;
+        Ok(Some(JobDetail {
+            status,
+            spec: parse_spec(job_id, spec)?,
+        }))
     }
+}
+
+/// A job's failed rows whose error contains `$2` ignoring ASCII case (every one when `$2` is
+/// NULL), as the SQLite store finds them: `NOT ok` as the partial index `results_failed` says
+/// it, and lower() in the "C" collation, which folds ASCII only, as SQLite's does. An error is
+/// its UTF-8 bytes in a BYTEA; one holding a NUL (which no TEXT can) is searched with its NULs
+/// passed over (the escape encoding's `\000` dropped, an escaped backslash `\\` kept).
+const PG_FAILURE_MATCHES: &str = r#"job_id = $1 AND NOT ok AND ($2::text IS NULL OR strpos(
+    lower((CASE WHEN position('\x00'::bytea IN value) = 0 THEN convert_from(value, 'UTF8')
+        ELSE convert_from(decode(regexp_replace(encode(value, 'escape'), '(\\\\)|\\000',
+            '\1', 'g'), 'escape'), 'UTF8') END) COLLATE "C"),
+    $2) > 0)"#;
+
+/// How many jobs are in each state (states with none are left out).
+fn counts_by_state(tx: &mut PgTx<'_>) -> Result<Vec<(JobState, u64)>, StoreError> {
+    let rows = tx.query(
+        "SELECT state, COUNT(*) FROM jobs WHERE state IS NOT NULL
+         GROUP BY state ORDER BY state",
+        &[],
+    )?;
+    let mut counts = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let state: &str = row.try_get(0)?;
+        let state = JobState::parse(state)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown job state {state:?}")))?;
+        counts.push((state, get_u64(row, 1)?));
+    }
+    Ok(counts)
 }
 
 fn tombstone(tx: &mut PgTx<'_>, job_id: &str) -> Result<Option<Tombstone>, StoreError> {
@@ -1009,6 +1157,8 @@ mod tests {
             => counts_are_stored_exactly_or_not_at_all,
         crate::store::tests::cases::queries_answer_in_the_same_order
             => queries_answer_in_the_same_order,
+        crate::store::tests::cases::console_queries_page_filter_and_search
+            => console_queries_page_filter_and_search,
         crate::store::tests::cases::the_first_record_stays => the_first_record_stays,
         crate::store::tests::cases::many_outcomes_keep_the_first_of_each_index
             => many_outcomes_keep_the_first_of_each_index,
@@ -1155,18 +1305,20 @@ mod tests {
     async fn migrating_again_changes_nothing_and_a_newer_schema_is_refused() {
         let scratch = Scratch::new().await;
         let db = database(&scratch).await;
-        assert_eq!(db.migrate(PG_MIGRATIONS).await.expect("again"), 1);
+        assert_eq!(
+            db.migrate(PG_MIGRATIONS).await.expect("again"),
+            PG_MIGRATIONS.len() as i64
+        );
         let mut newer = PG_MIGRATIONS.to_vec();
         newer.push("ALTER TABLE jobs ADD COLUMN later BIGINT");
         db.migrate(&newer).await.expect("a newer batchq");
         let error = db.migrate(PG_MIGRATIONS).await.expect_err("refused");
+        let supported = PG_MIGRATIONS.len() as i64;
         assert!(
             matches!(
                 error,
-                StoreError::NewerSchema {
-                    found: 2,
-                    supported: 1
-                }
+                StoreError::NewerSchema { found, supported: s }
+                    if found == supported + 1 && s == supported
             ),
             "{error}"
         );

@@ -13,11 +13,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Place, Queries};
 use crate::retention::Pruning;
-use crate::store::{Burial, ReducerQueries, StoreError};
+use crate::store::{Burial, JobsFilter, ReducerQueries, StoreError};
 use crate::{ReducerError, ServiceTable, WorkerTable};
 
 /// Most results in one reply.
 pub const MAX_RESULTS_PAGE: u32 = 5000;
+
+/// Most jobs, or failed operations, in one page of the console's.
+pub const MAX_CONSOLE_PAGE: u32 = 500;
 
 pub async fn serve(
     session: &Session,
@@ -145,11 +148,40 @@ fn answer(queries: &mut Queries, tables: &Tables, request: Request) -> Response 
                     Burial::Unknown => Response::NotFound { job_id },
                 })
         }
-        Request::JobsPage { .. } | Request::Failures { .. } | Request::Job { .. } => {
-            Ok(Response::Error {
-                message: "TEMPORARY: console queries come with the helper's branch".into(),
-            })
-        }
+        Request::JobsPage {
+            state,
+            prefix,
+            offset,
+            limit,
+        } => queries
+            .jobs_page(
+                &JobsFilter { state, prefix },
+                offset,
+                limit.clamp(1, MAX_CONSOLE_PAGE),
+            )
+            .map(Response::JobsPage),
+        Request::Failures {
+            job_id,
+            search,
+            offset,
+            limit,
+        } => match queries.status(&job_id) {
+            Ok(None) => missing(queries, job_id),
+            Err(e) => Err(e),
+            Ok(Some(_)) => queries
+                .failures(
+                    &job_id,
+                    search.as_deref(),
+                    offset,
+                    limit.clamp(1, MAX_CONSOLE_PAGE),
+                )
+                .map(Response::Failures),
+        },
+        Request::Job { job_id } => match queries.job_detail(&job_id) {
+            Ok(Some(detail)) => Ok(Response::Job(detail)),
+            Ok(None) => missing(queries, job_id),
+            Err(e) => Err(e),
+        },
     };
     result.unwrap_or_else(|e| Response::Error {
         message: e.to_string(),

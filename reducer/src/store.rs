@@ -9,7 +9,7 @@ use std::path::Path;
 use common::contract::{JobState, JobStatus, ResultLine};
 use common::retention::format_period_ms;
 use common::timefmt::format_ms;
-use common::wire::{Removal, Tombstone};
+use common::wire::{FailedItem, FailuresPage, JobDetail, JobsPage, Removal, Tombstone};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use serde_json::Value;
 
@@ -39,6 +39,10 @@ pub struct JobRecord {
     pub tolerated_failure_percent: f64,
     /// Attempts per operation before a failure is final (1 until the accept arrives).
     pub max_attempts: u32,
+    /// The JobSpec summary of the accept (JSON text), to store with the job for the console.
+    /// Written, never read back: [`ReducerTx::job`] leaves it `None` (the fold has no use for
+    /// it, and it may be 16 KiB), and a put with `None` keeps what is stored.
+    pub spec: Option<String>,
 }
 
 impl JobRecord {
@@ -60,6 +64,7 @@ impl JobRecord {
             collect_results: true,
             tolerated_failure_percent: 0.0,
             max_attempts: 1,
+            spec: None,
         }
     }
 
@@ -155,6 +160,71 @@ pub trait ReducerQueries: Send + 'static {
     fn active_jobs(&mut self) -> Result<Vec<JobStatus>, StoreError>;
     /// How many jobs are in each state (states with none are left out).
     fn jobs_by_state(&mut self) -> Result<Vec<(JobState, u64)>, StoreError>;
+    /// The console's list, in one snapshot: jobs with a state, newest submitted first (then
+    /// by id), those in `filter.state` whose id starts with `filter.prefix` (each if given),
+    /// `limit` of them from `offset` on; how many match in all; how many jobs are in each
+    /// state, whatever the filter.
+    fn jobs_page(
+        &mut self,
+        filter: &JobsFilter,
+        offset: u64,
+        limit: u32,
+    ) -> Result<JobsPage, StoreError>;
+    /// A job's failed operations by index, in one snapshot: those whose error contains
+    /// `search` ignoring ASCII case (if given), `limit` of them from `offset` on, and how many
+    /// match in all.
+    fn failures(
+        &mut self,
+        job_id: &str,
+        search: Option<&str>,
+        offset: u64,
+        limit: u32,
+    ) -> Result<FailuresPage, StoreError>;
+    /// The job's status and the JobSpec summary kept with it; `None` for a job without a
+    /// state (unknown, or its accept has not arrived).
+    fn job_detail(&mut self, job_id: &str) -> Result<Option<JobDetail>, StoreError>;
+}
+
+/// Which jobs the console lists.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobsFilter {
+    pub state: Option<JobState>,
+    /// Taken as it is: `%` and `_` are characters like any other.
+    pub prefix: Option<String>,
+}
+
+impl JobsFilter {
+    /// The prefix, unless it is empty (which every id has).
+    pub(crate) fn prefix(&self) -> Option<&str> {
+        self.prefix.as_deref().filter(|p| !p.is_empty())
+    }
+}
+
+/// The search text as the stores compare it: lowercase ASCII, as the errors are compared;
+/// `None` for an empty search, which every error matches.
+pub(crate) fn search_needle(search: Option<&str>) -> Option<String> {
+    search
+        .filter(|s| !s.is_empty())
+        .map(str::to_ascii_lowercase)
+}
+
+/// Counts by state as the console gets them.
+pub(crate) fn by_state_map(
+    counts: Vec<(JobState, u64)>,
+) -> std::collections::BTreeMap<String, u64> {
+    counts
+        .into_iter()
+        .map(|(state, n)| (state.as_str().to_owned(), n))
+        .collect()
+}
+
+/// A kept JobSpec summary, parsed.
+pub(crate) fn parse_spec(job_id: &str, spec: Option<&str>) -> Result<Option<Value>, StoreError> {
+    spec.map(|text| {
+        serde_json::from_str(text)
+            .map_err(|e| StoreError::Corrupt(format!("the spec of job {job_id}: {e}")))
+    })
+    .transpose()
 }
 
 /// Schema version 1: the tables as they were before versions were recorded. Written with
@@ -223,8 +293,23 @@ CREATE TABLE tombstones (
 CREATE INDEX tombstones_to_purge ON tombstones (job_id) WHERE purged = 0;
 ";
 
+/// Schema version 3: the web console. Each job keeps the JobSpec summary it was accepted with
+/// (`spec`, JSON text; deleted with the job's row). The console lists jobs newest first, by
+/// state or not, a page at a time, deep pages too: indexes in that order replace the plain
+/// ones on `state` and `submitted_at_ms` (which served the same queries less well). A job's
+/// failures are paged and searched through an index of the failed rows alone, so a job of
+/// millions of results and a few failures answers at once.
+const SCHEMA_V3: &str = "
+ALTER TABLE jobs ADD COLUMN spec TEXT;
+DROP INDEX jobs_by_state;
+DROP INDEX jobs_by_submitted;
+CREATE INDEX jobs_newest ON jobs (submitted_at_ms DESC, job_id);
+CREATE INDEX jobs_by_state_newest ON jobs (state, submitted_at_ms DESC, job_id);
+CREATE INDEX results_failed ON results (job_id, idx) WHERE ok = 0;
+";
+
 /// The reducer store's migrations, in order; the schema version is their count.
-pub const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
+pub const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
 
 pub(crate) const JOB_COLUMNS: &str =
     "job_id, state, operation, ops_total, ops_succeeded, ops_failed,
@@ -250,6 +335,7 @@ fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(JobRecord, Option<St
             collect_results: r.get(13)?,
             tolerated_failure_percent: r.get(14)?,
             max_attempts: r.get(15)?,
+            spec: None,
         },
         r.get(1)?,
     ))
@@ -352,10 +438,25 @@ impl ReducerTx for SqliteTx<'_> {
     }
 
     fn put_job(&mut self, job: &JobRecord) -> Result<(), StoreError> {
+        // An upsert rather than INSERT OR REPLACE, which would delete the row and with it
+        // the spec that only the accept's put carries.
         self.tx
             .prepare_cached(&format!(
-                "INSERT OR REPLACE INTO jobs ({JOB_COLUMNS})
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+                "INSERT INTO jobs ({JOB_COLUMNS}, spec)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
+                 ON CONFLICT (job_id) DO UPDATE SET
+                    state = excluded.state, operation = excluded.operation,
+                    ops_total = excluded.ops_total, ops_succeeded = excluded.ops_succeeded,
+                    ops_failed = excluded.ops_failed, fragments_done = excluded.fragments_done,
+                    fragments_in_flight = excluded.fragments_in_flight,
+                    progress_seq = excluded.progress_seq,
+                    submitted_at_ms = excluded.submitted_at_ms,
+                    started_at_ms = excluded.started_at_ms,
+                    finished_at_ms = excluded.finished_at_ms, error = excluded.error,
+                    collect_results = excluded.collect_results,
+                    tolerated_failure_percent = excluded.tolerated_failure_percent,
+                    max_attempts = excluded.max_attempts,
+                    spec = COALESCE(excluded.spec, jobs.spec)"
             ))?
             .execute(params![
                 job.job_id,
@@ -374,6 +475,7 @@ impl ReducerTx for SqliteTx<'_> {
                 job.collect_results,
                 job.tolerated_failure_percent,
                 job.max_attempts,
+                job.spec,
             ])?;
         Ok(())
     }
@@ -545,6 +647,22 @@ impl SqliteQueries {
         }
         Ok(out)
     }
+
+    /// Runs `f` in one read transaction, so its statements see one snapshot.
+    fn snapshot<R>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        self.conn.execute_batch("BEGIN")?;
+        let result = f(self);
+        // Only reads: ending the transaction either way loses nothing.
+        let end = self
+            .conn
+            .execute_batch(if result.is_ok() { "COMMIT" } else { "ROLLBACK" });
+        let value = result?;
+        end?;
+        Ok(value)
+    }
 }
 
 impl ReducerQueries for SqliteQueries {
@@ -623,6 +741,113 @@ impl ReducerQueries for SqliteQueries {
             counts.push((state, n as u64));
         }
         Ok(counts)
+    }
+
+    fn jobs_page(
+        &mut self,
+        filter: &JobsFilter,
+        offset: u64,
+        limit: u32,
+    ) -> Result<JobsPage, StoreError> {
+        // Only the filters given are in the statement, so the planner picks the index that
+        // serves it (`jobs_by_state_newest` with a state, else `jobs_newest`).
+        let mut conditions = String::from("state IS NOT NULL");
+        let mut args: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
+        if let Some(state) = filter.state {
+            args.push(Box::new(state.as_str()));
+            conditions.push_str(&format!(" AND state = ?{}", args.len()));
+        }
+        if let Some(prefix) = filter.prefix() {
+            // substr counts characters, as chars() does.
+            args.push(Box::new(prefix.chars().count() as i64));
+            args.push(Box::new(prefix.to_owned()));
+            conditions.push_str(&format!(
+                " AND substr(job_id, 1, ?{}) = ?{}",
+                args.len() - 1,
+                args.len()
+            ));
+        }
+        let count_sql = format!("SELECT COUNT(*) FROM jobs WHERE {conditions}");
+        let page_sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE {conditions}
+             ORDER BY submitted_at_ms DESC, job_id LIMIT ?{} OFFSET ?{}",
+            args.len() + 1,
+            args.len() + 2
+        );
+        self.snapshot(|q| {
+            let total: i64 = q
+                .conn
+                .prepare_cached(&count_sql)?
+                .query_row(rusqlite::params_from_iter(args.iter()), |r| r.get(0))?;
+            let (limit, offset) = (limit, to_i64(offset));
+            let mut page_args: Vec<&dyn rusqlite::ToSql> = args
+                .iter()
+                .map(|a| a.as_ref() as &dyn rusqlite::ToSql)
+                .collect();
+            page_args.extend([&limit as &dyn rusqlite::ToSql, &offset]);
+            let jobs = q.statuses(&page_sql, rusqlite::params_from_iter(page_args))?;
+            Ok(JobsPage {
+                jobs,
+                total: total as u64,
+                by_state: by_state_map(q.jobs_by_state()?),
+            })
+        })
+    }
+
+    fn failures(
+        &mut self,
+        job_id: &str,
+        search: Option<&str>,
+        offset: u64,
+        limit: u32,
+    ) -> Result<FailuresPage, StoreError> {
+        // `ok = 0` written as the partial index `results_failed` says it, so that it is used.
+        // An error is stored as its plain text; SQLite's lower() folds ASCII only, as
+        // search_needle() does.
+        const MATCHES: &str =
+            "job_id = ?1 AND ok = 0 AND (?2 IS NULL OR instr(lower(value), ?2) > 0)";
+        let needle = search_needle(search);
+        self.snapshot(|q| {
+            let total: i64 = q
+                .conn
+                .prepare_cached(&format!("SELECT COUNT(*) FROM results WHERE {MATCHES}"))?
+                .query_row(params![job_id, needle], |r| r.get(0))?;
+            let mut query = q.conn.prepare_cached(&format!(
+                "SELECT idx, value FROM results WHERE {MATCHES} ORDER BY idx LIMIT ?3 OFFSET ?4"
+            ))?;
+            let rows = query.query_map(params![job_id, needle, limit, to_i64(offset)], |r| {
+                Ok(FailedItem {
+                    index: get_u64(r, 0)?,
+                    error: r.get(1)?,
+                })
+            })?;
+            Ok(FailuresPage {
+                failures: rows.collect::<Result<_, _>>()?,
+                total: total as u64,
+            })
+        })
+    }
+
+    fn job_detail(&mut self, job_id: &str) -> Result<Option<JobDetail>, StoreError> {
+        let row = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {JOB_COLUMNS}, spec FROM jobs WHERE job_id = ?1"
+            ))?
+            .query_row([job_id], |r| {
+                Ok((job_from_row(r)?, r.get::<_, Option<String>>(16)?))
+            })
+            .optional()?;
+        let Some((job, spec)) = row else {
+            return Ok(None);
+        };
+        let Some(status) = with_state(job)?.status() else {
+            return Ok(None);
+        };
+        Ok(Some(JobDetail {
+            status,
+            spec: parse_spec(job_id, spec.as_deref())?,
+        }))
     }
 }
 
@@ -1006,6 +1231,218 @@ pub(crate) mod tests {
             );
             let read = store.transaction(|tx| tx.job("past")).expect("read");
             assert_eq!(read, None, "nothing stored");
+        }
+
+        /// The console's queries: pages of jobs, newest first, by state and by id prefix (`%`
+        /// and `_` are characters like any other); a job's failures paged and searched
+        /// ignoring ASCII case; the spec kept with a job through later writes, and deleted
+        /// with it.
+        pub(crate) fn console_queries_page_filter_and_search<F: Fixture>(fx: &mut F) {
+            let spec = serde_json::json!({"operation": "op", "items": {"count": 3}});
+            let accept =
+                |job_id: &str, submitted_at_ms: i64, spec: Option<Value>| ReducerInput::Accepted {
+                    job_id: job_id.into(),
+                    operation: "op".into(),
+                    ops_total: 100,
+                    submitted_at_ms,
+                    collect_results: true,
+                    tolerated_failure_percent: 100.0,
+                    max_attempts: 1,
+                    spec,
+                };
+            let inputs = vec![
+                accept("a%1", 10, Some(spec.clone())),
+                accept("a_2", 20, None),
+                accept("ab3", 20, None),
+                accept("b4", 30, None),
+                ReducerInput::Rejected {
+                    job_id: "r5".into(),
+                    error: "no such operation".into(),
+                    submitted_at_ms: 15,
+                },
+                // Cancelled before its accept arrived: no submission time, so last.
+                ReducerInput::Cancelled {
+                    job_id: "c6".into(),
+                    at_ms: 4,
+                },
+                report("a_2", 0, 0, 5),
+                // No state yet: never listed.
+                report("p", 0, 0, 2),
+            ];
+            fx.store()
+                .transaction(|tx| fold::apply(tx, inputs, 5))
+                .expect("fold");
+            // Failures of a_2 at 5..=25 (its results 0..5 and 26 succeeded); one holds a NUL.
+            let mut outcomes: Vec<Outcome> = (5..25)
+                .map(|index| Outcome {
+                    index,
+                    result: Err(if index % 3 == 0 {
+                        format!("Timeout at step {index}")
+                    } else {
+                        format!("bad input {index}")
+                    }),
+                })
+                .collect();
+            outcomes.push(Outcome {
+                index: 25,
+                result: Err("NUL\0byte TIMEOUT".into()),
+            });
+            outcomes.push(Outcome {
+                index: 26,
+                result: Ok(Value::from("timeout, but fine")),
+            });
+            fx.store()
+                .transaction(|tx| tx.put_outcomes("a_2", &outcomes))
+                .expect("outcomes");
+
+            let mut queries = fx.queries();
+            let mut page = |state: Option<JobState>, prefix: Option<&str>, offset, limit| {
+                let filter = JobsFilter {
+                    state,
+                    prefix: prefix.map(str::to_owned),
+                };
+                let page = queries
+                    .jobs_page(&filter, offset, limit)
+                    .expect("jobs page");
+                let ids: Vec<String> = page.jobs.iter().map(|j| j.job_id.clone()).collect();
+                (ids, page.total, page.by_state)
+            };
+            let ids =
+                |list: &[&str]| -> Vec<String> { list.iter().map(|s| (*s).to_owned()).collect() };
+            let (all, total, by_state) = page(None, None, 0, 10);
+            assert_eq!(all, ids(&["b4", "a_2", "ab3", "r5", "a%1", "c6"]));
+            assert_eq!(total, 6);
+            let counts: std::collections::BTreeMap<String, u64> = [
+                ("accepted", 3),
+                ("cancelled", 1),
+                ("rejected", 1),
+                ("running", 1),
+            ]
+            .into_iter()
+            .map(|(state, n)| (state.to_owned(), n))
+            .collect();
+            assert_eq!(by_state, counts);
+            assert_eq!(
+                page(None, None, 2, 2),
+                (ids(&["ab3", "r5"]), 6, counts.clone())
+            );
+            assert_eq!(page(None, None, 6, 10), (ids(&[]), 6, counts.clone()));
+            let accepted = Some(JobState::Accepted);
+            assert_eq!(
+                page(accepted, None, 0, 10),
+                (ids(&["b4", "ab3", "a%1"]), 3, counts.clone())
+            );
+            assert_eq!(
+                page(accepted, None, 1, 1),
+                (ids(&["ab3"]), 3, counts.clone())
+            );
+            assert_eq!(
+                page(None, Some("a_"), 0, 10),
+                (ids(&["a_2"]), 1, counts.clone())
+            );
+            assert_eq!(
+                page(None, Some("a%"), 0, 10),
+                (ids(&["a%1"]), 1, counts.clone())
+            );
+            assert_eq!(
+                page(None, Some("a"), 0, 10),
+                (ids(&["a_2", "ab3", "a%1"]), 3, counts.clone())
+            );
+            assert_eq!(
+                page(accepted, Some("a"), 0, 10),
+                (ids(&["ab3", "a%1"]), 2, counts.clone())
+            );
+            assert_eq!(
+                page(None, Some(""), 0, 1),
+                (ids(&["b4"]), 6, counts.clone())
+            );
+            assert_eq!(page(None, Some("zz"), 0, 10), (ids(&[]), 0, counts.clone()));
+            assert_eq!(
+                page(Some(JobState::Failed), None, 0, 10),
+                (ids(&[]), 0, counts.clone())
+            );
+
+            let mut failures = |search: Option<&str>, offset, limit| {
+                let page = queries
+                    .failures("a_2", search, offset, limit)
+                    .expect("failures");
+                let indices: Vec<u64> = page.failures.iter().map(|f| f.index).collect();
+                (indices, page.total)
+            };
+            assert_eq!(failures(None, 0, 5), (vec![5, 6, 7, 8, 9], 21));
+            assert_eq!(failures(None, 19, 5), (vec![24, 25], 21));
+            assert_eq!(failures(None, 21, 5), (vec![], 21));
+            let timeouts = vec![6, 9, 12, 15, 18, 21, 24, 25];
+            assert_eq!(failures(Some("timeout"), 0, 100), (timeouts.clone(), 8));
+            assert_eq!(failures(Some("TimeOUT"), 0, 100), (timeouts, 8));
+            assert_eq!(failures(Some("timeout"), 2, 3), (vec![12, 15, 18], 8));
+            assert_eq!(failures(Some("step 1"), 0, 100), (vec![12, 15, 18], 3));
+            assert_eq!(failures(Some("%"), 0, 100), (vec![], 0));
+            assert_eq!(failures(Some(""), 0, 2), (vec![5, 6], 21));
+            let first = queries.failures("a_2", None, 0, 2).expect("failures");
+            assert_eq!(
+                first.failures,
+                vec![
+                    FailedItem {
+                        index: 5,
+                        error: "bad input 5".into()
+                    },
+                    FailedItem {
+                        index: 6,
+                        error: "Timeout at step 6".into()
+                    },
+                ]
+            );
+            let nul = queries.failures("a_2", None, 20, 1).expect("failures");
+            assert_eq!(nul.failures[0].error, "NUL\0byte TIMEOUT");
+            assert_eq!(
+                queries
+                    .failures("nope", Some("x"), 0, 10)
+                    .expect("failures"),
+                FailuresPage {
+                    failures: vec![],
+                    total: 0
+                }
+            );
+
+            let detail = queries.job_detail("a%1").expect("detail").expect("known");
+            assert_eq!(
+                (detail.status.state, detail.spec),
+                (JobState::Accepted, Some(spec.clone()))
+            );
+            let detail = queries.job_detail("a_2").expect("detail").expect("known");
+            assert_eq!(
+                (detail.status.state, detail.spec),
+                (JobState::Running, None)
+            );
+            assert_eq!(
+                queries.job_detail("p").expect("detail"),
+                None,
+                "no state yet"
+            );
+            assert_eq!(queries.job_detail("nope").expect("detail"), None);
+
+            // Later writes of the job keep its spec; deleting the job deletes it.
+            let cancel = vec![ReducerInput::Cancelled {
+                job_id: "a%1".into(),
+                at_ms: 6,
+            }];
+            fx.store()
+                .transaction(|tx| fold::apply(tx, cancel, 6))
+                .expect("cancel");
+            let detail = queries.job_detail("a%1").expect("detail").expect("known");
+            assert_eq!(
+                (detail.status.state, detail.spec),
+                (JobState::Cancelled, Some(spec))
+            );
+            assert_eq!(
+                fx.pruner()
+                    .bury("a%1", Removal::Deleted, 7, None)
+                    .expect("bury"),
+                Burial::Buried
+            );
+            assert_eq!(queries.job_detail("a%1").expect("detail"), None);
+            assert_eq!(fx.rows("jobs", "a%1"), 0);
         }
 
         /// The queries' answers and their order, jobs of every kind among them.
@@ -1393,6 +1830,114 @@ pub(crate) mod tests {
     #[test]
     fn counts_are_stored_exactly_or_not_at_all() {
         cases::counts_are_stored_exactly_or_not_at_all(&mut sqlite());
+    }
+
+    #[test]
+    fn console_queries_page_filter_and_search() {
+        cases::console_queries_page_filter_and_search(&mut sqlite());
+    }
+
+    /// The console's pages over a job of 100,000 failures among 10,000 jobs: each answers in
+    /// well under a second (tens of milliseconds here), deep pages and searches too, through
+    /// the indexes of schema version 3.
+    #[test]
+    fn console_pages_stay_fast_with_100000_failures_and_10000_jobs() {
+        let mut fx = sqlite();
+        let accepts: Vec<ReducerInput> = (0..10_000)
+            .map(|n| ReducerInput::Accepted {
+                job_id: format!("job-{n:05}"),
+                operation: "op".into(),
+                ops_total: 1,
+                submitted_at_ms: n,
+                collect_results: true,
+                tolerated_failure_percent: 100.0,
+                max_attempts: 1,
+                spec: None,
+            })
+            .collect();
+        fx.store()
+            .transaction(|tx| fold::apply(tx, accepts, 1))
+            .expect("accepts");
+        let outcomes: Vec<Outcome> = (0..100_000)
+            .map(|index| Outcome {
+                index,
+                result: Err(format!(
+                    "program \"prog-{index}\" is not allowed on this worker"
+                )),
+            })
+            .collect();
+        fx.store()
+            .transaction(|tx| tx.put_outcomes("job-00000", &outcomes))
+            .expect("failures");
+        let mut queries = fx.queries();
+        let timed = |what: &str, f: &mut dyn FnMut() -> u64, expected: u64| {
+            let started = std::time::Instant::now();
+            let n = f();
+            let elapsed = started.elapsed();
+            println!("{what}: {} ms", elapsed.as_millis());
+            assert_eq!(n, expected, "{what}");
+            assert!(
+                elapsed < std::time::Duration::from_secs(1),
+                "{what} took {elapsed:?}"
+            );
+        };
+        let all = JobsFilter::default();
+        let accepted = JobsFilter {
+            state: Some(JobState::Accepted),
+            prefix: Some("job-09".into()),
+        };
+        timed(
+            "first jobs page",
+            &mut || queries.jobs_page(&all, 0, 50).expect("page").jobs.len() as u64,
+            50,
+        );
+        timed(
+            "deep jobs page",
+            &mut || {
+                queries
+                    .jobs_page(&all, 9_950, 100)
+                    .expect("page")
+                    .jobs
+                    .len() as u64
+            },
+            50,
+        );
+        timed(
+            "state and prefix",
+            &mut || queries.jobs_page(&accepted, 0, 50).expect("page").total,
+            1_000,
+        );
+        timed(
+            "first failures page",
+            &mut || {
+                queries
+                    .failures("job-00000", None, 0, 100)
+                    .expect("page")
+                    .total
+            },
+            100_000,
+        );
+        timed(
+            "deep failures page",
+            &mut || {
+                queries
+                    .failures("job-00000", None, 99_900, 500)
+                    .expect("page")
+                    .failures
+                    .len() as u64
+            },
+            100,
+        );
+        timed(
+            "search",
+            &mut || {
+                queries
+                    .failures("job-00000", Some("PROG-4242"), 0, 100)
+                    .expect("page")
+                    .total
+            },
+            11,
+        );
     }
 
     #[test]

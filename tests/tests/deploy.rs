@@ -375,7 +375,7 @@ fn kubernetes_manifests_parse_and_refer_to_names_that_exist() -> Result<()> {
         let pod = &spec["template"]["spec"];
         let role = m.role(deployment)?;
         ensure!(
-            ["splitter", "reducer", "worker"].contains(&role.as_str()),
+            ["splitter", "reducer", "worker", "ui"].contains(&role.as_str()),
             "Deployment {name} runs {role:?}"
         );
         ensure!(
@@ -396,8 +396,9 @@ fn kubernetes_manifests_parse_and_refer_to_names_that_exist() -> Result<()> {
         let grace = pod["terminationGracePeriodSeconds"]
             .as_u64()
             .ok_or_else(|| anyhow!("Deployment {name} sets no terminationGracePeriodSeconds"))?;
+        // The console holds no fragment: it only has to finish the pages it is serving.
         ensure!(
-            grace > DEFAULT_LIFESPAN_SECS,
+            role == "ui" || grace > DEFAULT_LIFESPAN_SECS,
             "Deployment {name}: terminationGracePeriodSeconds {grace} must exceed the default \
              lifespan of {DEFAULT_LIFESPAN_SECS} s"
         );
@@ -530,6 +531,9 @@ fn kubernetes_manifests_parse_and_refer_to_names_that_exist() -> Result<()> {
                  PersistentVolumeClaim would tie them to one volume"
             );
         }
+        if role == "ui" {
+            check_console(name, container, &env, &from_secrets)?;
+        }
         if role == "reducer" {
             let addr = env
                 .get("BATCHQ_METRICS_ADDR")
@@ -550,7 +554,7 @@ fn kubernetes_manifests_parse_and_refer_to_names_that_exist() -> Result<()> {
     }
     assert_eq!(
         roles.keys().map(String::as_str).collect::<Vec<_>>(),
-        ["reducer", "splitter", "worker"],
+        ["reducer", "splitter", "ui", "worker"],
         "one Deployment per role"
     );
     for (claim, _) in m.of_kind("PersistentVolumeClaim") {
@@ -560,29 +564,71 @@ fn kubernetes_manifests_parse_and_refer_to_names_that_exist() -> Result<()> {
         );
     }
 
-    // The reducer's Service selects the reducer's pods on the metrics port.
-    let reducer = m
-        .get("Deployment", &roles["reducer"])
-        .expect("the reducer Deployment exists");
-    let reducer_labels = &reducer["spec"]["template"]["metadata"]["labels"];
+    // Two Services: the reducer's pods on the metrics port, the console's on its HTTP port.
     let services: Vec<_> = m.of_kind("Service").collect();
-    ensure!(!services.is_empty(), "no Service for the reducer's metrics");
-    for (name, service) in services {
-        let selector = &service["spec"]["selector"];
-        for key in keys_of(selector, "Service selector")? {
-            assert_eq!(
-                selector[key.as_str()],
-                reducer_labels[key.as_str()],
-                "Service {name}: selector label {key} against the reducer's pods"
-            );
+    ensure!(
+        services.len() == 2,
+        "a Service for the reducer's metrics and one for the console"
+    );
+    for (role, port) in [("reducer", 9464), ("ui", 8080)] {
+        let deployment = m
+            .get("Deployment", &roles[role])
+            .expect("the Deployment exists");
+        let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+        let selects = |service: &Value| -> Result<bool> {
+            let selector = &service["spec"]["selector"];
+            Ok(keys_of(selector, "Service selector")?
+                .iter()
+                .all(|key| selector[key.as_str()] == labels[key.as_str()]))
+        };
+        let mut serving = Vec::new();
+        for (name, service) in &services {
+            if selects(service)? {
+                serving.push(*name);
+                ensure!(
+                    seq_of(&service["spec"]["ports"], "Service ports")?
+                        .iter()
+                        .any(|p| p["port"].as_u64() == Some(port)),
+                    "Service {name} does not serve port {port}"
+                );
+            }
         }
         ensure!(
-            seq_of(&service["spec"]["ports"], "Service ports")?
-                .iter()
-                .any(|p| p["port"].as_u64() == Some(9464)),
-            "Service {name} does not serve port 9464"
+            serving.len() == 1,
+            "exactly one Service selects the {role}'s pods: {serving:?}"
         );
     }
+    Ok(())
+}
+
+/// The console's Deployment: `batchctl ui` on the pod's address, so with its token from a
+/// Secret (it refuses to start without one), probed on /healthz.
+fn check_console(
+    name: &str,
+    container: &Value,
+    env: &BTreeMap<String, Option<String>>,
+    from_secrets: &BTreeMap<String, String>,
+) -> Result<()> {
+    let command = strings_of(&container["command"], "console command")?;
+    ensure!(
+        command.last().map(String::as_str) == Some("batchctl"),
+        "Deployment {name}: the console is `batchctl ui`, its command ends with batchctl: {command:?}"
+    );
+    let args = strings_of(&container["args"], "console args")?;
+    ensure!(
+        args.windows(2)
+            .any(|w| w[0] == "--listen" && w[1].starts_with("0.0.0.0:")),
+        "Deployment {name}: the console listens on the pod's address: {args:?}"
+    );
+    ensure!(
+        env.contains_key("BATCHQ_UI_TOKEN") && from_secrets.contains_key("BATCHQ_UI_TOKEN"),
+        "Deployment {name}: BATCHQ_UI_TOKEN must come from a Secret"
+    );
+    assert_eq!(
+        container["readinessProbe"]["httpGet"]["path"].as_str(),
+        Some("/healthz"),
+        "Deployment {name}: readiness on /healthz"
+    );
     Ok(())
 }
 
@@ -1063,6 +1109,7 @@ fn compose_file_refers_to_names_that_exist() -> Result<()> {
         ("reducer", "reducer"),
         ("worker", "worker"),
         ("batchctl", "batchctl"),
+        ("console", "batchctl"),
     ] {
         let service = &services[name];
         assert_eq!(
@@ -1104,7 +1151,8 @@ fn compose_file_refers_to_names_that_exist() -> Result<()> {
             Some("service_healthy"),
             "{name} starts once RabbitMQ is healthy"
         );
-        if name != "batchctl" {
+        // batchctl commands and the console hold no fragment.
+        if role != "batchctl" {
             let grace = duration_secs(str_of(
                 &service["stop_grace_period"],
                 &format!("{name}: stop_grace_period"),
@@ -1148,6 +1196,30 @@ fn compose_file_refers_to_names_that_exist() -> Result<()> {
     );
 
     // The splitter knows the broker's consumer_timeout.
+    // The console: `batchctl ui` on every interface of its container, so with a token from
+    // the environment (it refuses to start without), published on the host's loopback only.
+    let console = &services["console"];
+    assert_eq!(
+        strings_of(&console["command"], "console command")?,
+        ["ui", "--listen", "0.0.0.0:8080"],
+        "console: batchctl ui on the container's address"
+    );
+    assert_eq!(
+        strings_of(&console["profiles"], "console profiles")?,
+        ["console"]
+    );
+    ensure!(
+        compose_env(console, "console")?.contains_key("BATCHQ_UI_TOKEN"),
+        "console: BATCHQ_UI_TOKEN is passed through"
+    );
+    for port in seq_of(&console["ports"], "console ports")? {
+        let port = str_of(port, "console port")?;
+        ensure!(
+            port.starts_with("127.0.0.1:"),
+            "console: published on the host's loopback only, not {port}"
+        );
+    }
+
     let splitter_timeout = compose_env(&services["splitter"], "splitter")?
         .get("BATCHQ_CONSUMER_TIMEOUT_MS")
         .cloned()

@@ -50,6 +50,10 @@ function formatDuration(secs) {
   return `${secs.toFixed(1)}s`;
 }
 
+function grouped(n) {
+  return Number(n).toLocaleString("en-US");
+}
+
 function setText(id, text) {
   const element = document.getElementById(id);
   if (element) element.textContent = text;
@@ -60,7 +64,12 @@ function setText(id, text) {
 function followJob() {
   const live = document.getElementById("live");
   if (!live || live.dataset.terminal === "true" || !window.EventSource) return;
+  // The chart starts at the job's start with what the page was rendered with; each event
+  // adds a point.
+  const counts = document.getElementById("counts");
   const samples = [];
+  if (live.dataset.startedMs) samples.push([Number(live.dataset.startedMs), 0]);
+  samples.push([Date.now(), Number(counts.dataset.succeeded) + Number(counts.dataset.failed)]);
   const chart = document.getElementById("chart");
   const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
   if (chart) chart.appendChild(line);
@@ -68,7 +77,6 @@ function followJob() {
   events.addEventListener("status", (event) => {
     const s = JSON.parse(event.data);
     const done = s.ops_succeeded + s.ops_failed;
-    const counts = document.getElementById("counts");
     counts.dataset.succeeded = s.ops_succeeded;
     counts.dataset.failed = s.ops_failed;
     counts.dataset.total = s.ops_total;
@@ -78,13 +86,13 @@ function followJob() {
     const progress = document.getElementById("progress");
     progress.max = Math.max(s.ops_total, 1);
     progress.value = s.ops_total === 0 ? 1 : done;
-    setText("done", done);
-    setText("total", s.ops_total);
+    setText("done", grouped(done));
+    setText("total", grouped(s.ops_total));
     setText("percent", `${(s.ops_total === 0 ? 100 : (done * 100) / s.ops_total).toFixed(1)}%`);
-    setText("succeeded", s.ops_succeeded);
-    setText("failed", s.ops_failed);
-    setText("in-flight", s.fragments_in_flight);
-    setText("fragments-done", s.fragments_done);
+    setText("succeeded", grouped(s.ops_succeeded));
+    setText("failed", grouped(s.ops_failed));
+    setText("in-flight", grouped(s.fragments_in_flight));
+    setText("fragments-done", grouped(s.fragments_done));
     if (s.started_at) {
       const until = s.finished_at ? Date.parse(s.finished_at) : Date.now();
       const rate = done / ((until - Date.parse(s.started_at)) / 1000);
@@ -92,19 +100,23 @@ function followJob() {
       setText("eta", formatDuration((s.ops_total - done) / rate));
     }
     samples.push([Date.now(), done]);
-    if (chart && samples.length > 1) {
-      const [t0] = samples[0];
-      const span = Math.max(samples[samples.length - 1][0] - t0, 1);
-      const total = Math.max(s.ops_total, 1);
-      line.setAttribute("points", samples
-        .map(([t, d]) => `${(((t - t0) / span) * 600).toFixed(1)},${(120 - (d / total) * 116 - 2).toFixed(1)}`)
-        .join(" "));
-    }
+    if (chart) draw();
     if (["succeeded", "failed", "cancelled", "rejected"].includes(s.state)) {
       events.close();
       setTimeout(() => window.location.reload(), 800);
     }
   });
+  function draw() {
+    if (samples.length > 1) {
+      const [t0] = samples[0];
+      const span = Math.max(samples[samples.length - 1][0] - t0, 1);
+      const total = Math.max(Number(counts.dataset.total), 1);
+      line.setAttribute("points", samples
+        .map(([t, d]) => `${(((t - t0) / span) * 600).toFixed(1)},${(120 - (d / total) * 116 - 2).toFixed(1)}`)
+        .join(" "));
+    }
+  }
+  if (chart) draw();
 }
 
 refreshLiveParts();

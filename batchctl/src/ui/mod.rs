@@ -21,6 +21,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use axum::Router;
 use axum::body::Body;
+use axum::extract::rejection::FormRejection;
 use axum::extract::{Multipart, Path, Query, Request as HttpRequest, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
@@ -555,12 +556,17 @@ struct CsrfForm {
     csrf: Option<String>,
 }
 
+/// The CSRF token of a form; a body that is no form has none.
+fn csrf_of(form: Result<axum::Form<CsrfForm>, FormRejection>) -> Option<String> {
+    form.ok().and_then(|axum::Form(form)| form.csrf)
+}
+
 async fn cancel(
     State(console): State<Arc<Console>>,
     Path(id): Path<String>,
-    axum::Form(form): axum::Form<CsrfForm>,
+    form: Result<axum::Form<CsrfForm>, FormRejection>,
 ) -> Result<HttpResponse, PageError> {
-    if !console.csrf_ok(form.csrf.as_deref()) {
+    if !console.csrf_ok(csrf_of(form).as_deref()) {
         return Err(PageError::new(
             StatusCode::FORBIDDEN,
             "refused: the form's CSRF token is missing or wrong (reload the job's page and try again)",
@@ -728,9 +734,9 @@ async fn login(
 
 async fn logout(
     State(console): State<Arc<Console>>,
-    axum::Form(form): axum::Form<CsrfForm>,
+    form: Result<axum::Form<CsrfForm>, FormRejection>,
 ) -> HttpResponse {
-    if !console.csrf_ok(form.csrf.as_deref()) {
+    if !console.csrf_ok(csrf_of(form).as_deref()) {
         return PageError::new(
             StatusCode::FORBIDDEN,
             "refused: missing or wrong CSRF token",

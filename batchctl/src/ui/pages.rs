@@ -130,6 +130,19 @@ fn query(pairs: &[(&str, &str)]) -> String {
     }
 }
 
+/// `1,530,032`: figures people read at a glance.
+pub fn grouped(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 fn done(status: &JobStatus) -> u64 {
     status.ops_succeeded + status.ops_failed
 }
@@ -245,12 +258,12 @@ pub fn jobs(chrome: &Chrome, filter: &JobsQuery, page: u64, listed: &JobsPage) -
                 }
                 button type="submit" { "Filter" }
             }
-            p.summary { span #jobs-total data-live { (listed.total) } " jobs, newest first" }
+            p.summary { span #jobs-total data-live data-count=(listed.total) { (grouped(listed.total)) } " jobs, newest first" }
             div.table-wrap {
                 table #jobs data-live {
                     thead { tr {
-                        th { "Job" } th { "State" } th.wide { "Progress" } th.num { "Rate/s" }
-                        th.num { "ETA" } th.num { "Failed" } th { "Submitted (UTC)" } th { "Finished (UTC)" }
+                        th { "Job" } th { "State" } th.wide { "Progress" } th.num.opt { "Rate/s" }
+                        th.num.opt { "ETA" } th.num { "Failed" } th.opt { "Submitted (UTC)" } th.opt { "Finished (UTC)" }
                     } }
                     tbody {
                         @for job in &listed.jobs {
@@ -262,13 +275,13 @@ pub fn jobs(chrome: &Chrome, filter: &JobsQuery, page: u64, listed: &JobsPage) -
                                 td { (state_badge(job.state)) }
                                 td.wide {
                                     (progress_bar(job))
-                                    div.sub { (done(job)) "/" (job.ops_total) " · " (format!("{:.1}%", percent(job))) }
+                                    div.sub { (grouped(done(job))) " / " (grouped(job.ops_total)) " · " (format!("{:.1}%", percent(job))) }
                                 }
-                                td.num { (rate.map_or(String::new(), |r| format_rate(Some(r)))) }
-                                td.num { (eta.map_or(String::new(), format_duration)) }
-                                td.num class=[(job.ops_failed > 0).then_some("bad")] { (job.ops_failed) }
-                                td { (short_time(job.submitted_at.as_deref())) }
-                                td { (short_time(job.finished_at.as_deref())) }
+                                td.num.opt { (rate.map_or(String::new(), |r| format_rate(Some(r)))) }
+                                td.num.opt { (eta.map_or(String::new(), format_duration)) }
+                                td.num class=[(job.ops_failed > 0).then_some("bad")] { (grouped(job.ops_failed)) }
+                                td.opt { (short_time(job.submitted_at.as_deref())) }
+                                td.opt { (short_time(job.finished_at.as_deref())) }
                             }
                         }
                         @if listed.jobs.is_empty() {
@@ -319,26 +332,29 @@ pub fn job(
         &s.job_id,
         html! {
             h1.job-title { "Job " span.id { (s.job_id) } " " span #state class={ "badge state-" (s.state.as_str()) } { (s.state.as_str()) } }
-            section #live data-job=(s.job_id) data-terminal=(terminal) data-events=(format!("{path}/events")) {
+            section #live data-job=(s.job_id) data-terminal=(terminal) data-events=(format!("{path}/events"))
+                data-started-ms=[s.started_at.as_deref().and_then(parse_ms)] {
                 div #counts data-succeeded=(s.ops_succeeded) data-failed=(s.ops_failed) data-total=(s.ops_total) {
                     progress #progress max=(s.ops_total.max(1)) value=(if s.ops_total == 0 { 1 } else { done(s) }) {}
                     p.figures {
-                        span #done { (done(s)) } " of " span #total { (s.ops_total) } " operations ("
+                        span #done { (grouped(done(s))) } " of " span #total { (grouped(s.ops_total)) } " operations ("
                         span #percent { (format!("{:.1}%", percent(s))) } "): "
-                        span #succeeded { (s.ops_succeeded) } " succeeded, "
-                        span #failed class=[(s.ops_failed > 0).then_some("bad")] { (s.ops_failed) } " failed; "
-                        span #in-flight { (s.fragments_in_flight) } " fragments out, "
-                        span #fragments-done { (s.fragments_done) } " done"
+                        span #succeeded { (grouped(s.ops_succeeded)) } " succeeded, "
+                        span #failed class=[(s.ops_failed > 0).then_some("bad")] { (grouped(s.ops_failed)) } " failed; "
+                        span #in-flight { (grouped(s.fragments_in_flight)) } " fragments out, "
+                        span #fragments-done { (grouped(s.fragments_done)) } " done"
                     }
                     p.figures {
                         "Rate " span #rate { (rate.map_or("?".to_owned(), |r| format_rate(Some(r)))) } " ops/s"
                         @if !terminal { " · ETA " span #eta { (eta.map_or("?".to_owned(), format_duration)) } }
                     }
                 }
-                figure.chart {
-                    svg #chart viewBox="0 0 600 120" preserveAspectRatio="none" role="img"
-                        aria-label="operations done over time" {}
-                    figcaption { "Operations done over time, while this page is open" }
+                @if !terminal {
+                    figure.chart {
+                        svg #chart viewBox="0 0 600 120" preserveAspectRatio="none" role="img"
+                            aria-label="operations done over time" {}
+                        figcaption { "Operations done since the job started: measured every second while this page is open, a straight line before" }
+                    }
                 }
             }
             @if let Some(error) = &s.error {
@@ -367,7 +383,7 @@ pub fn job(
                     button type="submit" { "Search" }
                     @if !search.is_empty() { " " a href=(path) { "clear" } }
                 }
-                p.summary { span #failures-total { (failures.total) } " failed operations"
+                p.summary { span #failures-total data-count=(failures.total) { (grouped(failures.total)) } " failed operations"
                     @if !search.is_empty() { " whose error contains “" (search) "”" } }
                 div.table-wrap {
                     table #failures {
@@ -569,6 +585,14 @@ mod tests {
         assert_eq!(encode_path("a b/c?d"), "a%20b%2Fc%3Fd");
         assert_eq!(query(&[("state", "running"), ("q", "")]), "?state=running");
         assert_eq!(query(&[("q", "")]), "");
+    }
+
+    #[test]
+    fn groups_thousands() {
+        assert_eq!(grouped(0), "0");
+        assert_eq!(grouped(999), "999");
+        assert_eq!(grouped(1000), "1,000");
+        assert_eq!(grouped(1_530_032), "1,530,032");
     }
 
     #[test]
