@@ -310,9 +310,29 @@ impl Browser {
         }
     }
 
+    /// `outcome`, with the page shown added to an error (what the test waited for in vain
+    /// is usually explained by what the page says instead).
+    pub async fn explain<T>(&self, outcome: Result<T>) -> Result<T> {
+        match outcome {
+            Ok(value) => Ok(value),
+            Err(e) => Err(e.context(self.describe().await)),
+        }
+    }
+
+    /// [`wait_until`] for a condition of the page: a failure says what the page shows.
+    pub async fn until<T, F, Fut>(&self, timeout: Duration, what: &str, check: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<Option<T>>>,
+    {
+        let outcome = wait_until(timeout, what, check).await;
+        self.explain(outcome).await
+    }
+
     /// Waits until the one element matching `css` is on the page.
     pub async fn wait_for(&self, css: &str, timeout: Duration) -> Result<Node> {
-        wait_until(timeout, &format!("{css} on the page"), || self.node(css)).await
+        let outcome = wait_until(timeout, &format!("{css} on the page"), || self.node(css)).await;
+        self.explain(outcome).await
     }
 
     /// Waits until the page's trimmed text of `css` is `expected`.
@@ -327,15 +347,17 @@ impl Browser {
         })
         .await;
         let last = last.into_inner().unwrap_or_else(|p| p.into_inner());
-        outcome.with_context(|| format!("last text of {css}: {last:?}"))
+        let outcome = outcome.with_context(|| format!("last text of {css}: {last:?}"));
+        self.explain(outcome).await
     }
 
     /// Waits until the page shown is `path` (path and query, as [`Browser::location`]).
     pub async fn wait_for_location(&self, path: &str, timeout: Duration) -> Result<()> {
-        wait_until(timeout, &format!("the page {path}"), || async {
+        let outcome = wait_until(timeout, &format!("the page {path}"), || async {
             Ok((self.location().await? == path).then_some(()))
         })
-        .await
+        .await;
+        self.explain(outcome).await
     }
 
     /// Clicks the one element matching `css`.
@@ -396,7 +418,11 @@ impl Browser {
             .filter(|d| !d.is_empty())
             .map_or_else(|| self.screenshot_dir.clone(), PathBuf::from);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let png = self.client.screenshot().await.context("taking a screenshot")?;
+        let png = self
+            .client
+            .screenshot()
+            .await
+            .context("taking a screenshot")?;
         let path = dir.join(format!("{name}.png"));
         std::fs::write(&path, png).with_context(|| format!("writing {}", path.display()))?;
         Ok(path)
@@ -407,7 +433,10 @@ impl Browser {
         let location = self.location().await.unwrap_or_else(|e| format!("({e})"));
         let text = self
             .client
-            .execute("return document.body ? document.body.innerText : '';", vec![])
+            .execute(
+                "return document.body ? document.body.innerText : '';",
+                vec![],
+            )
             .await
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
@@ -459,7 +488,11 @@ impl TestEnv {
             .map(str::to_owned)
             .to_vec();
         let mut envs = self.base_env();
-        envs.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        envs.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
         let id = self.start(Bin::Batchctl, args, envs)?;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {

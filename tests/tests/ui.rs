@@ -1,0 +1,802 @@
+//! The web console (`batchctl ui`) in a real browser: a headless Chromium (through
+//! chromedriver) against the console of a real stack, reading the routes and the DOM of
+//! `/work/notes/ui-contract.md` (ids, classes and `data-*` attributes, never the wording).
+//!
+//! Without Chromium and chromedriver these tests skip, saying so, unless
+//! `BATCHQ_TEST_REQUIRE_BROWSER` is set (`.ci/run` sets it). Screenshots of the jobs, a job and
+//! the workers pages go to `BATCHQ_UI_SCREENSHOTS` when set (docs/img holds the ones the README
+//! shows), else to the test's own folder.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use batchq_tests::browser::{Browser, Console, Node, http, skip_without_browser};
+use batchq_tests::{ProcId, Signal, TestEnv, WorkerOpts, assert_counts};
+use common::contract::JobState;
+use common::jobspec::{ParseLimits, parse_job_spec};
+use fantoccini::key::Key;
+use serde_json::{Value, json};
+
+/// How long a page may take to show what the stack already knows (page loads, the 2 s
+/// refreshes, the 1 s event stream, a job accepted by the splitter).
+const PAGE: Duration = Duration::from_secs(15);
+/// How long a job of these tests may take.
+const JOB_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the console's pages refresh their live parts (contract: every 2 s).
+const REFRESH_EVERY: Duration = Duration::from_secs(2);
+
+/// A test's stack seen through the console: the environment, its console and a browser.
+struct Stage {
+    env: TestEnv,
+    workers: Vec<ProcId>,
+    console: Console,
+    browser: Browser,
+}
+
+impl Stage {
+    /// A splitter, a reducer, `workers` workers and a console in a fresh namespace, with a
+    /// browser; `None` when the test skips for want of a browser.
+    async fn start(
+        test: &str,
+        workers: &[WorkerOpts],
+        console_env: &[(&str, &str)],
+    ) -> Result<Option<Self>> {
+        if skip_without_browser(test)? {
+            return Ok(None);
+        }
+        let mut env = TestEnv::new(test).await?;
+        env.start_splitter()?;
+        env.start_reducer()?;
+        let workers = workers
+            .iter()
+            .map(|opts| env.start_worker(opts.clone()))
+            .collect::<Result<Vec<_>>>()?;
+        let console = env.start_console(console_env).await?;
+        let browser = Browser::start(&env).await?;
+        Ok(Some(Self {
+            env,
+            workers,
+            console,
+            browser,
+        }))
+    }
+
+    async fn goto(&self, path: &str) -> Result<()> {
+        self.browser.goto(&self.console.url(path)).await
+    }
+
+    /// Closes the browser and ends the test's environment (the console with it).
+    async fn finish(self) -> Result<()> {
+        self.browser.close().await?;
+        self.env.finish().await
+    }
+}
+
+/// Marks the page shown, so that a later [`still_same_page`] tells a page that updated itself
+/// from one that was reloaded or left.
+async fn mark_page(browser: &Browser) -> Result<()> {
+    browser
+        .client()
+        .execute("window.batchqTestMark = 'unchanged'; return null;", vec![])
+        .await?;
+    Ok(())
+}
+
+async fn still_same_page(browser: &Browser) -> Result<bool> {
+    let mark = browser
+        .client()
+        .execute("return window.batchqTestMark || null;", vec![])
+        .await?;
+    Ok(mark == json!("unchanged"))
+}
+
+/// The row of `job_id` on the jobs page, if listed.
+async fn job_row(browser: &Browser, job_id: &str) -> Result<Option<Node>> {
+    Ok(browser
+        .nodes("#jobs tr.job")
+        .await?
+        .into_iter()
+        .find(|row| row.data.get("job").is_some_and(|id| id == job_id)))
+}
+
+/// The number shown in the one element matching `css`.
+async fn count_in(browser: &Browser, css: &str) -> Result<u64> {
+    let text = browser.text(css).await?;
+    text.parse()
+        .with_context(|| format!("{css} reads {text:?}, not a count"))
+}
+
+/// Types `text` into the one field matching `css` and presses Enter, as a user submits a
+/// search form.
+async fn search(browser: &Browser, css: &str, text: &str) -> Result<()> {
+    browser
+        .type_into(css, &format!("{text}{}", char::from(Key::Enter)))
+        .await
+}
+
+/// A job of `n` `sleep` operations of `ms` each, `fragment_size` to a fragment and one fragment
+/// out at a time: its progress grows steadily for about `n × ms`.
+fn slow_job(job_id: &str, n: u64, ms: u64, fragment_size: u64) -> Value {
+    json!({
+        "job_id": job_id,
+        "operation": "sleep",
+        "params": {"ms": ms},
+        "range": {"start": 0, "end": n},
+        "fragment_size": fragment_size,
+        "max_concurrent_fragments": 1,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_jobs_page_shows_a_running_job_grow() -> Result<()> {
+    let Some(stage) = Stage::start("ui-jobs", &[WorkerOpts::default()], &[]).await? else {
+        return Ok(());
+    };
+    let env = &stage.env;
+    let browser = &stage.browser;
+    // A finished job beside the running one, as a real list has.
+    let finished = env
+        .submit(&json!({"job_id": env.job_id("nightly"), "operation": "noop", "range": {"start": 0, "end": 10}}))
+        .await?;
+    env.wait_for_terminal(&finished, JOB_TIMEOUT).await?;
+    let total = 80;
+    let running = env
+        .submit(&slow_job(&env.job_id("growing"), total, 100, 4))
+        .await?;
+    env.wait_for_status(&running, PAGE, |s| s.state == JobState::Running)
+        .await?;
+
+    stage.goto("/jobs").await?;
+    let first = browser
+        .until(PAGE, "the running job listed as running", || async {
+            Ok(job_row(browser, &running)
+                .await?
+                .filter(|row| row.data.get("state").is_some_and(|s| s == "running")))
+        })
+        .await?;
+    assert_eq!(first.number("total")?, total, "data-total of {first:?}");
+    let done_first = first.number("done")?;
+    ensure!(
+        done_first < total,
+        "the job had ended before the page showed it: {first:?}"
+    );
+    let link = browser
+        .node(&format!("#jobs tr.job[data-job='{running}'] a.job-link"))
+        .await?
+        .context("no a.job-link in the running job's row")?;
+    assert_eq!(
+        link.attrs.get("href").map(String::as_str),
+        Some(format!("/jobs/{running}").as_str())
+    );
+    let finished_row = job_row(browser, &finished)
+        .await?
+        .context("the finished job is not listed")?;
+    assert_eq!(finished_row.data("state")?, "succeeded");
+    assert_eq!(
+        (finished_row.number("done")?, finished_row.number("total")?),
+        (10, 10)
+    );
+    assert_eq!(count_in(browser, "#jobs-total").await?, 2, "jobs-total");
+
+    // The row's figures grow while the page stays as it is (its own refresh, no reload).
+    mark_page(browser).await?;
+    let grown = browser
+        .until(PAGE, "data-done of the running job growing", || async {
+            Ok(job_row(browser, &running)
+                .await?
+                .filter(|row| row.number("done").is_ok_and(|d| d > done_first)))
+        })
+        .await?;
+    ensure!(
+        still_same_page(browser).await?,
+        "the page was reloaded to show the progress"
+    );
+    let shot = browser.screenshot("jobs").await?;
+    eprintln!(
+        "data-done {done_first} → {} of {total}; screenshot {}",
+        grown.number("done")?,
+        shot.display()
+    );
+
+    // The filter: the id prefix leaves only the running job.
+    search(browser, "#filter input[name=q]", "growing-").await?;
+    browser
+        .until(PAGE, "the filtered list", || async {
+            Ok(browser
+                .location()
+                .await?
+                .contains("q=growing-")
+                .then_some(()))
+        })
+        .await?;
+    browser
+        .until(PAGE, "only the running job listed", || async {
+            let rows = browser.nodes("#jobs tr.job").await?;
+            let ids: Vec<&str> = rows
+                .iter()
+                .filter_map(|r| r.data.get("job"))
+                .map(String::as_str)
+                .collect();
+            Ok((ids == [running.as_str()]).then_some(()))
+        })
+        .await?;
+    assert_eq!(
+        count_in(browser, "#jobs-total").await?,
+        1,
+        "jobs-total filtered"
+    );
+
+    // Its page follows it live to the end.
+    browser
+        .click(&format!("#jobs tr.job[data-job='{running}'] a.job-link"))
+        .await?;
+    browser
+        .wait_for_location(&format!("/jobs/{running}"), PAGE)
+        .await?;
+    let counts = browser.wait_for("#counts", PAGE).await?;
+    let succeeded_first = counts.number("succeeded")?;
+    browser
+        .until(PAGE, "#counts data-succeeded growing", || async {
+            Ok(browser
+                .node("#counts")
+                .await?
+                .filter(|c| c.number("succeeded").is_ok_and(|n| n > succeeded_first)))
+        })
+        .await?;
+    let status = env.wait_for_terminal(&running, JOB_TIMEOUT).await?;
+    assert_counts(&status, JobState::Succeeded, total, 0);
+    browser.wait_for_text("#state", "succeeded", PAGE).await?;
+    let counts = browser
+        .until(PAGE, "#counts at the job's end", || async {
+            Ok(browser
+                .node("#counts")
+                .await?
+                .filter(|c| c.number("succeeded").is_ok_and(|n| n == total)))
+        })
+        .await?;
+    assert_eq!(
+        (counts.number("failed")?, counts.number("total")?),
+        (0, total),
+        "#counts at the end: {counts:?}"
+    );
+    stage.finish().await
+}
+
+/// The error `exec` reports for item `text` of the stock job.
+fn exec_error(text: &str) -> String {
+    format!("exited with status 3: {text} is out of stock")
+}
+
+/// A stock check: item `ok-…` succeeds, any other fails with "{item} is out of stock".
+const STOCK_SCRIPT: &str =
+    "case {} in ok-*) echo in stock;; *) echo {} is out of stock >&2; exit 3;; esac";
+
+/// The items of the stock job: every fifth one (index 4, 9, …) in stock, the others
+/// `widget-…`, except one `zebra-…` to search for.
+fn stock_items(n: u64, unique: u64) -> Vec<String> {
+    (0..n)
+        .map(|i| match i {
+            _ if i % 5 == 4 => format!("ok-{i:03}"),
+            _ if i == unique => format!("zebra-{i:03}"),
+            _ => format!("widget-{i:03}"),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_page_shows_searches_and_pages_the_failures() -> Result<()> {
+    let Some(stage) = Stage::start("ui-failures", &[WorkerOpts::default()], &[]).await? else {
+        return Ok(());
+    };
+    let env = &stage.env;
+    let browser = &stage.browser;
+    // 150 items, 120 failing: three pages of 50 failures.
+    let (n, unique) = (150, 77);
+    let items = stock_items(n, unique);
+    let failing: Vec<u64> = (0..n)
+        .filter(|i| !items[*i as usize].starts_with("ok-"))
+        .collect();
+    assert_eq!(failing.len(), 120);
+    let job_id = env
+        .submit(&json!({
+            "job_id": env.job_id("stock"),
+            "operation": "exec",
+            "params": {"command": ["sh", "-c", STOCK_SCRIPT], "timeout_ms": 10000},
+            "items": items,
+            // One fragment: every operation runs (and has its error kept) before the job fails
+            // for exceeding the failures it tolerates, which would cancel the rest unrun.
+            "fragment_size": n,
+            "max_attempts": 1,
+        }))
+        .await?;
+    let status = env.wait_for_terminal(&job_id, JOB_TIMEOUT).await?;
+    let failed = failing.len() as u64;
+    assert_counts(&status, JobState::Failed, n - failed, failed);
+
+    let path = format!("/jobs/{job_id}");
+    stage.goto(&path).await?;
+    browser.wait_for_text("#state", "failed", PAGE).await?;
+    let counts = browser.wait_for("#counts", PAGE).await?;
+    assert_eq!(
+        (
+            counts.number("succeeded")?,
+            counts.number("failed")?,
+            counts.number("total")?
+        ),
+        (n - failed, failed, n),
+        "#counts: {counts:?}"
+    );
+    assert_eq!(
+        count_in(browser, "#failures-total").await?,
+        failed,
+        "failures-total"
+    );
+    ensure!(
+        browser.node("#cancel").await?.is_none(),
+        "a failed job still offers Cancel"
+    );
+    let spec: Value = serde_json::from_str(&browser.text("#spec").await?)
+        .context("#spec is not the JobSpec as JSON")?;
+    assert_eq!(
+        (&spec["operation"], &spec["items"]["count"]),
+        (&json!("exec"), &json!(n)),
+        "#spec: {spec}"
+    );
+    let results = browser
+        .node("#results")
+        .await?
+        .context("no #results link")?;
+    assert_eq!(
+        results.attrs.get("href").map(String::as_str),
+        Some(format!("{path}/results.jsonl").as_str())
+    );
+
+    // Three pages of 50, in index order, each row the error the worker reported.
+    let shown = |page: usize| {
+        let (items, failing) = (&items, &failing);
+        async move {
+            let expected: &[u64] = &failing[(page - 1) * 50..(page * 50).min(failing.len())];
+            let rows = browser.nodes("#failures tr.failure").await?;
+            let indices = rows
+                .iter()
+                .map(|row| row.number("index"))
+                .collect::<Result<Vec<u64>>>()?;
+            ensure!(
+                indices == expected,
+                "page {page}: failure rows {indices:?}, expected {expected:?}"
+            );
+            let errors = browser.nodes("#failures tr.failure td.error").await?;
+            let texts: Vec<String> = errors.iter().map(|e| e.text.trim().to_owned()).collect();
+            let want: Vec<String> = expected
+                .iter()
+                .map(|i| exec_error(&items[*i as usize]))
+                .collect();
+            ensure!(
+                texts == want,
+                "page {page}: errors shown {texts:?}, expected {want:?}"
+            );
+            let cells = browser.nodes("#failures tr.failure td.index").await?;
+            let cells: Vec<String> = cells.iter().map(|c| c.text.trim().to_owned()).collect();
+            let want: Vec<String> = expected.iter().map(u64::to_string).collect();
+            ensure!(cells == want, "page {page}: index cells {cells:?}");
+            Ok(())
+        }
+    };
+    shown(1).await?;
+    ensure!(
+        browser.node("a.prev").await?.is_none(),
+        "a.prev on the first page"
+    );
+    let shot = browser.screenshot("job").await?;
+    eprintln!("screenshot {}", shot.display());
+    browser.click("a.next").await?;
+    browser
+        .wait_for_location(&format!("{path}?fpage=2"), PAGE)
+        .await?;
+    shown(2).await?;
+    browser.click("a.next").await?;
+    browser
+        .wait_for_location(&format!("{path}?fpage=3"), PAGE)
+        .await?;
+    shown(3).await?;
+    ensure!(
+        browser.node("a.next").await?.is_none(),
+        "a.next on the last page"
+    );
+    browser.click("a.prev").await?;
+    browser
+        .wait_for_location(&format!("{path}?fpage=2"), PAGE)
+        .await?;
+    shown(2).await?;
+
+    // The one failure whose error holds "zebra", found by its text.
+    search(browser, "#failure-search input[name=fq]", "zebra").await?;
+    browser
+        .wait_for_location(&format!("{path}?fq=zebra"), PAGE)
+        .await?;
+    assert_eq!(
+        count_in(browser, "#failures-total").await?,
+        1,
+        "failures-total of the search"
+    );
+    let rows = browser.nodes("#failures tr.failure").await?;
+    let [row] = rows.as_slice() else {
+        bail!("one failure row expected for the search, got {rows:?}");
+    };
+    assert_eq!(row.number("index")?, unique);
+    let zebra = exec_error(&format!("zebra-{unique:03}"));
+    assert_eq!(browser.text("#failures tr.failure td.error").await?, zebra);
+    ensure!(
+        browser.node("a.next").await?.is_none() && browser.node("a.prev").await?.is_none(),
+        "one page of results, yet pager links"
+    );
+
+    // The results link serves every line, as `batchctl results`.
+    let download = http(
+        &stage.console,
+        "GET",
+        &format!("{path}/results.jsonl"),
+        &[],
+        None,
+    )
+    .await?;
+    assert_eq!(download.status, 200, "results.jsonl: {download:?}");
+    assert_eq!(
+        download.header("content-type"),
+        Some("application/x-ndjson"),
+        "content type of results.jsonl"
+    );
+    let lines: Vec<Value> = download
+        .body
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .context("results.jsonl holds a line that is not JSON")?;
+    assert_eq!(lines.len() as u64, n, "lines of results.jsonl");
+    assert_eq!(lines[unique as usize]["error"], json!(zebra));
+    stage.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_on_the_job_page_ends_the_job_cancelled() -> Result<()> {
+    let Some(stage) = Stage::start("ui-cancel", &[WorkerOpts::default()], &[]).await? else {
+        return Ok(());
+    };
+    let env = &stage.env;
+    let browser = &stage.browser;
+    // A minute of work: only the cancel can end it within the test.
+    let job_id = env
+        .submit(&slow_job(&env.job_id("doomed"), 600, 100, 2))
+        .await?;
+    let path = format!("/jobs/{job_id}");
+    stage.goto(&path).await?;
+    // Until the splitter hands the job over, the page waits (and reloads itself).
+    browser.wait_for_text("#state", "running", PAGE).await?;
+    let form = browser.wait_for("#cancel", PAGE).await?;
+    assert_eq!(
+        form.attrs.get("action").map(String::as_str),
+        Some(format!("{path}/cancel").as_str()),
+        "#cancel: {form:?}"
+    );
+    let csrf = browser
+        .node("#cancel input[name=csrf]")
+        .await?
+        .context("no csrf field in #cancel")?;
+    ensure!(
+        csrf.attrs.get("value").is_some_and(|v| !v.is_empty()),
+        "an empty csrf field: {csrf:?}"
+    );
+
+    browser.click("#cancel-button").await?;
+    let question = browser.accept_dialog(PAGE).await?;
+    ensure!(
+        question.contains(&job_id),
+        "the confirmation does not name the job: {question:?}"
+    );
+    browser.wait_for_location(&path, PAGE).await?;
+    browser.wait_for_text("#state", "cancelled", PAGE).await?;
+    let status = env.wait_for_terminal(&job_id, PAGE).await?;
+    assert_eq!(status.state, JobState::Cancelled, "{status:?}");
+    ensure!(
+        status.ops_succeeded < 600,
+        "the job ran to its end: {status:?}"
+    );
+    // The page of a cancelled job offers no Cancel any more (it reloads at the end).
+    browser
+        .until(PAGE, "#cancel gone from the page", || async {
+            Ok(browser.node("#cancel").await?.is_none().then_some(()))
+        })
+        .await?;
+    browser.wait_for_text("#state", "cancelled", PAGE).await?;
+    stage.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_workers_page_shows_every_worker_and_drops_a_killed_one() -> Result<()> {
+    let heartbeat = Duration::from_secs(1);
+    let opts = WorkerOpts {
+        heartbeat_ms: heartbeat.as_millis() as u64,
+        ..WorkerOpts::default()
+    };
+    let Some(mut stage) =
+        Stage::start("ui-workers", &[opts.clone(), opts.clone(), opts], &[]).await?
+    else {
+        return Ok(());
+    };
+    let workers = stage.env.wait_for_workers(3, PAGE).await?;
+    let ids: BTreeSet<String> = workers.iter().map(|w| w.worker.clone()).collect();
+    stage.goto("/workers").await?;
+    let browser = &stage.browser;
+    let listed = || async {
+        let rows = browser.nodes("#workers tr.worker").await?;
+        rows.iter()
+            .map(|row| row.data("worker").map(str::to_owned))
+            .collect::<Result<BTreeSet<String>>>()
+    };
+    browser
+        .until(PAGE, "every worker listed", || async {
+            Ok((listed().await? == ids).then_some(()))
+        })
+        .await?;
+    assert_eq!(
+        count_in(browser, "#workers-total").await?,
+        3,
+        "workers-total"
+    );
+    // The splitter and the reducer, each active (the splitter's first beat may come after the
+    // page's first load: the table refreshes itself).
+    for role in ["splitter", "reducer"] {
+        let css = format!("#services tr.service[data-role='{role}'][data-active='true']");
+        browser
+            .until(PAGE, &format!("an active {role} listed"), || async {
+                Ok((!browser.nodes(&css).await?.is_empty()).then_some(()))
+            })
+            .await?;
+    }
+    let shot = browser.screenshot("workers").await?;
+    eprintln!("screenshot {}", shot.display());
+
+    // SIGKILL one worker: it stops beating, and the page (without a reload) drops it once the
+    // reducer has missed three heartbeats, plus at most one refresh of the page.
+    mark_page(browser).await?;
+    let victim = stage.workers[1];
+    let victim_pid = stage.env.pid(victim).context("the worker runs")?;
+    let victim_id = workers
+        .iter()
+        .find(|w| w.pid == victim_pid)
+        .map(|w| w.worker.clone())
+        .context("the killed worker among those the reducer knows")?;
+    stage.env.kill(victim, Signal::Kill)?;
+    let killed_at = Instant::now();
+    let bound = heartbeat * 3 + REFRESH_EVERY + Duration::from_secs(1);
+    let left: BTreeSet<String> = ids.iter().filter(|id| **id != victim_id).cloned().collect();
+    browser
+        .until(bound, "the killed worker gone from the page", || async {
+            Ok((listed().await? == left).then_some(()))
+        })
+        .await?;
+    let gone_after = killed_at.elapsed();
+    ensure!(
+        still_same_page(browser).await?,
+        "the workers page was reloaded rather than refreshed"
+    );
+    assert_eq!(
+        count_in(browser, "#workers-total").await?,
+        2,
+        "workers-total after the kill"
+    );
+    eprintln!(
+        "the killed worker left the page {gone_after:?} after SIGKILL (heartbeat {heartbeat:?}, \
+         bound {bound:?})"
+    );
+    stage.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_jobspec_submitted_names_the_wrong_field() -> Result<()> {
+    let Some(stage) = Stage::start("ui-submit", &[WorkerOpts::default()], &[]).await? else {
+        return Ok(());
+    };
+    let env = &stage.env;
+    let browser = &stage.browser;
+    let bad =
+        json!({"job_id": env.job_id("bad"), "operation": "noop", "items": [1], "max_attempts": 0});
+    let bad_text = serde_json::to_string(&bad)?;
+    // The splitter's own words for it.
+    let rejection = parse_job_spec(bad_text.as_bytes(), None, None, ParseLimits::default())
+        .err()
+        .context("the splitter's parser accepts max_attempts 0")?;
+    ensure!(rejection.error.contains("max_attempts"), "{rejection:?}");
+
+    stage.goto("/submit").await?;
+    browser.wait_for("#submit", PAGE).await?;
+    browser
+        .type_into("#submit textarea[name=spec]", &bad_text)
+        .await?;
+    browser.click("#submit-button").await?;
+    let error = browser.wait_for("#error", PAGE).await?;
+    assert_eq!(
+        error.text.trim(),
+        format!("invalid JobSpec: {}", rejection.error),
+        "#error on {}",
+        browser.describe().await
+    );
+    let kept = browser
+        .node("#submit textarea[name=spec]")
+        .await?
+        .context("no spec box on the page with the error")?;
+    assert_eq!(kept.text, bad_text, "the spec box keeps what was sent");
+    let reached = env.status(rejection.job_id.as_str()).await?;
+    ensure!(
+        reached.is_none(),
+        "the bad JobSpec reached the reducer: {reached:?}"
+    );
+
+    // A good one goes through, to its own page.
+    let good = env.job_id("good");
+    let good_text =
+        serde_json::to_string(&json!({"job_id": good, "operation": "noop", "items": [1, 2, 3]}))?;
+    browser
+        .type_into("#submit textarea[name=spec]", &good_text)
+        .await?;
+    browser.click("#submit-button").await?;
+    browser
+        .wait_for_location(&format!("/jobs/{good}"), PAGE)
+        .await?;
+    let status = env.wait_for_terminal(&good, JOB_TIMEOUT).await?;
+    assert_counts(&status, JobState::Succeeded, 3, 0);
+    browser.wait_for_text("#state", "succeeded", PAGE).await?;
+    stage.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_token_pages_need_it_and_cancel_needs_the_csrf_token() -> Result<()> {
+    let token = uuid::Uuid::new_v4().simple().to_string();
+    let Some(stage) = Stage::start(
+        "ui-token",
+        &[WorkerOpts::default()],
+        &[("BATCHQ_UI_TOKEN", token.as_str())],
+    )
+    .await?
+    else {
+        return Ok(());
+    };
+    let env = &stage.env;
+    let console = &stage.console;
+    let browser = &stage.browser;
+    let job_id = env
+        .submit(&slow_job(&env.job_id("guarded"), 600, 100, 2))
+        .await?;
+    env.wait_for_status(&job_id, PAGE, |s| s.state == JobState::Running)
+        .await?;
+    let bearer = format!("Bearer {token}");
+    let with_token = [("Authorization", bearer.as_str())];
+
+    let health = http(console, "GET", "/healthz", &[], None).await?;
+    assert_eq!(
+        (health.status, health.body.trim()),
+        (200, "ok"),
+        "/healthz needs no token"
+    );
+    for path in ["/jobs", "/workers", &format!("/jobs/{job_id}")] {
+        let refused = http(console, "GET", path, &[], None).await?;
+        assert_eq!(
+            refused.status, 401,
+            "GET {path} without the token: {refused:?}"
+        );
+        let wrong = http(
+            console,
+            "GET",
+            path,
+            &[("Authorization", "Bearer not-the-token")],
+            None,
+        )
+        .await?;
+        assert_eq!(
+            wrong.status, 401,
+            "GET {path} with a wrong token: {wrong:?}"
+        );
+        let allowed = http(console, "GET", path, &with_token, None).await?;
+        assert_eq!(
+            allowed.status, 200,
+            "GET {path} with the token: {allowed:?}"
+        );
+    }
+
+    // Cancel: the token is not enough without the form's CSRF token.
+    let cancel_path = format!("/jobs/{job_id}/cancel");
+    let no_csrf = http(console, "POST", &cancel_path, &with_token, Some(&[])).await?;
+    assert_eq!(no_csrf.status, 403, "cancel without csrf: {no_csrf:?}");
+    let wrong_csrf = http(
+        console,
+        "POST",
+        &cancel_path,
+        &with_token,
+        Some(&[("csrf", "0123abcd")]),
+    )
+    .await?;
+    assert_eq!(
+        wrong_csrf.status, 403,
+        "cancel with a wrong csrf: {wrong_csrf:?}"
+    );
+    let unauthorized = http(
+        console,
+        "POST",
+        &cancel_path,
+        &[],
+        Some(&[("csrf", "0123abcd")]),
+    )
+    .await?;
+    assert_eq!(
+        unauthorized.status, 401,
+        "cancel without the token: {unauthorized:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status = env.status(&job_id).await?.context("the job is known")?;
+    assert_eq!(
+        status.state,
+        JobState::Running,
+        "after refused cancels: {status:?}"
+    );
+
+    // The login form: a wrong token is refused, the right one sets the session cookie.
+    let wrong_login = http(console, "POST", "/login", &[], Some(&[("token", "nope")])).await?;
+    assert_eq!(
+        wrong_login.status, 401,
+        "login with a wrong token: {wrong_login:?}"
+    );
+    ensure!(
+        wrong_login.header("set-cookie").is_none(),
+        "a cookie for a wrong token"
+    );
+    let login = http(console, "POST", "/login", &[], Some(&[("token", &token)])).await?;
+    assert_eq!(login.status, 303, "login: {login:?}");
+    assert_eq!(login.header("location"), Some("/jobs"), "login: {login:?}");
+    let cookie = login
+        .header("set-cookie")
+        .context("no Set-Cookie at login")?;
+    for part in ["batchq_session=", "HttpOnly", "SameSite=Strict", "Path=/"] {
+        ensure!(cookie.contains(part), "Set-Cookie {cookie:?} lacks {part}");
+    }
+
+    // In the browser: the jobs page asks for the token, then shows the job.
+    stage.goto("/jobs").await?;
+    browser.wait_for("#login", PAGE).await?;
+    browser
+        .type_into("#login input[name=token]", &token)
+        .await?;
+    browser.click("#login-button").await?;
+    browser.wait_for_location("/jobs", PAGE).await?;
+    browser
+        .until(PAGE, "the job listed after logging in", || {
+            job_row(browser, &job_id)
+        })
+        .await?;
+
+    // With the page's CSRF token the same cancel goes through: what was refused was its lack.
+    stage.goto(&format!("/jobs/{job_id}")).await?;
+    let csrf = browser
+        .wait_for("#cancel input[name=csrf]", PAGE)
+        .await?
+        .attrs
+        .get("value")
+        .cloned()
+        .context("no value in the csrf field")?;
+    let cancelled = http(
+        console,
+        "POST",
+        &cancel_path,
+        &with_token,
+        Some(&[("csrf", &csrf)]),
+    )
+    .await?;
+    assert_eq!(cancelled.status, 303, "cancel with the csrf: {cancelled:?}");
+    assert_eq!(
+        cancelled.header("location"),
+        Some(format!("/jobs/{job_id}").as_str())
+    );
+    let status = env.wait_for_terminal(&job_id, PAGE).await?;
+    assert_eq!(status.state, JobState::Cancelled, "{status:?}");
+    stage.finish().await
+}
