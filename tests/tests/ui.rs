@@ -554,6 +554,25 @@ async fn the_workers_page_shows_every_worker_and_drops_a_killed_one() -> Result<
             })
             .await?;
     }
+    // Work for all three: the page shows what each holds, from its heartbeats.
+    let job_id = stage.env.job_id("busy");
+    stage
+        .env
+        .submit(&json!({
+            "job_id": job_id,
+            "operation": "sleep",
+            "params": {"ms": 100},
+            "range": {"start": 0, "end": 600},
+            "fragment_size": 2,
+            "max_concurrent_fragments": 9,
+        }))
+        .await?;
+    browser
+        .until(PAGE, "every worker holding sleep fragments", || async {
+            let rows = browser.nodes("#workers tr.worker").await?;
+            Ok((rows.len() == 3 && rows.iter().all(|r| r.text.contains("sleep: "))).then_some(()))
+        })
+        .await?;
     let shot = browser.screenshot("workers").await?;
     eprintln!("screenshot {}", shot.display());
 
@@ -569,7 +588,7 @@ async fn the_workers_page_shows_every_worker_and_drops_a_killed_one() -> Result<
         .context("the killed worker among those the reducer knows")?;
     stage.env.kill(victim, Signal::Kill)?;
     let killed_at = Instant::now();
-    let bound = heartbeat * 3 + REFRESH_EVERY + Duration::from_secs(1);
+    let bound = heartbeat * 3 + REFRESH_EVERY + Duration::from_secs(2);
     let left: BTreeSet<String> = ids.iter().filter(|id| **id != victim_id).cloned().collect();
     browser
         .until(bound, "the killed worker gone from the page", || async {
