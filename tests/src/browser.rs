@@ -555,6 +555,43 @@ pub async fn http(
     headers: &[(&str, &str)],
     form: Option<&[(&str, &str)]>,
 ) -> Result<HttpResponse> {
+    let body = form.map(|fields| {
+        let encoded = fields
+            .iter()
+            .map(|(k, v)| format!("{}={}", form_encode(k), form_encode(v)))
+            .collect::<Vec<_>>()
+            .join("&");
+        ("application/x-www-form-urlencoded", encoded.into_bytes())
+    });
+    let body = body.as_ref().map(|(kind, bytes)| (*kind, bytes.as_slice()));
+    http_with_body(console, method, path, headers, body).await
+}
+
+/// A `multipart/form-data` body of text fields, as a browser sends a form with
+/// `enctype="multipart/form-data"`: its content type (with the boundary) and its bytes.
+pub fn multipart(fields: &[(&str, &str)]) -> (String, Vec<u8>) {
+    let boundary = format!("batchq-test-{}", uuid::Uuid::new_v4().simple());
+    let mut body = String::new();
+    for (name, value) in fields {
+        body.push_str(&format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+        ));
+    }
+    body.push_str(&format!("--{boundary}--\r\n"));
+    (
+        format!("multipart/form-data; boundary={boundary}"),
+        body.into_bytes(),
+    )
+}
+
+/// [`http`] with a body of the given content type.
+pub async fn http_with_body(
+    console: &Console,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<(&str, &[u8])>,
+) -> Result<HttpResponse> {
     let mut request = format!(
         "{method} {path} HTTP/1.0\r\nHost: {}\r\n",
         console.authority()
@@ -562,22 +599,18 @@ pub async fn http(
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
     }
-    let body = form.map(|fields| {
-        fields
-            .iter()
-            .map(|(k, v)| format!("{}={}", form_encode(k), form_encode(v)))
-            .collect::<Vec<_>>()
-            .join("&")
-    });
-    if let Some(body) = &body {
-        request.push_str("Content-Type: application/x-www-form-urlencoded\r\n");
-        request.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    if let Some((content_type, bytes)) = body {
+        request.push_str(&format!("Content-Type: {content_type}\r\n"));
+        request.push_str(&format!("Content-Length: {}\r\n", bytes.len()));
     }
     request.push_str("\r\n");
-    request.push_str(body.as_deref().unwrap_or_default());
+    let mut request = request.into_bytes();
+    if let Some((_, bytes)) = body {
+        request.extend_from_slice(bytes);
+    }
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(console.authority()).await?;
-        stream.write_all(request.as_bytes()).await?;
+        stream.write_all(&request).await?;
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await?;
         anyhow::Ok(response)

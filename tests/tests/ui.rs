@@ -8,11 +8,14 @@
 //! shows), else to the test's own folder.
 
 use std::collections::BTreeSet;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use batchq_tests::browser::{Browser, Console, Node, http, skip_without_browser};
-use batchq_tests::{ProcId, Signal, TestEnv, WorkerOpts, assert_counts};
+use batchq_tests::browser::{
+    Browser, Console, Node, http, http_with_body, multipart, skip_without_browser,
+};
+use batchq_tests::{Bin, ProcId, Signal, TestEnv, WorkerOpts, assert_counts, bin_path};
 use common::contract::JobState;
 use common::jobspec::{ParseLimits, parse_job_spec};
 use fantoccini::key::Key;
@@ -488,6 +491,25 @@ async fn cancel_on_the_job_page_ends_the_job_cancelled() -> Result<()> {
         "an empty csrf field: {csrf:?}"
     );
 
+    // A POST needs the form's CSRF token, with or without BATCHQ_UI_TOKEN.
+    let cancel_path = format!("{path}/cancel");
+    for form in [&[][..], &[("csrf", "0123abcd")][..]] {
+        let refused = http(&stage.console, "POST", &cancel_path, &[], Some(form)).await?;
+        assert_eq!(refused.status, 403, "cancel with {form:?}: {refused:?}");
+    }
+    let root = http(&stage.console, "GET", "/", &[], None).await?;
+    assert_eq!(
+        (root.status, root.header("location")),
+        (303, Some("/jobs")),
+        "GET /: {root:?}"
+    );
+    let status = env.status(&job_id).await?.context("the job is known")?;
+    assert_eq!(
+        status.state,
+        JobState::Running,
+        "after refused cancels: {status:?}"
+    );
+
     browser.click("#cancel-button").await?;
     let question = browser.accept_dialog(PAGE).await?;
     ensure!(
@@ -646,6 +668,36 @@ async fn a_bad_jobspec_submitted_names_the_wrong_field() -> Result<()> {
         .await?
         .context("no spec box on the page with the error")?;
     assert_eq!(kept.text, bad_text, "the spec box keeps what was sent");
+    // The same form as bytes: the refusal is a 400; without the CSRF token even a good
+    // JobSpec is refused (403) and never published.
+    let csrf = browser
+        .node("#submit input[name=csrf]")
+        .await?
+        .and_then(|field| field.attrs.get("value").cloned())
+        .context("no csrf field in #submit")?;
+    let (kind, body) = multipart(&[("csrf", &csrf), ("spec", &bad_text)]);
+    let refused =
+        http_with_body(&stage.console, "POST", "/submit", &[], Some((&kind, &body))).await?;
+    assert_eq!(
+        refused.status, 400,
+        "POST /submit of the bad JobSpec: {refused:?}"
+    );
+    ensure!(
+        refused.body.contains("max_attempts"),
+        "the 400 does not name the field: {}",
+        refused.body
+    );
+    let forged = env.job_id("forged");
+    let forged_text =
+        serde_json::to_string(&json!({"job_id": forged, "operation": "noop", "items": [1]}))?;
+    let (kind, body) = multipart(&[("spec", &forged_text)]);
+    let no_csrf =
+        http_with_body(&stage.console, "POST", "/submit", &[], Some((&kind, &body))).await?;
+    assert_eq!(
+        no_csrf.status, 403,
+        "POST /submit without csrf: {no_csrf:?}"
+    );
+
     let reached = env.status(rejection.job_id.as_str()).await?;
     ensure!(
         reached.is_none(),
@@ -665,6 +717,12 @@ async fn a_bad_jobspec_submitted_names_the_wrong_field() -> Result<()> {
         .await?;
     let status = env.wait_for_terminal(&good, JOB_TIMEOUT).await?;
     assert_counts(&status, JobState::Succeeded, 3, 0);
+    // Published after the forged one would have been, and done: the forged one never was.
+    let forged_status = env.status(&forged).await?;
+    ensure!(
+        forged_status.is_none(),
+        "a submit without the CSRF token was published: {forged_status:?}"
+    );
     browser.wait_for_text("#state", "succeeded", PAGE).await?;
     stage.finish().await
 }
@@ -802,6 +860,22 @@ async fn with_a_token_pages_need_it_and_cancel_needs_the_csrf_token() -> Result<
         .get("value")
         .cloned()
         .context("no value in the csrf field")?;
+    // Nor does a page of another site, even with both tokens (its Origin gives it away).
+    let from_elsewhere = http(
+        console,
+        "POST",
+        &cancel_path,
+        &[
+            ("Authorization", bearer.as_str()),
+            ("Origin", "http://evil.example"),
+        ],
+        Some(&[("csrf", &csrf)]),
+    )
+    .await?;
+    assert_eq!(
+        from_elsewhere.status, 403,
+        "cancel from another origin: {from_elsewhere:?}"
+    );
     let cancelled = http(
         console,
         "POST",
@@ -817,5 +891,34 @@ async fn with_a_token_pages_need_it_and_cancel_needs_the_csrf_token() -> Result<
     );
     let status = env.wait_for_terminal(&job_id, PAGE).await?;
     assert_eq!(status.state, JobState::Cancelled, "{status:?}");
+
+    // Beyond loopback the console does not start without a token: exit 2, one line why.
+    let mut beyond = tokio::process::Command::new(bin_path(Bin::Batchctl));
+    beyond
+        .args(["ui", "--listen", "0.0.0.0:0"])
+        .env("AMQP_URL", env.broker_url())
+        .env("BATCHQ_NAMESPACE", &env.ns)
+        .env_remove("BATCHQ_UI_TOKEN")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(15), beyond.output())
+        .await
+        .context("batchctl ui --listen 0.0.0.0:0 without a token kept running")??;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "exit code; stderr {stderr:?}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr:?}");
+    ensure!(
+        stderr.contains("BATCHQ_UI_TOKEN"),
+        "the reason does not name BATCHQ_UI_TOKEN: {stderr:?}"
+    );
+    ensure!(
+        output.stdout.is_empty(),
+        "it announced a URL: {:?}",
+        output.stdout
+    );
     stage.finish().await
 }
