@@ -131,29 +131,17 @@ fn slow_job(job_id: &str, n: u64, ms: u64, fragment_size: u64) -> Value {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_jobs_page_shows_a_running_job_grow() -> Result<()> {
-    let Some(stage) = Stage::start("ui-jobs", &[WorkerOpts::default()], &[]).await? else {
-        return Ok(());
-    };
-    let env = &stage.env;
-    let browser = &stage.browser;
-    // A finished job beside the running one, as a real list has.
-    let finished = env
-        .submit(&json!({"job_id": env.job_id("nightly"), "operation": "noop", "range": {"start": 0, "end": 10}}))
-        .await?;
-    env.wait_for_terminal(&finished, JOB_TIMEOUT).await?;
-    let total = 80;
-    let running = env
-        .submit(&slow_job(&env.job_id("growing"), total, 100, 4))
-        .await?;
-    env.wait_for_status(&running, PAGE, |s| s.state == JobState::Running)
-        .await?;
-
-    stage.goto("/jobs").await?;
+/// Waits until the jobs page lists `running` (of `total` operations) as running, with its
+/// link, beside `finished` (of `finished_total`) as succeeded, and returns the running job's
+/// data-done as first seen.
+async fn assert_both_listed(
+    browser: &Browser,
+    (finished, finished_total): (&str, u64),
+    (running, total): (&str, u64),
+) -> Result<u64> {
     let first = browser
         .until(PAGE, "the running job listed as running", || async {
-            Ok(job_row(browser, &running)
+            Ok(job_row(browser, running)
                 .await?
                 .filter(|row| row.data.get("state").is_some_and(|s| s == "running")))
         })
@@ -172,15 +160,106 @@ async fn the_jobs_page_shows_a_running_job_grow() -> Result<()> {
         link.attrs.get("href").map(String::as_str),
         Some(format!("/jobs/{running}").as_str())
     );
-    let finished_row = job_row(browser, &finished)
+    let finished_row = job_row(browser, finished)
         .await?
         .context("the finished job is not listed")?;
     assert_eq!(finished_row.data("state")?, "succeeded");
     assert_eq!(
         (finished_row.number("done")?, finished_row.number("total")?),
-        (10, 10)
+        (finished_total, finished_total)
     );
     assert_eq!(count_in(browser, "#jobs-total").await?, 2, "jobs-total");
+    Ok(done_first)
+}
+
+/// Filters the jobs page by the id prefix `prefix`, and asserts that only `job_id` is left.
+async fn assert_filter_by_prefix(browser: &Browser, prefix: &str, job_id: &str) -> Result<()> {
+    search(browser, "#filter input[name=q]", prefix).await?;
+    browser
+        .until(PAGE, "the filtered list", || async {
+            let location = browser.location().await?;
+            Ok(location.contains(&format!("q={prefix}")).then_some(()))
+        })
+        .await?;
+    browser
+        .until(PAGE, "only the running job listed", || async {
+            let rows = browser.nodes("#jobs tr.job").await?;
+            let ids: Vec<&str> = rows
+                .iter()
+                .filter_map(|r| r.data.get("job"))
+                .map(String::as_str)
+                .collect();
+            Ok((ids == [job_id]).then_some(()))
+        })
+        .await?;
+    assert_eq!(
+        count_in(browser, "#jobs-total").await?,
+        1,
+        "jobs-total filtered"
+    );
+    Ok(())
+}
+
+/// On the page of the running job `job_id` (of `total` operations), the counts grow without
+/// a reload (the event stream) until the job has succeeded, and the page says so.
+async fn assert_job_page_follows_to_the_end(stage: &Stage, job_id: &str, total: u64) -> Result<()> {
+    let browser = &stage.browser;
+    let counts = browser.wait_for("#counts", PAGE).await?;
+    let succeeded_first = counts.number("succeeded")?;
+    mark_page(browser).await?;
+    browser
+        .until(PAGE, "#counts data-succeeded growing", || async {
+            Ok(browser
+                .node("#counts")
+                .await?
+                .filter(|c| c.number("succeeded").is_ok_and(|n| n > succeeded_first)))
+        })
+        .await?;
+    ensure!(
+        still_same_page(browser).await?,
+        "the job page was reloaded to show the counts"
+    );
+    let status = stage.env.wait_for_terminal(job_id, JOB_TIMEOUT).await?;
+    assert_counts(&status, JobState::Succeeded, total, 0);
+    browser.wait_for_text("#state", "succeeded", PAGE).await?;
+    let counts = browser
+        .until(PAGE, "#counts at the job's end", || async {
+            Ok(browser
+                .node("#counts")
+                .await?
+                .filter(|c| c.number("succeeded").is_ok_and(|n| n == total)))
+        })
+        .await?;
+    assert_eq!(
+        (counts.number("failed")?, counts.number("total")?),
+        (0, total),
+        "#counts at the end: {counts:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_jobs_page_shows_a_running_job_grow() -> Result<()> {
+    let Some(stage) = Stage::start("ui-jobs", &[WorkerOpts::default()], &[]).await? else {
+        return Ok(());
+    };
+    let env = &stage.env;
+    let browser = &stage.browser;
+    // A finished job beside the running one, as a real list has.
+    let finished = env
+        .submit(&json!({"job_id": env.job_id("nightly"), "operation": "noop", "range": {"start": 0, "end": 10}}))
+        .await?;
+    env.wait_for_terminal(&finished, JOB_TIMEOUT).await?;
+    // About 12 s of work (one fragment of 4 × 100 ms at a time): time to watch it on both pages.
+    let total = 120;
+    let running = env
+        .submit(&slow_job(&env.job_id("growing"), total, 100, 4))
+        .await?;
+    env.wait_for_status(&running, PAGE, |s| s.state == JobState::Running)
+        .await?;
+
+    stage.goto("/jobs").await?;
+    let done_first = assert_both_listed(browser, (&finished, 10), (&running, total)).await?;
 
     // The row's figures grow while the page stays as it is (its own refresh, no reload).
     mark_page(browser).await?;
@@ -203,32 +282,7 @@ async fn the_jobs_page_shows_a_running_job_grow() -> Result<()> {
     );
 
     // The filter: the id prefix leaves only the running job.
-    search(browser, "#filter input[name=q]", "growing-").await?;
-    browser
-        .until(PAGE, "the filtered list", || async {
-            Ok(browser
-                .location()
-                .await?
-                .contains("q=growing-")
-                .then_some(()))
-        })
-        .await?;
-    browser
-        .until(PAGE, "only the running job listed", || async {
-            let rows = browser.nodes("#jobs tr.job").await?;
-            let ids: Vec<&str> = rows
-                .iter()
-                .filter_map(|r| r.data.get("job"))
-                .map(String::as_str)
-                .collect();
-            Ok((ids == [running.as_str()]).then_some(()))
-        })
-        .await?;
-    assert_eq!(
-        count_in(browser, "#jobs-total").await?,
-        1,
-        "jobs-total filtered"
-    );
+    assert_filter_by_prefix(browser, "growing-", &running).await?;
 
     // Its page follows it live to the end.
     browser
@@ -237,32 +291,7 @@ async fn the_jobs_page_shows_a_running_job_grow() -> Result<()> {
     browser
         .wait_for_location(&format!("/jobs/{running}"), PAGE)
         .await?;
-    let counts = browser.wait_for("#counts", PAGE).await?;
-    let succeeded_first = counts.number("succeeded")?;
-    browser
-        .until(PAGE, "#counts data-succeeded growing", || async {
-            Ok(browser
-                .node("#counts")
-                .await?
-                .filter(|c| c.number("succeeded").is_ok_and(|n| n > succeeded_first)))
-        })
-        .await?;
-    let status = env.wait_for_terminal(&running, JOB_TIMEOUT).await?;
-    assert_counts(&status, JobState::Succeeded, total, 0);
-    browser.wait_for_text("#state", "succeeded", PAGE).await?;
-    let counts = browser
-        .until(PAGE, "#counts at the job's end", || async {
-            Ok(browser
-                .node("#counts")
-                .await?
-                .filter(|c| c.number("succeeded").is_ok_and(|n| n == total)))
-        })
-        .await?;
-    assert_eq!(
-        (counts.number("failed")?, counts.number("total")?),
-        (0, total),
-        "#counts at the end: {counts:?}"
-    );
+    assert_job_page_follows_to_the_end(&stage, &running, total).await?;
     stage.finish().await
 }
 
@@ -285,6 +314,124 @@ fn stock_items(n: u64, unique: u64) -> Vec<String> {
             _ => format!("widget-{i:03}"),
         })
         .collect()
+}
+
+/// Failures shown per page (contract: 50).
+const FAILURES_PER_PAGE: usize = 50;
+
+/// Asserts the head of the page `path` of a failed `exec` job of `n` operations, `failed` of
+/// them failed: state, counts, no Cancel, the JobSpec and the results link.
+async fn assert_failed_job_page(browser: &Browser, path: &str, n: u64, failed: u64) -> Result<()> {
+    browser.wait_for_text("#state", "failed", PAGE).await?;
+    let counts = browser.wait_for("#counts", PAGE).await?;
+    let figures = ["succeeded", "failed", "total"].map(|name| counts.number(name).ok());
+    assert_eq!(
+        figures,
+        [Some(n - failed), Some(failed), Some(n)],
+        "#counts: {counts:?}"
+    );
+    assert_eq!(
+        count_in(browser, "#failures-total").await?,
+        failed,
+        "failures-total"
+    );
+    ensure!(
+        browser.node("#cancel").await?.is_none(),
+        "a failed job still offers Cancel"
+    );
+    let spec: Value = serde_json::from_str(&browser.text("#spec").await?)
+        .context("#spec is not the JobSpec as JSON")?;
+    assert_eq!(
+        (&spec["operation"], &spec["items"]["count"]),
+        (&json!("exec"), &json!(n)),
+        "#spec: {spec}"
+    );
+    let results = browser
+        .node("#results")
+        .await?
+        .context("no #results link")?;
+    assert_eq!(
+        results.attrs.get("href").map(String::as_str),
+        Some(format!("{path}/results.jsonl").as_str())
+    );
+    Ok(())
+}
+
+/// Asserts that the job page shows page `page` (from 1) of the failures `failing` (indices
+/// into `items`): their indices in order, and each the error `exec` reported for its item.
+async fn assert_failure_page(
+    browser: &Browser,
+    items: &[String],
+    failing: &[u64],
+    page: usize,
+) -> Result<()> {
+    let from = (page - 1) * FAILURES_PER_PAGE;
+    let expected = &failing[from..(from + FAILURES_PER_PAGE).min(failing.len())];
+    let rows = browser.nodes("#failures tr.failure").await?;
+    let indices = rows
+        .iter()
+        .map(|row| row.number("index"))
+        .collect::<Result<Vec<u64>>>()?;
+    ensure!(
+        indices == expected,
+        "page {page}: failure rows {indices:?}, expected {expected:?}"
+    );
+    let cells = |css: &'static str| async move {
+        let nodes = browser.nodes(css).await?;
+        anyhow::Ok(
+            nodes
+                .iter()
+                .map(|n| n.text.trim().to_owned())
+                .collect::<Vec<_>>(),
+        )
+    };
+    let want: Vec<String> = expected.iter().map(u64::to_string).collect();
+    let shown = cells("#failures tr.failure td.index").await?;
+    ensure!(shown == want, "page {page}: index cells {shown:?}");
+    let want: Vec<String> = expected
+        .iter()
+        .map(|i| exec_error(&items[*i as usize]))
+        .collect();
+    let shown = cells("#failures tr.failure td.error").await?;
+    ensure!(
+        shown == want,
+        "page {page}: errors shown {shown:?}, expected {want:?}"
+    );
+    Ok(())
+}
+
+/// Follows the pager link `css` (`a.next`, `a.prev`) and waits for the page it leads to.
+async fn turn_page(browser: &Browser, css: &str, path: &str, fpage: u64) -> Result<()> {
+    browser.click(css).await?;
+    browser
+        .wait_for_location(&format!("{path}?fpage={fpage}"), PAGE)
+        .await
+}
+
+/// Asserts that `results.jsonl` of the job at `path` holds `n` JSON lines, line `index` with
+/// `error`.
+async fn assert_results_download(
+    console: &Console,
+    path: &str,
+    n: u64,
+    (index, error): (u64, &str),
+) -> Result<()> {
+    let download = http(console, "GET", &format!("{path}/results.jsonl"), &[], None).await?;
+    assert_eq!(download.status, 200, "results.jsonl: {download:?}");
+    assert_eq!(
+        download.header("content-type"),
+        Some("application/x-ndjson"),
+        "content type of results.jsonl"
+    );
+    let lines: Vec<Value> = download
+        .body
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .context("results.jsonl holds a line that is not JSON")?;
+    assert_eq!(lines.len() as u64, n, "lines of results.jsonl");
+    assert_eq!(lines[index as usize]["error"], json!(error), "line {index}");
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -319,99 +466,26 @@ async fn a_job_page_shows_searches_and_pages_the_failures() -> Result<()> {
 
     let path = format!("/jobs/{job_id}");
     stage.goto(&path).await?;
-    browser.wait_for_text("#state", "failed", PAGE).await?;
-    let counts = browser.wait_for("#counts", PAGE).await?;
-    assert_eq!(
-        (
-            counts.number("succeeded")?,
-            counts.number("failed")?,
-            counts.number("total")?
-        ),
-        (n - failed, failed, n),
-        "#counts: {counts:?}"
-    );
-    assert_eq!(
-        count_in(browser, "#failures-total").await?,
-        failed,
-        "failures-total"
-    );
-    ensure!(
-        browser.node("#cancel").await?.is_none(),
-        "a failed job still offers Cancel"
-    );
-    let spec: Value = serde_json::from_str(&browser.text("#spec").await?)
-        .context("#spec is not the JobSpec as JSON")?;
-    assert_eq!(
-        (&spec["operation"], &spec["items"]["count"]),
-        (&json!("exec"), &json!(n)),
-        "#spec: {spec}"
-    );
-    let results = browser
-        .node("#results")
-        .await?
-        .context("no #results link")?;
-    assert_eq!(
-        results.attrs.get("href").map(String::as_str),
-        Some(format!("{path}/results.jsonl").as_str())
-    );
+    assert_failed_job_page(browser, &path, n, failed).await?;
 
     // Three pages of 50, in index order, each row the error the worker reported.
-    let shown = |page: usize| {
-        let (items, failing) = (&items, &failing);
-        async move {
-            let expected: &[u64] = &failing[(page - 1) * 50..(page * 50).min(failing.len())];
-            let rows = browser.nodes("#failures tr.failure").await?;
-            let indices = rows
-                .iter()
-                .map(|row| row.number("index"))
-                .collect::<Result<Vec<u64>>>()?;
-            ensure!(
-                indices == expected,
-                "page {page}: failure rows {indices:?}, expected {expected:?}"
-            );
-            let errors = browser.nodes("#failures tr.failure td.error").await?;
-            let texts: Vec<String> = errors.iter().map(|e| e.text.trim().to_owned()).collect();
-            let want: Vec<String> = expected
-                .iter()
-                .map(|i| exec_error(&items[*i as usize]))
-                .collect();
-            ensure!(
-                texts == want,
-                "page {page}: errors shown {texts:?}, expected {want:?}"
-            );
-            let cells = browser.nodes("#failures tr.failure td.index").await?;
-            let cells: Vec<String> = cells.iter().map(|c| c.text.trim().to_owned()).collect();
-            let want: Vec<String> = expected.iter().map(u64::to_string).collect();
-            ensure!(cells == want, "page {page}: index cells {cells:?}");
-            Ok(())
-        }
-    };
-    shown(1).await?;
+    assert_failure_page(browser, &items, &failing, 1).await?;
     ensure!(
         browser.node("a.prev").await?.is_none(),
         "a.prev on the first page"
     );
     let shot = browser.screenshot("job").await?;
     eprintln!("screenshot {}", shot.display());
-    browser.click("a.next").await?;
-    browser
-        .wait_for_location(&format!("{path}?fpage=2"), PAGE)
-        .await?;
-    shown(2).await?;
-    browser.click("a.next").await?;
-    browser
-        .wait_for_location(&format!("{path}?fpage=3"), PAGE)
-        .await?;
-    shown(3).await?;
+    turn_page(browser, "a.next", &path, 2).await?;
+    assert_failure_page(browser, &items, &failing, 2).await?;
+    turn_page(browser, "a.next", &path, 3).await?;
+    assert_failure_page(browser, &items, &failing, 3).await?;
     ensure!(
         browser.node("a.next").await?.is_none(),
         "a.next on the last page"
     );
-    browser.click("a.prev").await?;
-    browser
-        .wait_for_location(&format!("{path}?fpage=2"), PAGE)
-        .await?;
-    shown(2).await?;
+    turn_page(browser, "a.prev", &path, 2).await?;
+    assert_failure_page(browser, &items, &failing, 2).await?;
 
     // The one failure whose error holds "zebra", found by its text.
     search(browser, "#failure-search input[name=fq]", "zebra").await?;
@@ -436,28 +510,7 @@ async fn a_job_page_shows_searches_and_pages_the_failures() -> Result<()> {
     );
 
     // The results link serves every line, as `batchctl results`.
-    let download = http(
-        &stage.console,
-        "GET",
-        &format!("{path}/results.jsonl"),
-        &[],
-        None,
-    )
-    .await?;
-    assert_eq!(download.status, 200, "results.jsonl: {download:?}");
-    assert_eq!(
-        download.header("content-type"),
-        Some("application/x-ndjson"),
-        "content type of results.jsonl"
-    );
-    let lines: Vec<Value> = download
-        .body
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()
-        .context("results.jsonl holds a line that is not JSON")?;
-    assert_eq!(lines.len() as u64, n, "lines of results.jsonl");
-    assert_eq!(lines[unique as usize]["error"], json!(zebra));
+    assert_results_download(&stage.console, &path, n, (unique, &zebra)).await?;
     stage.finish().await
 }
 
@@ -534,6 +587,28 @@ async fn cancel_on_the_job_page_ends_the_job_cancelled() -> Result<()> {
     stage.finish().await
 }
 
+/// Submits a long `sleep` job with room for three fragments per worker, and waits until the
+/// workers page shows each of its three workers holding some.
+async fn make_every_worker_busy(stage: &Stage) -> Result<()> {
+    let env = &stage.env;
+    env.submit(&json!({
+        "job_id": env.job_id("busy"),
+        "operation": "sleep",
+        "params": {"ms": 100},
+        "range": {"start": 0, "end": 600},
+        "fragment_size": 2,
+        "max_concurrent_fragments": 9,
+    }))
+    .await?;
+    let browser = &stage.browser;
+    browser
+        .until(PAGE, "every worker holding sleep fragments", || async {
+            let rows = browser.nodes("#workers tr.worker").await?;
+            Ok((rows.len() == 3 && rows.iter().all(|r| r.text.contains("sleep: "))).then_some(()))
+        })
+        .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_workers_page_shows_every_worker_and_drops_a_killed_one() -> Result<()> {
     let heartbeat = Duration::from_secs(1);
@@ -577,24 +652,7 @@ async fn the_workers_page_shows_every_worker_and_drops_a_killed_one() -> Result<
             .await?;
     }
     // Work for all three: the page shows what each holds, from its heartbeats.
-    let job_id = stage.env.job_id("busy");
-    stage
-        .env
-        .submit(&json!({
-            "job_id": job_id,
-            "operation": "sleep",
-            "params": {"ms": 100},
-            "range": {"start": 0, "end": 600},
-            "fragment_size": 2,
-            "max_concurrent_fragments": 9,
-        }))
-        .await?;
-    browser
-        .until(PAGE, "every worker holding sleep fragments", || async {
-            let rows = browser.nodes("#workers tr.worker").await?;
-            Ok((rows.len() == 3 && rows.iter().all(|r| r.text.contains("sleep: "))).then_some(()))
-        })
-        .await?;
+    make_every_worker_busy(&stage).await?;
     let shot = browser.screenshot("workers").await?;
     eprintln!("screenshot {}", shot.display());
 
@@ -634,6 +692,39 @@ async fn the_workers_page_shows_every_worker_and_drops_a_killed_one() -> Result<
     stage.finish().await
 }
 
+/// The submit form as bytes: the bad JobSpec `bad_text` is refused with a 400 naming the
+/// field; without the CSRF token even a good JobSpec (of id `forged`) is refused (403).
+async fn assert_submit_over_http(stage: &Stage, bad_text: &str, forged: &str) -> Result<()> {
+    let csrf = stage
+        .browser
+        .node("#submit input[name=csrf]")
+        .await?
+        .and_then(|field| field.attrs.get("value").cloned())
+        .context("no csrf field in #submit")?;
+    let post = |fields: Vec<(&'static str, String)>| async move {
+        let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (kind, body) = multipart(&fields);
+        http_with_body(&stage.console, "POST", "/submit", &[], Some((&kind, &body))).await
+    };
+    let refused = post(vec![("csrf", csrf), ("spec", bad_text.to_owned())]).await?;
+    assert_eq!(
+        refused.status, 400,
+        "POST /submit of the bad JobSpec: {refused:?}"
+    );
+    ensure!(
+        refused.body.contains("max_attempts"),
+        "the 400 does not name the field: {}",
+        refused.body
+    );
+    let good = json!({"job_id": forged, "operation": "noop", "items": [1]});
+    let no_csrf = post(vec![("spec", serde_json::to_string(&good)?)]).await?;
+    assert_eq!(
+        no_csrf.status, 403,
+        "POST /submit without csrf: {no_csrf:?}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_jobspec_submitted_names_the_wrong_field() -> Result<()> {
     let Some(stage) = Stage::start("ui-submit", &[WorkerOpts::default()], &[]).await? else {
@@ -668,35 +759,8 @@ async fn a_bad_jobspec_submitted_names_the_wrong_field() -> Result<()> {
         .await?
         .context("no spec box on the page with the error")?;
     assert_eq!(kept.text, bad_text, "the spec box keeps what was sent");
-    // The same form as bytes: the refusal is a 400; without the CSRF token even a good
-    // JobSpec is refused (403) and never published.
-    let csrf = browser
-        .node("#submit input[name=csrf]")
-        .await?
-        .and_then(|field| field.attrs.get("value").cloned())
-        .context("no csrf field in #submit")?;
-    let (kind, body) = multipart(&[("csrf", &csrf), ("spec", &bad_text)]);
-    let refused =
-        http_with_body(&stage.console, "POST", "/submit", &[], Some((&kind, &body))).await?;
-    assert_eq!(
-        refused.status, 400,
-        "POST /submit of the bad JobSpec: {refused:?}"
-    );
-    ensure!(
-        refused.body.contains("max_attempts"),
-        "the 400 does not name the field: {}",
-        refused.body
-    );
     let forged = env.job_id("forged");
-    let forged_text =
-        serde_json::to_string(&json!({"job_id": forged, "operation": "noop", "items": [1]}))?;
-    let (kind, body) = multipart(&[("spec", &forged_text)]);
-    let no_csrf =
-        http_with_body(&stage.console, "POST", "/submit", &[], Some((&kind, &body))).await?;
-    assert_eq!(
-        no_csrf.status, 403,
-        "POST /submit without csrf: {no_csrf:?}"
-    );
+    assert_submit_over_http(&stage, &bad_text, &forged).await?;
 
     let reached = env.status(rejection.job_id.as_str()).await?;
     ensure!(
@@ -727,6 +791,79 @@ async fn a_bad_jobspec_submitted_names_the_wrong_field() -> Result<()> {
     stage.finish().await
 }
 
+/// Asserts that every page but `/healthz` answers 401 without the token or with a wrong one,
+/// and 200 with it as a bearer token.
+async fn assert_pages_need_the_token(console: &Console, bearer: &str, job_id: &str) -> Result<()> {
+    let health = http(console, "GET", "/healthz", &[], None).await?;
+    assert_eq!(
+        (health.status, health.body.trim()),
+        (200, "ok"),
+        "/healthz needs no token"
+    );
+    let wrong = [("Authorization", "Bearer not-the-token")];
+    let right = [("Authorization", bearer)];
+    for path in ["/jobs", "/workers", &format!("/jobs/{job_id}")] {
+        for (headers, expected, how) in [
+            (&[][..], 401, "without the token"),
+            (&wrong[..], 401, "with a wrong token"),
+            (&right[..], 200, "with the token"),
+        ] {
+            let response = http(console, "GET", path, headers, None).await?;
+            assert_eq!(response.status, expected, "GET {path} {how}: {response:?}");
+        }
+    }
+    Ok(())
+}
+
+/// Asserts that POST `cancel_path` is refused without the CSRF token or with a wrong one (403,
+/// with the bearer token), and without the bearer token (401).
+async fn assert_cancel_refused(console: &Console, bearer: &str, cancel_path: &str) -> Result<()> {
+    let right = [("Authorization", bearer)];
+    for (headers, form, expected, how) in [
+        (&right[..], &[][..], 403, "without csrf"),
+        (
+            &right[..],
+            &[("csrf", "0123abcd")][..],
+            403,
+            "with a wrong csrf",
+        ),
+        (
+            &[][..],
+            &[("csrf", "0123abcd")][..],
+            401,
+            "without the token",
+        ),
+    ] {
+        let response = http(console, "POST", cancel_path, headers, Some(form)).await?;
+        assert_eq!(response.status, expected, "cancel {how}: {response:?}");
+    }
+    Ok(())
+}
+
+/// Asserts that POST /login refuses a wrong token (401, no cookie) and answers the right one
+/// with a 303 to /jobs and the session cookie, HttpOnly, SameSite=Strict, for the whole site.
+async fn assert_login_sets_the_session(console: &Console, token: &str) -> Result<()> {
+    let wrong = http(console, "POST", "/login", &[], Some(&[("token", "nope")])).await?;
+    assert_eq!(wrong.status, 401, "login with a wrong token: {wrong:?}");
+    ensure!(
+        wrong.header("set-cookie").is_none(),
+        "a cookie for a wrong token"
+    );
+    let login = http(console, "POST", "/login", &[], Some(&[("token", token)])).await?;
+    assert_eq!(
+        (login.status, login.header("location")),
+        (303, Some("/jobs")),
+        "login: {login:?}"
+    );
+    let cookie = login
+        .header("set-cookie")
+        .context("no Set-Cookie at login")?;
+    for part in ["batchq_session=", "HttpOnly", "SameSite=Strict", "Path=/"] {
+        ensure!(cookie.contains(part), "Set-Cookie {cookie:?} lacks {part}");
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_token_pages_need_it_and_cancel_needs_the_csrf_token() -> Result<()> {
     let token = uuid::Uuid::new_v4().simple().to_string();
@@ -739,76 +876,16 @@ async fn with_a_token_pages_need_it_and_cancel_needs_the_csrf_token() -> Result<
     else {
         return Ok(());
     };
-    let env = &stage.env;
-    let console = &stage.console;
-    let browser = &stage.browser;
+    let (env, console, browser) = (&stage.env, &stage.console, &stage.browser);
     let job_id = env
         .submit(&slow_job(&env.job_id("guarded"), 600, 100, 2))
         .await?;
     env.wait_for_status(&job_id, PAGE, |s| s.state == JobState::Running)
         .await?;
     let bearer = format!("Bearer {token}");
-    let with_token = [("Authorization", bearer.as_str())];
-
-    let health = http(console, "GET", "/healthz", &[], None).await?;
-    assert_eq!(
-        (health.status, health.body.trim()),
-        (200, "ok"),
-        "/healthz needs no token"
-    );
-    for path in ["/jobs", "/workers", &format!("/jobs/{job_id}")] {
-        let refused = http(console, "GET", path, &[], None).await?;
-        assert_eq!(
-            refused.status, 401,
-            "GET {path} without the token: {refused:?}"
-        );
-        let wrong = http(
-            console,
-            "GET",
-            path,
-            &[("Authorization", "Bearer not-the-token")],
-            None,
-        )
-        .await?;
-        assert_eq!(
-            wrong.status, 401,
-            "GET {path} with a wrong token: {wrong:?}"
-        );
-        let allowed = http(console, "GET", path, &with_token, None).await?;
-        assert_eq!(
-            allowed.status, 200,
-            "GET {path} with the token: {allowed:?}"
-        );
-    }
-
-    // Cancel: the token is not enough without the form's CSRF token.
+    assert_pages_need_the_token(console, &bearer, &job_id).await?;
     let cancel_path = format!("/jobs/{job_id}/cancel");
-    let no_csrf = http(console, "POST", &cancel_path, &with_token, Some(&[])).await?;
-    assert_eq!(no_csrf.status, 403, "cancel without csrf: {no_csrf:?}");
-    let wrong_csrf = http(
-        console,
-        "POST",
-        &cancel_path,
-        &with_token,
-        Some(&[("csrf", "0123abcd")]),
-    )
-    .await?;
-    assert_eq!(
-        wrong_csrf.status, 403,
-        "cancel with a wrong csrf: {wrong_csrf:?}"
-    );
-    let unauthorized = http(
-        console,
-        "POST",
-        &cancel_path,
-        &[],
-        Some(&[("csrf", "0123abcd")]),
-    )
-    .await?;
-    assert_eq!(
-        unauthorized.status, 401,
-        "cancel without the token: {unauthorized:?}"
-    );
+    assert_cancel_refused(console, &bearer, &cancel_path).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let status = env.status(&job_id).await?.context("the job is known")?;
     assert_eq!(
@@ -816,26 +893,7 @@ async fn with_a_token_pages_need_it_and_cancel_needs_the_csrf_token() -> Result<
         JobState::Running,
         "after refused cancels: {status:?}"
     );
-
-    // The login form: a wrong token is refused, the right one sets the session cookie.
-    let wrong_login = http(console, "POST", "/login", &[], Some(&[("token", "nope")])).await?;
-    assert_eq!(
-        wrong_login.status, 401,
-        "login with a wrong token: {wrong_login:?}"
-    );
-    ensure!(
-        wrong_login.header("set-cookie").is_none(),
-        "a cookie for a wrong token"
-    );
-    let login = http(console, "POST", "/login", &[], Some(&[("token", &token)])).await?;
-    assert_eq!(login.status, 303, "login: {login:?}");
-    assert_eq!(login.header("location"), Some("/jobs"), "login: {login:?}");
-    let cookie = login
-        .header("set-cookie")
-        .context("no Set-Cookie at login")?;
-    for part in ["batchq_session=", "HttpOnly", "SameSite=Strict", "Path=/"] {
-        ensure!(cookie.contains(part), "Set-Cookie {cookie:?} lacks {part}");
-    }
+    assert_login_sets_the_session(console, &token).await?;
 
     // In the browser: the jobs page asks for the token, then shows the job.
     stage.goto("/jobs").await?;
@@ -851,7 +909,8 @@ async fn with_a_token_pages_need_it_and_cancel_needs_the_csrf_token() -> Result<
         })
         .await?;
 
-    // With the page's CSRF token the same cancel goes through: what was refused was its lack.
+    // With the page's CSRF token the same cancel goes through (what was refused was its
+    // lack), unless it comes from a page of another site (its Origin gives it away).
     stage.goto(&format!("/jobs/{job_id}")).await?;
     let csrf = browser
         .wait_for("#cancel input[name=csrf]", PAGE)
@@ -860,39 +919,33 @@ async fn with_a_token_pages_need_it_and_cancel_needs_the_csrf_token() -> Result<
         .get("value")
         .cloned()
         .context("no value in the csrf field")?;
-    // Nor does a page of another site, even with both tokens (its Origin gives it away).
-    let from_elsewhere = http(
-        console,
-        "POST",
-        &cancel_path,
-        &[
-            ("Authorization", bearer.as_str()),
-            ("Origin", "http://evil.example"),
-        ],
-        Some(&[("csrf", &csrf)]),
-    )
-    .await?;
+    let form = [("csrf", csrf.as_str())];
+    let elsewhere = [
+        ("Authorization", bearer.as_str()),
+        ("Origin", "http://evil.example"),
+    ];
+    let refused = http(console, "POST", &cancel_path, &elsewhere, Some(&form)).await?;
     assert_eq!(
-        from_elsewhere.status, 403,
-        "cancel from another origin: {from_elsewhere:?}"
+        refused.status, 403,
+        "cancel from another origin: {refused:?}"
     );
-    let cancelled = http(
-        console,
-        "POST",
-        &cancel_path,
-        &with_token,
-        Some(&[("csrf", &csrf)]),
-    )
-    .await?;
-    assert_eq!(cancelled.status, 303, "cancel with the csrf: {cancelled:?}");
+    let right = [("Authorization", bearer.as_str())];
+    let cancelled = http(console, "POST", &cancel_path, &right, Some(&form)).await?;
     assert_eq!(
-        cancelled.header("location"),
-        Some(format!("/jobs/{job_id}").as_str())
+        (cancelled.status, cancelled.header("location")),
+        (303, Some(format!("/jobs/{job_id}").as_str())),
+        "cancel with the csrf: {cancelled:?}"
     );
     let status = env.wait_for_terminal(&job_id, PAGE).await?;
     assert_eq!(status.state, JobState::Cancelled, "{status:?}");
+    stage.finish().await
+}
 
-    // Beyond loopback the console does not start without a token: exit 2, one line why.
+/// No browser needed: the console refuses, before serving anything, to listen beyond
+/// loopback without a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_does_not_listen_beyond_loopback_without_a_token() -> Result<()> {
+    let env = TestEnv::new("ui-loopback").await?;
     let mut beyond = tokio::process::Command::new(bin_path(Bin::Batchctl));
     beyond
         .args(["ui", "--listen", "0.0.0.0:0"])
@@ -918,7 +971,7 @@ async fn with_a_token_pages_need_it_and_cancel_needs_the_csrf_token() -> Result<
     ensure!(
         output.stdout.is_empty(),
         "it announced a URL: {:?}",
-        output.stdout
+        String::from_utf8_lossy(&output.stdout)
     );
-    stage.finish().await
+    env.finish().await
 }
