@@ -353,19 +353,34 @@ fn read_spec(file: &str) -> anyhow::Result<Vec<u8>> {
 /// Publishes a JobSpec (confirmed) and returns its job id, giving it one if it has none.
 pub(crate) async fn submit(broker: &Broker, file: &str) -> anyhow::Result<String> {
     let body = read_spec(file)?;
-    let (job_id, body) = checked_spec(&body).map_err(|e| anyhow!("{file}: {e}"))?;
+    let (job_id, body) = checked_spec(&body).map_err(|problem| match problem {
+        SpecProblem::Invalid(_) => anyhow!("{problem}"),
+        SpecProblem::NotJson(e) => anyhow!("{file} is not a JSON JobSpec: {e}"),
+        SpecProblem::NotObject => anyhow!("{file}: {problem}"),
+    })?;
     submit_body(broker, &job_id, &body).await?;
     Ok(job_id)
 }
 
+/// Why a JobSpec is not published.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SpecProblem {
+    #[error("not a JSON JobSpec: {0}")]
+    NotJson(String),
+    #[error("a JobSpec is a JSON object")]
+    NotObject,
+    /// What the splitter would reject, in its words.
+    #[error("invalid JobSpec: {0}")]
+    Invalid(String),
+}
+
 /// A JobSpec as published: given a job id if it has none, and checked here for what the
-/// splitter would reject, so the mistake is shown where it was made. The error names the
-/// problem as the splitter's rejection would.
-pub(crate) fn checked_spec(body: &[u8]) -> Result<(String, Vec<u8>), String> {
+/// splitter would reject, so the mistake is shown where it was made.
+pub(crate) fn checked_spec(body: &[u8]) -> Result<(String, Vec<u8>), SpecProblem> {
     let mut value: Value =
-        serde_json::from_slice(body).map_err(|e| format!("not a JSON JobSpec: {e}"))?;
+        serde_json::from_slice(body).map_err(|e| SpecProblem::NotJson(e.to_string()))?;
     let Some(object) = value.as_object_mut() else {
-        return Err("a JobSpec is a JSON object".into());
+        return Err(SpecProblem::NotObject);
     };
     if !object.contains_key("job_id") {
         object.insert(
@@ -373,9 +388,9 @@ pub(crate) fn checked_spec(body: &[u8]) -> Result<(String, Vec<u8>), String> {
             Value::String(uuid::Uuid::new_v4().to_string()),
         );
     }
-    let body = serde_json::to_vec(&value).map_err(|e| e.to_string())?;
+    let body = serde_json::to_vec(&value).map_err(|e| SpecProblem::NotJson(e.to_string()))?;
     let spec = parse_job_spec(&body, None, None, ParseLimits::default())
-        .map_err(|rejection| format!("invalid JobSpec: {}", rejection.error))?;
+        .map_err(|rejection| SpecProblem::Invalid(rejection.error))?;
     Ok((spec.job_id, body))
 }
 

@@ -404,7 +404,7 @@ pub enum Request {
         offset: u64,
         limit: u32,
     },
-    /// The job's status and the JobSpec it was accepted with (see [`SpecSummary`]).
+    /// The job's status and the JobSpec it was accepted with (see [`JobDetail`]).
     Job {
         job_id: String,
     },

@@ -125,13 +125,15 @@ pub fn record_jobs(by_state: &[(JobState, u64)], statuses: &[JobStatus]) {
             .unwrap_or(0);
         metrics::gauge!("batchq_jobs", "state" => state.as_str()).set(n as f64);
     }
+    // The label is `job_id`, not `job`: Prometheus gives every scraped series the scrape
+    // job's name as `job`, and would rename a `job` of ours to `exported_job`.
     for status in statuses {
         let job = status.job_id.clone();
-        metrics::gauge!("batchq_job_operations", "job" => job.clone(), "outcome" => "succeeded")
+        metrics::gauge!("batchq_job_operations", "job_id" => job.clone(), "outcome" => "succeeded")
             .set(status.ops_succeeded as f64);
-        metrics::gauge!("batchq_job_operations", "job" => job.clone(), "outcome" => "failed")
+        metrics::gauge!("batchq_job_operations", "job_id" => job.clone(), "outcome" => "failed")
             .set(status.ops_failed as f64);
-        metrics::gauge!("batchq_job_operations", "job" => job, "outcome" => "total")
+        metrics::gauge!("batchq_job_operations", "job_id" => job, "outcome" => "total")
             .set(status.ops_total as f64);
     }
 }

@@ -44,6 +44,7 @@ pub mod cluster;
 pub mod ha;
 pub mod postgres;
 pub mod prometheus;
+pub mod prometheus_server;
 pub mod rabbit_node;
 pub use cluster::RabbitCluster;
 pub use postgres::{StoreMode, TestDatabase};

@@ -203,7 +203,7 @@ async fn prometheus_endpoint_serves_the_series_and_drops_finished_jobs() -> Resu
     let status = env.wait_for_terminal(&job_id, JOB_TIMEOUT).await?;
     assert_counts(&status, JobState::Succeeded, 45, 5);
 
-    let job_series = format!("batchq_job_operations{{job=\"{job_id}\",outcome=\"succeeded\"}}");
+    let job_series = format!("batchq_job_operations{{job_id=\"{job_id}\",outcome=\"succeeded\"}}");
     let queue_series = format!(
         "batchq_queue_consumers{{queue=\"{}\"}}",
         env.broker().names().work_queue("reverse")

@@ -11,6 +11,7 @@ use batchq_tests::{
     text_of,
 };
 use common::contract::{JobState, ResultLine};
+use common::wire::{Request, Response};
 use serde_json::{Value, json};
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(60);
@@ -96,7 +97,18 @@ async fn stores_of_the_previous_schema_are_upgraded_and_keep_their_jobs() -> Res
         );
     }
     assert_eq!(user_version(&splitter_db)?, 2, "splitter store upgraded");
-    assert_eq!(user_version(&reducer_db)?, 2, "reducer store upgraded");
+    assert_eq!(user_version(&reducer_db)?, 3, "reducer store upgraded");
+    // Accepted before the reducer kept specs (version 3): the console shows it without one.
+    let request = Request::Job {
+        job_id: OLD_JOB.to_owned(),
+    };
+    match env.rpc().call(&env.names, &request).await? {
+        Response::Job(detail) => {
+            assert_eq!(detail.status, old);
+            assert_eq!(detail.spec, None);
+        }
+        other => anyhow::bail!("unexpected reply to a job request: {other:?}"),
+    }
 
     // Its id is still known to the upgraded splitter: submitting it again changes nothing.
     env.submit(&spec).await?;
@@ -113,6 +125,18 @@ async fn stores_of_the_previous_schema_are_upgraded_and_keep_their_jobs() -> Res
     .await?;
     let status = env.wait_for_terminal(&new_id, JOB_TIMEOUT).await?;
     assert_counts(&status, JobState::Succeeded, 50, 0);
+    // A job accepted on the upgraded store keeps its spec.
+    let request = Request::Job {
+        job_id: new_id.clone(),
+    };
+    match env.rpc().call(&env.names, &request).await? {
+        Response::Job(detail) => {
+            let spec = detail.spec.context("the new job's spec is kept")?;
+            assert_eq!(spec["fragment_size"], 7);
+            assert_eq!(spec["range"], json!({"start": 0, "end": 50}));
+        }
+        other => anyhow::bail!("unexpected reply to a job request: {other:?}"),
+    }
     let results = env.results(&new_id).await?;
     assert_one_per_index(&results, 50);
     assert_eq!(
@@ -167,7 +191,8 @@ async fn a_store_of_a_newer_schema_is_refused_at_start() -> Result<()> {
         let conn = rusqlite::Connection::open(&path)?;
         common::migrate::stamp(&conn, 7)?;
     }
-    for bin in [Bin::Splitter, Bin::Reducer] {
+    // What each binary knows: the splitter's store is at version 2, the reducer's at 3.
+    for (bin, supported) in [(Bin::Splitter, 2), (Bin::Reducer, 3)] {
         let (code, stderr) = run_on_newer_store(bin, &env).await?;
         assert!(
             code.is_some_and(|c| c != 0),
@@ -176,7 +201,11 @@ async fn a_store_of_a_newer_schema_is_refused_at_start() -> Result<()> {
         );
         let refusal: Vec<&str> = stderr
             .lines()
-            .filter(|l| l.contains("schema version 7 is newer than this binary knows (2)"))
+            .filter(|l| {
+                l.contains(&format!(
+                    "schema version 7 is newer than this binary knows ({supported})"
+                ))
+            })
             .collect();
         assert_eq!(refusal.len(), 1, "one line says why: {stderr}");
         let path = env

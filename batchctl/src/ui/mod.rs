@@ -686,7 +686,7 @@ async fn submit(
         Err(error) => {
             return Ok((
                 StatusCode::BAD_REQUEST,
-                pages::submit(&chrome, &shown, Some(&error)),
+                pages::submit(&chrome, &shown, Some(&error.to_string())),
             )
                 .into_response());
         }

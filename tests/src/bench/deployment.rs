@@ -361,6 +361,15 @@ impl Deployment {
     /// of `prefetch`, or of the worker's own default when `None` (no `BATCHQ_PREFETCH` given,
     /// as a user who keeps the defaults starts it).
     pub fn start_worker(&mut self, prefetch: Option<u16>) -> Result<()> {
+        self.start_worker_with(prefetch, &[])
+    }
+
+    /// [`Deployment::start_worker`] with settings of its own (`BATCHQ_EXEC_ALLOW`, say).
+    pub fn start_worker_with(
+        &mut self,
+        prefetch: Option<u16>,
+        settings: &[(&'static str, String)],
+    ) -> Result<()> {
         let n = self
             .procs
             .iter()
@@ -371,6 +380,7 @@ impl Deployment {
         if let Some(prefetch) = prefetch {
             envs.push(("BATCHQ_PREFETCH", prefetch.to_string()));
         }
+        envs.extend(settings.iter().cloned());
         self.spawn("worker", format!("worker-{n}"), &[], &envs)
     }
 
@@ -489,6 +499,37 @@ impl Deployment {
         Ok(Instant::now())
     }
 
+    /// Publishes many JobSpecs as [`Deployment::submit`] does, up to 256 awaiting their
+    /// confirms at once, as a program submitting a batch of jobs would.
+    pub async fn submit_all(&self, specs: &[Value]) -> Result<()> {
+        for chunk in specs.chunks(256) {
+            let publish = async {
+                let mut pending = Vec::with_capacity(chunk.len());
+                for spec in chunk {
+                    let body = serde_json::to_vec(spec)?;
+                    pending.push(
+                        self.publisher
+                            .start_with(
+                                &self.names.jobs(),
+                                KEY_SUBMIT,
+                                &body,
+                                json_properties(),
+                                true,
+                            )
+                            .await?,
+                    );
+                }
+                common::broker::wait_all(pending).await?;
+                Ok::<_, anyhow::Error>(())
+            };
+            tokio::time::timeout(Duration::from_secs(30), publish)
+                .await
+                .context("publishing JobSpecs timed out")?
+                .context("publishing JobSpecs")?;
+        }
+        Ok(())
+    }
+
     /// Waits for the terminal status of `job_id`; returns it with the instant it arrived.
     pub async fn wait_terminal(
         &mut self,
@@ -544,6 +585,11 @@ impl Deployment {
             Response::NotFound { .. } => Ok(None),
             other => bail!("unexpected reply to a status request: {other:?}"),
         }
+    }
+
+    /// One request to the reducer and its reply.
+    pub async fn call(&mut self, request: &Request) -> Result<Response> {
+        Ok(self.rpc.call(request).await?)
     }
 
     /// One page of a job's results.

@@ -19,7 +19,8 @@
 //! default rows: the per-fragment job, a sha256 job of fragment_size 100, how much of a
 //! window of workers × the default prefetch is in use, and the README demo's job on a fresh
 //! deployment (a first run). Then the parts at settings tuned to their question (`fragment`,
-//! `noop`, `compute`, `scaling`) and `latency` (a stock worker).
+//! `noop`, `compute`, `scaling`), `latency` (a stock worker) and `console` (the web console's
+//! queries on a store of many jobs and a job of many failures).
 //!
 //! The splitter and reducer keep their state in SQLite. The tuned per-fragment part and the noop
 //! part's job with results run a second time on a deployment whose splitter and reducer keep it
@@ -48,6 +49,7 @@ use anyhow::{Context, Result, bail, ensure};
 use common::broker::Broker;
 use common::config::BrokerArgs;
 use common::contract::ResultLine;
+use common::wire::{Request, Response};
 use serde_json::json;
 
 use crate::deployment::{Deployment, JobRun, Programs, Store};
@@ -57,8 +59,8 @@ use crate::report::{CpuRow, Figure, Machine, PartInfo, Report, Target};
 
 /// In the order they run (and their figures print): the stock part right after the ceiling
 /// it is held against, before every part of tuned settings.
-const PARTS: [&str; 7] = [
-    "ceiling", "stock", "fragment", "noop", "compute", "scaling", "latency",
+const PARTS: [&str; 8] = [
+    "ceiling", "stock", "fragment", "noop", "compute", "scaling", "latency", "console",
 ];
 
 const USAGE: &str = "\
@@ -67,7 +69,8 @@ usage: bench [--quick] [--json PATH] [--only PART,PART...]
   --quick        every part at a small size (well under a minute)
   --json PATH    where to write the figures (default target/bench/pipeline.json)
   --only PARTS   run only these parts: ceiling, stock, fragment, noop, compute, scaling,
-                 latency (they run in this order; a ratio to the broker ceiling needs ceiling)
+                 latency, console (they run in this order; a ratio to the broker ceiling
+                 needs ceiling)
 
 Build the binaries of the same profile first: cargo build [--release] --workspace --bins";
 
@@ -137,6 +140,10 @@ struct Sizes {
     /// Each scaling job holds this many seconds of ideal work.
     scaling_seconds: f64,
     latency_jobs: usize,
+    /// The console part's store: this many jobs, and one job of `console_failures` failed
+    /// operations.
+    console_jobs: u64,
+    console_failures: u64,
     /// Runs of each sub-second job (the 1,000,000-operation ones and their limits); the
     /// figure is their median, which one busy moment on a shared machine does not move.
     repeats: usize,
@@ -154,6 +161,8 @@ impl Sizes {
             sha_ops: 1_000_000,
             scaling_seconds: 4.0,
             latency_jobs: 100,
+            console_jobs: 10_000,
+            console_failures: 100_000,
             repeats: 3,
         }
     }
@@ -169,6 +178,8 @@ impl Sizes {
             sha_ops: 50_000,
             scaling_seconds: 1.0,
             latency_jobs: 20,
+            console_jobs: 2_000,
+            console_failures: 20_000,
             repeats: 1,
         }
     }
@@ -284,7 +295,8 @@ async fn run(options: &Options) -> Result<()> {
             "noop" => bench.per_operation().await,
             "compute" => bench.compute().await,
             "scaling" => bench.scaling().await,
-            _ => bench.latency().await,
+            "latency" => bench.latency().await,
+            _ => bench.console().await,
         }
         .with_context(|| format!("part {part}"))?;
         let seconds = part_started.elapsed().as_secs_f64();
@@ -1007,6 +1019,195 @@ impl Bench {
             );
         }
         Ok(text)
+    }
+}
+
+/// Round trips of each console query; the figure is their median.
+const CONSOLE_ROUND_TRIPS: usize = 5;
+/// Issue 14: each console query answers within this at the full size.
+const CONSOLE_TARGET_MS: f64 = 250.0;
+
+impl Bench {
+    /// The web console's queries (issue 14) on a store of `console_jobs` jobs, filled through
+    /// the pipeline (one-operation noop jobs, every tenth a rejected one, submitted as a
+    /// batch), and one exec job of `console_failures` operations, each refused by the worker
+    /// (its program is not allowed) with an error naming it. Each query's RPC round trip, the
+    /// median of [`CONSOLE_ROUND_TRIPS`], against [`CONSOLE_TARGET_MS`].
+    async fn console(&mut self) -> Result<String> {
+        let (jobs, failures) = (self.sizes.console_jobs, self.sizes.console_failures);
+        let rejected = jobs / 10;
+        let mut text = format!(
+            "{jobs} jobs submitted as a batch ({} noop of one operation, {rejected} rejected) \
+             and one exec job of {failures} operations, each refused with an error naming its \
+             program; 1 worker of prefetch 16; each query's RPC round trip, the median of \
+             {CONSOLE_ROUND_TRIPS}, against {CONSOLE_TARGET_MS} ms",
+            jobs - rejected
+        );
+        if self.sizes.console_jobs < Sizes::full().console_jobs {
+            text.push_str(&format!(
+                " (quick sizes; the target is for {} jobs and {} failures)",
+                Sizes::full().console_jobs,
+                Sizes::full().console_failures
+            ));
+        }
+        Self::announce("console queries", &text);
+        let mut deployment = Deployment::new("console", &self.url, &self.programs).await?;
+        let outcome = async {
+            deployment.start_splitter()?;
+            deployment.start_reducer()?;
+            deployment.start_worker_with(Some(16), &[("BATCHQ_EXEC_ALLOW", "echo".to_owned())])?;
+            deployment
+                .wait_for_workers(1, Duration::from_secs(60))
+                .await?;
+            let filled = Instant::now();
+            let specs: Vec<serde_json::Value> = (0..jobs)
+                .map(|n| {
+                    let job_id = format!("console-{n:06}");
+                    if n % 10 == 9 {
+                        // No input: rejected.
+                        json!({"job_id": job_id, "operation": "noop"})
+                    } else {
+                        json!({
+                            "job_id": job_id,
+                            "operation": "noop",
+                            "range": {"start": 0, "end": 1},
+                            "collect_results": false,
+                        })
+                    }
+                })
+                .collect();
+            deployment.submit_all(&specs).await?;
+            let failing = deployment.job_id("console-failures");
+            deployment
+                .submit(&json!({
+                    "job_id": failing,
+                    "operation": "exec",
+                    "params": {"command": ["prog-{}"]},
+                    "range": {"start": 0, "end": failures},
+                    "fragment_size": 1000,
+                    "max_attempts": 1,
+                    "tolerated_failure_percent": 100,
+                    "collect_results": false,
+                }))
+                .await?;
+            let all = jobs + 1;
+            wait_for_ended(&mut deployment, all, job_timeout(jobs * 10 + failures)).await?;
+            let fill_seconds = filled.elapsed().as_secs_f64();
+            let hits = (0..failures)
+                .filter(|i| i.to_string().starts_with("4242"))
+                .count() as u64;
+            let page = |state, offset| Request::JobsPage {
+                state,
+                prefix: None,
+                offset,
+                limit: 50,
+            };
+            let failures_page = |search: Option<&str>, offset| Request::Failures {
+                job_id: failing.clone(),
+                search: search.map(str::to_owned),
+                offset,
+                limit: 100,
+            };
+            // Each query, and the page it must answer: (items, total).
+            let queries = [
+                ("first jobs page (50)", page(None, 0), (50, all)),
+                (
+                    "deep jobs page (the last 50)",
+                    page(None, all - 50),
+                    (50, all),
+                ),
+                (
+                    "rejected jobs, first page (50)",
+                    page(Some(common::contract::JobState::Rejected), 0),
+                    (50, rejected),
+                ),
+                (
+                    "first failures page (100)",
+                    failures_page(None, 0),
+                    (100, failures),
+                ),
+                (
+                    "failures searched for \"PROG-4242\"",
+                    failures_page(Some("PROG-4242"), 0),
+                    (hits, hits),
+                ),
+                (
+                    "deep failures page (the last 100)",
+                    failures_page(None, failures - 100),
+                    (100, failures),
+                ),
+            ];
+            let mut timings = Vec::new();
+            for (name, request, expected) in queries {
+                let mut samples = Vec::with_capacity(CONSOLE_ROUND_TRIPS);
+                for _ in 0..CONSOLE_ROUND_TRIPS {
+                    let started = Instant::now();
+                    let response = deployment.call(&request).await?;
+                    samples.push(started.elapsed().as_secs_f64() * 1000.0);
+                    let answered = match &response {
+                        Response::JobsPage(page) => (page.jobs.len() as u64, page.total),
+                        Response::Failures(page) => (page.failures.len() as u64, page.total),
+                        other => bail!("unexpected reply to {request:?}: {other:?}"),
+                    };
+                    ensure!(
+                        answered == expected,
+                        "{name}: {answered:?} (items, total), expected {expected:?}"
+                    );
+                }
+                timings.push((name, median(&samples)));
+            }
+            Ok((fill_seconds, timings))
+        }
+        .await;
+        let (fill_seconds, timings) = deployment.conclude(outcome).await?;
+        self.figure(Figure::new(
+            "console",
+            format!(
+                "console: filling the store through the pipeline ({} jobs, then {} failures)",
+                report::number(jobs as f64),
+                report::number(failures as f64)
+            ),
+            fill_seconds,
+            "s",
+        ));
+        for (name, ms) in timings {
+            self.figure(
+                Figure::new("console", format!("console: {name}"), ms, "ms")
+                    .target(Target::AtMost(CONSOLE_TARGET_MS)),
+            );
+        }
+        Ok(text)
+    }
+}
+
+/// Waits until `jobs` jobs have ended, as the console's own counts by state say.
+async fn wait_for_ended(deployment: &mut Deployment, jobs: u64, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let request = Request::JobsPage {
+        state: None,
+        prefix: None,
+        offset: 0,
+        limit: 1,
+    };
+    loop {
+        let ended = match deployment.call(&request).await? {
+            Response::JobsPage(page) => page
+                .by_state
+                .iter()
+                .filter(|(state, _)| {
+                    common::contract::JobState::parse(state).is_some_and(|s| s.is_terminal())
+                })
+                .map(|(_, n)| n)
+                .sum::<u64>(),
+            other => bail!("unexpected reply to a jobs page: {other:?}"),
+        };
+        if ended >= jobs {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("{ended} of {jobs} jobs ended within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
