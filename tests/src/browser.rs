@@ -360,15 +360,22 @@ impl Browser {
         self.explain(outcome).await
     }
 
-    /// Clicks the one element matching `css`.
+    /// Clicks the one element matching `css`. The page's own refresh may replace the element
+    /// between finding and clicking it (a stale element, not clicked): it is then found again,
+    /// a few times at most.
     pub async fn click(&self, css: &str) -> Result<()> {
-        self.client
-            .find(Locator::Css(css))
-            .await
-            .with_context(|| format!("finding {css}"))?
-            .click()
-            .await
-            .with_context(|| format!("clicking {css}"))
+        let mut attempts = 0;
+        loop {
+            let element = self
+                .client
+                .find(Locator::Css(css))
+                .await
+                .with_context(|| format!("finding {css}"))?;
+            match element.click().await {
+                Err(e) if e.is_stale_element_reference() && attempts < 3 => attempts += 1,
+                clicked => return clicked.with_context(|| format!("clicking {css}")),
+            }
+        }
     }
 
     /// Types `text` into the one element matching `css`, after clearing it.
