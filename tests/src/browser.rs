@@ -392,21 +392,6 @@ impl Browser {
             .with_context(|| format!("typing into {css}"))
     }
 
-    /// Sets the value of the one element matching `css` without typing (a large textarea,
-    /// where typing key by key would be slow and subject to the page's key handling).
-    pub async fn set_value(&self, css: &str, value: &str) -> Result<()> {
-        let set = self
-            .client
-            .execute(
-                "const e = document.querySelector(arguments[0]); \
-                 if (!e) { return false; } e.value = arguments[1]; return true;",
-                vec![json!(css), json!(value)],
-            )
-            .await?;
-        ensure!(set == json!(true), "no {css} to set");
-        Ok(())
-    }
-
     /// Accepts the JavaScript dialog (a `window.confirm`) the last action opened, and returns
     /// its text.
     pub async fn accept_dialog(&self, timeout: Duration) -> Result<String> {
