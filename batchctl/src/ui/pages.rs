@@ -199,7 +199,15 @@ fn progress_bar(status: &JobStatus) -> Markup {
     }
 }
 
-fn pager(base: &str, pairs: &[(&str, &str)], page_key: &str, page: u64, last: u64) -> Markup {
+/// Links to the page before and after this one; `labels` name them (newer/older for jobs,
+/// previous/next for a job's failures, which are listed by index).
+fn pager(
+    base: &str,
+    pairs: &[(&str, &str)],
+    page_key: &str,
+    (page, last): (u64, u64),
+    labels: (&str, &str),
+) -> Markup {
     let link = |n: u64| {
         let n = n.to_string();
         let mut all: Vec<(&str, &str)> = pairs.to_vec();
@@ -209,11 +217,11 @@ fn pager(base: &str, pairs: &[(&str, &str)], page_key: &str, page: u64, last: u6
     html! {
         nav.pager {
             @if page > 1 {
-                a.prev href=(link(page - 1)) rel="prev" { "← newer" }
+                a.prev href=(link(page - 1)) rel="prev" { "← " (labels.0) }
             }
             span { "page " (page) " of " (last.max(1)) }
             @if page < last {
-                a.next href=(link(page + 1)) rel="next" { "older →" }
+                a.next href=(link(page + 1)) rel="next" { (labels.1) " →" }
             }
         }
     }
@@ -290,7 +298,7 @@ pub fn jobs(chrome: &Chrome, filter: &JobsQuery, page: u64, listed: &JobsPage) -
                     }
                 }
             }
-            (pager("/jobs", &[("state", state), ("q", q)], "page", page, last))
+            (pager("/jobs", &[("state", state), ("q", q)], "page", (page, last), ("newer", "older")))
         },
     )
 }
@@ -385,6 +393,12 @@ pub fn job(
                 }
                 p.summary { span #failures-total data-count=(failures.total) { (grouped(failures.total)) } " failed operations"
                     @if !search.is_empty() { " whose error contains “" (search) "”" } }
+                @if search.is_empty() && s.ops_failed > failures.total {
+                    p.note #not-run {
+                        (grouped(s.ops_failed - failures.total)) " more count as failed without an error of their own: "
+                        "they never ran, because the job failed once more of its operations failed than it tolerates."
+                    }
+                }
                 div.table-wrap {
                     table #failures {
                         thead { tr { th.num { "Index" } th { "Error" } } }
@@ -401,7 +415,7 @@ pub fn job(
                         }
                     }
                 }
-                (pager(&path, &[("fq", search)], "fpage", fpage, last))
+                (pager(&path, &[("fq", search)], "fpage", (fpage, last), ("previous", "next")))
             }
             section {
                 h2 { "JobSpec" }
