@@ -538,10 +538,11 @@ impl HttpResponse {
     }
 }
 
-/// One HTTP/1.0 request to the console (no redirect followed, no cookie kept): `headers` as
-/// given, and a form body (`application/x-www-form-urlencoded`) when `form` is `Some`.
+/// One HTTP/1.0 request to the console at `authority` (`HOST:PORT`; no redirect followed, no
+/// cookie kept): `headers` as given, and a form body (`application/x-www-form-urlencoded`)
+/// when `form` is `Some`.
 pub async fn http(
-    console: &Console,
+    authority: &str,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
@@ -556,7 +557,7 @@ pub async fn http(
         ("application/x-www-form-urlencoded", encoded.into_bytes())
     });
     let body = body.as_ref().map(|(kind, bytes)| (*kind, bytes.as_slice()));
-    http_with_body(console, method, path, headers, body).await
+    http_with_body(authority, method, path, headers, body).await
 }
 
 /// A `multipart/form-data` body of text fields, as a browser sends a form with
@@ -578,16 +579,13 @@ pub fn multipart(fields: &[(&str, &str)]) -> (String, Vec<u8>) {
 
 /// [`http`] with a body of the given content type.
 pub async fn http_with_body(
-    console: &Console,
+    authority: &str,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
     body: Option<(&str, &[u8])>,
 ) -> Result<HttpResponse> {
-    let mut request = format!(
-        "{method} {path} HTTP/1.0\r\nHost: {}\r\n",
-        console.authority()
-    );
+    let mut request = format!("{method} {path} HTTP/1.0\r\nHost: {authority}\r\n");
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
     }
@@ -601,7 +599,7 @@ pub async fn http_with_body(
         request.extend_from_slice(bytes);
     }
     let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(console.authority()).await?;
+        let mut stream = tokio::net::TcpStream::connect(authority).await?;
         stream.write_all(&request).await?;
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await?;

@@ -416,7 +416,14 @@ async fn assert_results_download(
     n: u64,
     (index, error): (u64, &str),
 ) -> Result<()> {
-    let download = http(console, "GET", &format!("{path}/results.jsonl"), &[], None).await?;
+    let download = http(
+        console.authority(),
+        "GET",
+        &format!("{path}/results.jsonl"),
+        &[],
+        None,
+    )
+    .await?;
     assert_eq!(download.status, 200, "results.jsonl: {download:?}");
     assert_eq!(
         download.header("content-type"),
@@ -547,10 +554,17 @@ async fn cancel_on_the_job_page_ends_the_job_cancelled() -> Result<()> {
     // A POST needs the form's CSRF token, with or without BATCHQ_UI_TOKEN.
     let cancel_path = format!("{path}/cancel");
     for form in [&[][..], &[("csrf", "0123abcd")][..]] {
-        let refused = http(&stage.console, "POST", &cancel_path, &[], Some(form)).await?;
+        let refused = http(
+            stage.console.authority(),
+            "POST",
+            &cancel_path,
+            &[],
+            Some(form),
+        )
+        .await?;
         assert_eq!(refused.status, 403, "cancel with {form:?}: {refused:?}");
     }
-    let root = http(&stage.console, "GET", "/", &[], None).await?;
+    let root = http(stage.console.authority(), "GET", "/", &[], None).await?;
     assert_eq!(
         (root.status, root.header("location")),
         (303, Some("/jobs")),
@@ -704,7 +718,14 @@ async fn assert_submit_over_http(stage: &Stage, bad_text: &str, forged: &str) ->
     let post = |fields: Vec<(&'static str, String)>| async move {
         let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let (kind, body) = multipart(&fields);
-        http_with_body(&stage.console, "POST", "/submit", &[], Some((&kind, &body))).await
+        http_with_body(
+            stage.console.authority(),
+            "POST",
+            "/submit",
+            &[],
+            Some((&kind, &body)),
+        )
+        .await
     };
     let refused = post(vec![("csrf", csrf), ("spec", bad_text.to_owned())]).await?;
     assert_eq!(
@@ -794,7 +815,7 @@ async fn a_bad_jobspec_submitted_names_the_wrong_field() -> Result<()> {
 /// Asserts that every page but `/healthz` answers 401 without the token or with a wrong one,
 /// and 200 with it as a bearer token.
 async fn assert_pages_need_the_token(console: &Console, bearer: &str, job_id: &str) -> Result<()> {
-    let health = http(console, "GET", "/healthz", &[], None).await?;
+    let health = http(console.authority(), "GET", "/healthz", &[], None).await?;
     assert_eq!(
         (health.status, health.body.trim()),
         (200, "ok"),
@@ -808,7 +829,7 @@ async fn assert_pages_need_the_token(console: &Console, bearer: &str, job_id: &s
             (&wrong[..], 401, "with a wrong token"),
             (&right[..], 200, "with the token"),
         ] {
-            let response = http(console, "GET", path, headers, None).await?;
+            let response = http(console.authority(), "GET", path, headers, None).await?;
             assert_eq!(response.status, expected, "GET {path} {how}: {response:?}");
         }
     }
@@ -834,7 +855,14 @@ async fn assert_cancel_refused(console: &Console, bearer: &str, cancel_path: &st
             "without the token",
         ),
     ] {
-        let response = http(console, "POST", cancel_path, headers, Some(form)).await?;
+        let response = http(
+            console.authority(),
+            "POST",
+            cancel_path,
+            headers,
+            Some(form),
+        )
+        .await?;
         assert_eq!(response.status, expected, "cancel {how}: {response:?}");
     }
     Ok(())
@@ -843,13 +871,27 @@ async fn assert_cancel_refused(console: &Console, bearer: &str, cancel_path: &st
 /// Asserts that POST /login refuses a wrong token (401, no cookie) and answers the right one
 /// with a 303 to /jobs and the session cookie, HttpOnly, SameSite=Strict, for the whole site.
 async fn assert_login_sets_the_session(console: &Console, token: &str) -> Result<()> {
-    let wrong = http(console, "POST", "/login", &[], Some(&[("token", "nope")])).await?;
+    let wrong = http(
+        console.authority(),
+        "POST",
+        "/login",
+        &[],
+        Some(&[("token", "nope")]),
+    )
+    .await?;
     assert_eq!(wrong.status, 401, "login with a wrong token: {wrong:?}");
     ensure!(
         wrong.header("set-cookie").is_none(),
         "a cookie for a wrong token"
     );
-    let login = http(console, "POST", "/login", &[], Some(&[("token", token)])).await?;
+    let login = http(
+        console.authority(),
+        "POST",
+        "/login",
+        &[],
+        Some(&[("token", token)]),
+    )
+    .await?;
     assert_eq!(
         (login.status, login.header("location")),
         (303, Some("/jobs")),
@@ -924,13 +966,27 @@ async fn with_a_token_pages_need_it_and_cancel_needs_the_csrf_token() -> Result<
         ("Authorization", bearer.as_str()),
         ("Origin", "http://evil.example"),
     ];
-    let refused = http(console, "POST", &cancel_path, &elsewhere, Some(&form)).await?;
+    let refused = http(
+        console.authority(),
+        "POST",
+        &cancel_path,
+        &elsewhere,
+        Some(&form),
+    )
+    .await?;
     assert_eq!(
         refused.status, 403,
         "cancel from another origin: {refused:?}"
     );
     let right = [("Authorization", bearer.as_str())];
-    let cancelled = http(console, "POST", &cancel_path, &right, Some(&form)).await?;
+    let cancelled = http(
+        console.authority(),
+        "POST",
+        &cancel_path,
+        &right,
+        Some(&form),
+    )
+    .await?;
     assert_eq!(
         (cancelled.status, cancelled.header("location")),
         (303, Some(format!("/jobs/{job_id}").as_str())),

@@ -44,7 +44,7 @@ pub struct Programs {
     dir: PathBuf,
 }
 
-const PROGRAMS: [&str; 3] = ["splitter", "reducer", "worker"];
+const PROGRAMS: [&str; 4] = ["splitter", "reducer", "worker", "batchctl"];
 
 impl Programs {
     pub fn locate() -> Result<Self> {
@@ -355,6 +355,28 @@ impl Deployment {
             &["--metrics-addr", "off"],
             &envs,
         )
+    }
+
+    /// The web console (`batchctl ui`) on `127.0.0.1:port`, answering once `/healthz` does.
+    pub async fn start_console(&mut self, port: u16) -> Result<String> {
+        let listen = format!("127.0.0.1:{port}");
+        self.spawn(
+            "batchctl",
+            "console".into(),
+            &["ui", "--listen", &listen],
+            &[],
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match batchq_tests::browser::http(&listen, "GET", "/healthz", &[], None).await {
+                Ok(response) if response.status == 200 => return Ok(listen),
+                _ if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Ok(response) => bail!("the console answers /healthz with {}", response.status),
+                Err(e) => return Err(e.context("the console did not answer within 30 s")),
+            }
+        }
     }
 
     /// A worker offering every built-in, heartbeating twice a second (so it is known soon),

@@ -1039,8 +1039,9 @@ impl Bench {
         let mut text = format!(
             "{jobs} jobs submitted as a batch ({} noop of one operation, {rejected} rejected) \
              and one exec job of {failures} operations, each refused with an error naming its \
-             program; 1 worker of prefetch 16; each query's RPC round trip, the median of \
-             {CONSOLE_ROUND_TRIPS}, against {CONSOLE_TARGET_MS} ms",
+             program; 1 worker of prefetch 16; each query's RPC round trip, then each page of \
+             `batchctl ui` over HTTP, the median of {CONSOLE_ROUND_TRIPS}, against \
+             {CONSOLE_TARGET_MS} ms",
             jobs - rejected
         );
         if self.sizes.console_jobs < Sizes::full().console_jobs {
@@ -1153,6 +1154,64 @@ impl Bench {
                         answered == expected,
                         "{name}: {answered:?} (items, total), expected {expected:?}"
                     );
+                }
+                timings.push((name, median(&samples)));
+            }
+            // What a person gets: the console's pages over HTTP, each one or two of the
+            // requests above plus the rendering.
+            let console = deployment
+                .start_console(batchq_tests::prometheus::free_port()?)
+                .await?;
+            let last_jobs_page = all.div_ceil(50);
+            let last_failures_page = failures.div_ceil(50);
+            let pages = [
+                (
+                    "jobs page (the first 50)",
+                    "/jobs".to_owned(),
+                    "class=\"job\"",
+                    50,
+                ),
+                (
+                    "jobs page (the last)",
+                    format!("/jobs?page={last_jobs_page}"),
+                    "class=\"job\"",
+                    all - (last_jobs_page - 1) * 50,
+                ),
+                (
+                    "rejected jobs page",
+                    "/jobs?state=rejected".to_owned(),
+                    "class=\"job\"",
+                    50,
+                ),
+                (
+                    "job page with its first 50 failures",
+                    format!("/jobs/{failing}"),
+                    "class=\"failure\"",
+                    50,
+                ),
+                (
+                    "job page, failures searched for \"PROG-4242\"",
+                    format!("/jobs/{failing}?fq=PROG-4242"),
+                    "class=\"failure\"",
+                    hits.min(50),
+                ),
+                (
+                    "job page, the last failures page",
+                    format!("/jobs/{failing}?fpage={last_failures_page}"),
+                    "class=\"failure\"",
+                    failures - (last_failures_page - 1) * 50,
+                ),
+            ];
+            for (name, path, row, rows) in pages {
+                let mut samples = Vec::with_capacity(CONSOLE_ROUND_TRIPS);
+                for _ in 0..CONSOLE_ROUND_TRIPS {
+                    let started = Instant::now();
+                    let page =
+                        batchq_tests::browser::http(&console, "GET", &path, &[], None).await?;
+                    samples.push(started.elapsed().as_secs_f64() * 1000.0);
+                    ensure!(page.status == 200, "GET {path}: {}", page.status);
+                    let shown = page.body.matches(row).count() as u64;
+                    ensure!(shown == rows, "GET {path}: {shown} rows, expected {rows}");
                 }
                 timings.push((name, median(&samples)));
             }
