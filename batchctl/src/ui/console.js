@@ -106,6 +106,15 @@ function followJob() {
       setTimeout(() => window.location.reload(), 800);
     }
   });
+  // The job was deleted (or never known): say so once, rather than reconnecting forever.
+  events.addEventListener("gone", (event) => {
+    events.close();
+    setText("state", "gone");
+    const note = document.createElement("p");
+    note.className = "note";
+    note.textContent = event.data;
+    live.prepend(note);
+  });
   function draw() {
     if (samples.length > 1) {
       const [t0] = samples[0];

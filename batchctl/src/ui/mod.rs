@@ -149,6 +149,8 @@ pub(crate) struct Console {
     /// The CSRF token in every form: derived from the token when there is one (the same on
     /// every replica), else random per process.
     csrf: String,
+    /// Held while the dead-letter page reads `{ns}.dead`.
+    dead_walk: tokio::sync::Mutex<()>,
 }
 
 impl Console {
@@ -167,6 +169,7 @@ impl Console {
             session: token.as_deref().map(|t| derive("session", t)),
             token,
             csrf,
+            dead_walk: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -473,6 +476,13 @@ async fn job_events(
                     .data(serde_json::to_string(&status).unwrap_or_default());
                 (event, !terminal)
             }
+            // Deleted, or never known: nothing more will come (the page says so and stops).
+            Ok(other @ (Response::NotFound { .. } | Response::Gone(_))) => (
+                Event::default()
+                    .event("gone")
+                    .data(crate::unexpected(other).to_string()),
+                false,
+            ),
             Ok(other) => (
                 Event::default()
                     .event("problem")
@@ -631,6 +641,9 @@ async fn queues(State(console): State<Arc<Console>>) -> Result<HttpResponse, Pag
 }
 
 async fn dead(State(console): State<Arc<Console>>) -> Result<HttpResponse, PageError> {
+    // Reading the queue takes every message and hands it back: two readers at once would
+    // each see part of it, and could change its order.
+    let _one_reader = console.dead_walk.lock().await;
     let (rows, present) = crate::dead::read_rows(&console.broker, DEAD_LISTED).await?;
     let queue = console.broker.names().dead();
     Ok(pages::dead(&console.chrome("dead"), &queue, &rows, present).into_response())
@@ -715,6 +728,7 @@ struct LoginForm {
 
 async fn login(
     State(console): State<Arc<Console>>,
+    headers: HeaderMap,
     axum::Form(form): axum::Form<LoginForm>,
 ) -> HttpResponse {
     let next = safe_next(form.next.as_deref());
@@ -728,7 +742,15 @@ async fn login(
         )
             .into_response();
     }
-    let cookie = format!("{SESSION_COOKIE}={session}; HttpOnly; SameSite=Strict; Path=/");
+    let mut cookie = format!("{SESSION_COOKIE}={session}; HttpOnly; SameSite=Strict; Path=/");
+    // Behind a proxy that terminates TLS, the cookie never travels over plain HTTP.
+    let behind_tls = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|proto| proto.eq_ignore_ascii_case("https"));
+    if behind_tls {
+        cookie.push_str("; Secure");
+    }
     ([(header::SET_COOKIE, cookie)], Redirect::to(&next)).into_response()
 }
 
