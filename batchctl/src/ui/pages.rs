@@ -26,14 +26,7 @@ fn layout(chrome: &Chrome, title: &str, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                meta name="color-scheme" content="light dark";
-                title { (title) " · batchq" }
-                link rel="stylesheet" href="/static/console.css";
-                script src="/static/console.js" defer {}
-            }
+            (head(title, true))
             body {
                 header.top {
                     a.brand href="/jobs" { "batchq" }
@@ -56,18 +49,27 @@ fn layout(chrome: &Chrome, title: &str, body: Markup) -> Markup {
     }
 }
 
+fn head(title: &str, with_script: bool) -> Markup {
+    html! {
+        head {
+            meta charset="utf-8";
+            meta name="viewport" content="width=device-width, initial-scale=1";
+            meta name="color-scheme" content="light dark";
+            title { (title) " · batchq" }
+            link rel="stylesheet" href="/static/console.css";
+            @if with_script {
+                script src="/static/console.js" defer {}
+            }
+        }
+    }
+}
+
 /// A page outside the frame: login, errors.
 fn bare(title: &str, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                meta name="color-scheme" content="light dark";
-                title { (title) " · batchq" }
-                link rel="stylesheet" href="/static/console.css";
-            }
+            (head(title, false))
             body.bare { main { (body) } }
         }
     }

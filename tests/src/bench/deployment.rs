@@ -500,28 +500,11 @@ impl Deployment {
     /// Publishes a JobSpec (persistent, confirmed, mandatory) and returns when the broker
     /// confirmed it.
     pub async fn submit(&self, spec: &Value) -> Result<Instant> {
-        let body = serde_json::to_vec(spec)?;
-        let publish = async {
-            self.publisher
-                .start_with(
-                    &self.names.jobs(),
-                    KEY_SUBMIT,
-                    &body,
-                    json_properties(),
-                    true,
-                )
-                .await?
-                .wait()
-                .await
-        };
-        tokio::time::timeout(Duration::from_secs(10), publish)
-            .await
-            .context("publishing a JobSpec timed out")?
-            .context("publishing a JobSpec")?;
+        self.submit_all(std::slice::from_ref(spec)).await?;
         Ok(Instant::now())
     }
 
-    /// Publishes many JobSpecs as [`Deployment::submit`] does, up to 256 awaiting their
+    /// Publishes JobSpecs (persistent, confirmed, mandatory), up to 256 awaiting their
     /// confirms at once, as a program submitting a batch of jobs would.
     pub async fn submit_all(&self, specs: &[Value]) -> Result<()> {
         for chunk in specs.chunks(256) {
