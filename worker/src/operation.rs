@@ -222,8 +222,13 @@ struct TypedOperation<F, I, P> {
     types: std::marker::PhantomData<fn(I, P)>,
 }
 
-/// `value` as a `T`, or an error naming where it does not fit (`what.field: …`).
-fn typed<T: serde::de::DeserializeOwned>(what: &str, value: &Value) -> Result<T, OpError> {
+/// `value` (a `&Value`, or the params' `&Map`, read in place) as a `T`, or an error naming
+/// where it does not fit (`what.field: …`).
+fn typed<'de, T, D>(what: &str, value: D) -> Result<T, OpError>
+where
+    T: serde::Deserialize<'de>,
+    D: serde::Deserializer<'de, Error = serde_json::Error>,
+{
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let at = if path == "." {
@@ -250,7 +255,7 @@ where
 
     async fn run(&self, input: OpInput<'_>) -> Result<Value, OpError> {
         let item: I = typed("item", input.item)?;
-        let params: P = typed("params", &Value::Object(input.params.clone()))?;
+        let params: P = typed("params", input.params)?;
         let result = (self.f)(item, params).await?;
         serde_json::to_value(result)
             .map_err(|e| OpError(format!("the result cannot be written as JSON: {e}")))

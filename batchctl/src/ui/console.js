@@ -40,7 +40,7 @@ function reloadWhenAsked() {
 
 function formatRate(rate) {
   if (!isFinite(rate) || rate <= 0) return "?";
-  return rate < 10 ? rate.toFixed(1) : Math.round(rate).toString();
+  return rate < 10 ? rate.toFixed(1) : grouped(Math.round(rate));
 }
 
 function formatDuration(secs) {

@@ -132,6 +132,15 @@ fn query(pairs: &[(&str, &str)]) -> String {
     }
 }
 
+/// Operations per second: a decimal for slow jobs, grouped whole numbers otherwise.
+fn rate_text(rate: f64) -> String {
+    if rate < 10.0 {
+        format_rate(Some(rate))
+    } else {
+        grouped(rate.round() as u64)
+    }
+}
+
 /// `1,530,032`: figures people read at a glance.
 pub fn grouped(n: u64) -> String {
     let digits = n.to_string();
@@ -287,7 +296,7 @@ pub fn jobs(chrome: &Chrome, filter: &JobsQuery, page: u64, listed: &JobsPage) -
                                     (progress_bar(job))
                                     div.sub { (grouped(done(job))) " / " (grouped(job.ops_total)) " · " (format!("{:.1}%", percent(job))) }
                                 }
-                                td.num.opt { (rate.map_or(String::new(), |r| format_rate(Some(r)))) }
+                                td.num.opt { (rate.map_or(String::new(), rate_text)) }
                                 td.num.opt { (eta.map_or(String::new(), format_duration)) }
                                 td.num class=[(job.ops_failed > 0).then_some("bad")] { (grouped(job.ops_failed)) }
                                 td.opt { (short_time(job.submitted_at.as_deref())) }
@@ -355,7 +364,7 @@ pub fn job(
                         span #fragments-done { (grouped(s.fragments_done)) } " done"
                     }
                     p.figures {
-                        "Rate " span #rate { (rate.map_or("?".to_owned(), |r| format_rate(Some(r)))) } " ops/s"
+                        "Rate " span #rate { (rate.map_or("?".to_owned(), rate_text)) } " ops/s"
                         @if !terminal { " · ETA " span #eta { (eta.map_or("?".to_owned(), format_duration)) } }
                     }
                 }
