@@ -1,6 +1,6 @@
 //! The web console (`batchctl ui`) in a real browser: a headless Chromium (through
-//! chromedriver) against the console of a real stack, reading the routes and the DOM of
-//! `/work/notes/ui-contract.md` (ids, classes and `data-*` attributes, never the wording).
+//! chromedriver) against the console of a real stack, reading the routes and the DOM that
+//! `batchctl/src/ui/` documents (ids, classes and `data-*` attributes, never the wording).
 //!
 //! Without Chromium and chromedriver these tests skip, saying so, unless
 //! `BATCHQ_TEST_REQUIRE_BROWSER` is set (`.ci/run` sets it). Screenshots of the jobs, a job and
@@ -1030,4 +1030,81 @@ async fn the_console_does_not_listen_beyond_loopback_without_a_token() -> Result
         String::from_utf8_lossy(&output.stdout)
     );
     env.finish().await
+}
+
+/// The dead-letter count of the queues page, as its link reads (`1 dead letters`).
+async fn dead_letters_shown(browser: &Browser) -> Result<Option<u64>> {
+    let Some(link) = browser.node("#dead-link").await? else {
+        return Ok(None);
+    };
+    Ok(link
+        .text
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.replace(',', "").parse().ok()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queues_page_counts_dead_letters_and_links_to_them() -> Result<()> {
+    let Some(stage) = Stage::start("ui-queues", &[WorkerOpts::default()], &[]).await? else {
+        return Ok(());
+    };
+    let env = &stage.env;
+    let browser = &stage.browser;
+    // A JobSpec published straight to {ns}.jobs, as a user's program would, that the splitter
+    // rejects and keeps on {ns}.dead; and a good job, so the work queue has had its consumer.
+    let rejected = env
+        .submit(&json!({"job_id": env.job_id("rejected"), "operation": "noop", "items": [1], "max_attempts": 0}))
+        .await?;
+    let good = env
+        .submit(&json!({"job_id": env.job_id("good"), "operation": "noop", "items": [1, 2, 3]}))
+        .await?;
+    let status = env.wait_for_terminal(&rejected, JOB_TIMEOUT).await?;
+    assert_eq!(status.state, JobState::Rejected, "{status:?}");
+    assert_counts(
+        &env.wait_for_terminal(&good, JOB_TIMEOUT).await?,
+        JobState::Succeeded,
+        3,
+        0,
+    );
+
+    stage.goto("/queues").await?;
+    browser.wait_for("#queues", PAGE).await?;
+    let work_queue = env.names.work_queue("noop");
+    let queues: Vec<String> = browser
+        .nodes("#queues tr.queue")
+        .await?
+        .into_iter()
+        .filter_map(|row| row.data.get("queue").cloned())
+        .collect();
+    for expected in [env.names.jobs(), env.names.dead(), work_queue.clone()] {
+        ensure!(
+            queues.contains(&expected),
+            "{expected} not on the queues page: {queues:?}"
+        );
+    }
+    browser
+        .until(PAGE, "one dead letter counted", || async {
+            Ok((dead_letters_shown(browser).await? == Some(1)).then_some(()))
+        })
+        .await?;
+
+    browser.click("#dead-link").await?;
+    browser.wait_for_location("/dead", PAGE).await?;
+    let rows = browser.nodes("#dead tr.dead").await?;
+    assert_eq!(rows.len(), 1, "dead letters listed: {rows:?}");
+    ensure!(
+        rows[0].text.contains("max_attempts") && rows[0].text.contains(&rejected),
+        "the dead letter names its job and the field at fault: {:?}",
+        rows[0].text
+    );
+
+    // Reading the dead letters hands them back: the queue still holds the one.
+    stage.goto("/queues").await?;
+    browser
+        .until(PAGE, "the dead letter still counted", || async {
+            Ok((dead_letters_shown(browser).await? == Some(1)).then_some(()))
+        })
+        .await?;
+    stage.finish().await
 }

@@ -1,5 +1,12 @@
 //! The console's pages, rendered on the server. Element ids and `data-` attributes are what
-//! `console.js` updates and what the browser tests read; keep them stable.
+//! `console.js` updates and what the browser tests (`tests/tests/ui.rs`) read; keep them
+//! stable. Among them: `#jobs tr.job[data-job][data-state][data-done][data-total]`,
+//! `#jobs-total[data-count]`, `#state`, `#counts[data-succeeded][data-failed][data-total]`,
+//! `#failures tr.failure[data-index]` with `td.error`, `#failures-total[data-count]`,
+//! `#failure-search`, `a.prev`/`a.next`, `form#cancel` with `#cancel-button`,
+//! `#workers tr.worker[data-worker]`, `#services tr.service[data-role][data-active]`,
+//! `#queues tr.queue[data-queue]`, `#dead-link`, `#dead tr.dead`, `form#submit`, `#error`,
+//! `form#login`. Text shows figures grouped (`1,234`); the attributes hold them bare.
 
 use std::time::Duration;
 
