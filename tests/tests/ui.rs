@@ -168,7 +168,11 @@ async fn assert_both_listed(
         (finished_row.number("done")?, finished_row.number("total")?),
         (finished_total, finished_total)
     );
-    assert_eq!(count_in(browser, "#jobs-total").await?, 2, "jobs-total");
+    assert_eq!(
+        count_in(browser, "#jobs-total").await?,
+        JOBS_LISTED,
+        "jobs-total"
+    );
     Ok(done_first)
 }
 
@@ -250,6 +254,21 @@ async fn the_jobs_page_shows_a_running_job_grow() -> Result<()> {
         .submit(&json!({"job_id": env.job_id("nightly"), "operation": "noop", "range": {"start": 0, "end": 10}}))
         .await?;
     env.wait_for_terminal(&finished, JOB_TIMEOUT).await?;
+    // And the other ends a job meets (they make the screenshot tell more): one whose every
+    // operation fails, and one the splitter rejects.
+    let failing = env
+        .submit(&json!({"job_id": env.job_id("resize"), "operation": "sleep", "params": {"ms": "soon"}, "range": {"start": 0, "end": 40}, "max_attempts": 1}))
+        .await?;
+    let rejected = env
+        .submit(&json!({"job_id": env.job_id("typo"), "operation": "noop", "items": [1], "max_attempts": 0}))
+        .await?;
+    for (job, state) in [
+        (&failing, JobState::Failed),
+        (&rejected, JobState::Rejected),
+    ] {
+        let status = env.wait_for_terminal(job, JOB_TIMEOUT).await?;
+        assert_eq!(status.state, state, "{status:?}");
+    }
     // About 12 s of work (one fragment of 4 × 100 ms at a time): time to watch it on both pages.
     let total = 120;
     let running = env
@@ -260,6 +279,12 @@ async fn the_jobs_page_shows_a_running_job_grow() -> Result<()> {
 
     stage.goto("/jobs").await?;
     let done_first = assert_both_listed(browser, (&finished, 10), (&running, total)).await?;
+    for (job, state) in [(&failing, "failed"), (&rejected, "rejected")] {
+        let row = job_row(browser, job)
+            .await?
+            .with_context(|| format!("{job} not listed"))?;
+        assert_eq!(row.data("state")?, state, "{row:?}");
+    }
 
     // The row's figures grow while the page stays as it is (its own refresh, no reload).
     mark_page(browser).await?;
@@ -294,6 +319,9 @@ async fn the_jobs_page_shows_a_running_job_grow() -> Result<()> {
     assert_job_page_follows_to_the_end(&stage, &running, total).await?;
     stage.finish().await
 }
+
+/// The jobs of the jobs page's test: one running, one succeeded, one failed, one rejected.
+const JOBS_LISTED: u64 = 4;
 
 /// The error `exec` reports for item `text` of the stock job.
 fn exec_error(text: &str) -> String {

@@ -84,6 +84,7 @@ function followJob() {
     state.textContent = s.state;
     state.className = `badge state-${s.state}`;
     const progress = document.getElementById("progress");
+    progress.className = `state-${s.state}`;
     progress.max = Math.max(s.ops_total, 1);
     progress.value = s.ops_total === 0 ? 1 : done;
     setText("done", grouped(done));

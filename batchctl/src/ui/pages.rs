@@ -209,11 +209,21 @@ fn state_badge(state: JobState) -> Markup {
     html! { span class={ "badge state-" (state.as_str()) } { (state.as_str()) } }
 }
 
+/// The bar, coloured by the job's state.
 fn progress_bar(status: &JobStatus) -> Markup {
     html! {
-        progress max=(status.ops_total.max(1)) value=(if status.ops_total == 0 { 1 } else { done(status) }) {
+        progress class={ "state-" (status.state.as_str()) } max=(status.ops_total.max(1))
+            value=(if status.ops_total == 0 { 1 } else { done(status) }) {
             (format!("{:.1}%", percent(status)))
         }
+    }
+}
+
+/// A long error cut to `chars` characters for a table cell (the job's page has it whole).
+fn clipped(text: &str, chars: usize) -> String {
+    match text.char_indices().nth(chars) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_owned(),
     }
 }
 
@@ -300,8 +310,12 @@ pub fn jobs(chrome: &Chrome, filter: &JobsQuery, page: u64, listed: &JobsPage) -
                                      @if let Some(op) = &job.operation { div.sub { (op) } } }
                                 td { (state_badge(job.state)) }
                                 td.wide {
-                                    (progress_bar(job))
-                                    div.sub { (grouped(done(job))) " / " (grouped(job.ops_total)) " · " (format!("{:.1}%", percent(job))) }
+                                    @if job.state == JobState::Rejected {
+                                        div.sub.bad title=[job.error.as_deref()] { (clipped(job.error.as_deref().unwrap_or("rejected"), 80)) }
+                                    } @else {
+                                        (progress_bar(job))
+                                        div.sub { (grouped(done(job))) " / " (grouped(job.ops_total)) " · " (format!("{:.1}%", percent(job))) }
+                                    }
                                 }
                                 td.num.opt { (rate.map_or(String::new(), rate_text)) }
                                 td.num.opt { (eta.map_or(String::new(), format_duration)) }
@@ -361,7 +375,7 @@ pub fn job(
             section #live data-job=(s.job_id) data-terminal=(terminal) data-events=(format!("{path}/events"))
                 data-started-ms=[s.started_at.as_deref().and_then(parse_ms)] {
                 div #counts data-succeeded=(s.ops_succeeded) data-failed=(s.ops_failed) data-total=(s.ops_total) {
-                    progress #progress max=(s.ops_total.max(1)) value=(if s.ops_total == 0 { 1 } else { done(s) }) {}
+                    progress #progress class={ "state-" (s.state.as_str()) } max=(s.ops_total.max(1)) value=(if s.ops_total == 0 { 1 } else { done(s) }) {}
                     p.figures {
                         span #done { (grouped(done(s))) } " of " span #total { (grouped(s.ops_total)) } " operations ("
                         span #percent { (format!("{:.1}%", percent(s))) } "): "
@@ -625,6 +639,12 @@ mod tests {
         assert_eq!(grouped(999), "999");
         assert_eq!(grouped(1000), "1,000");
         assert_eq!(grouped(1_530_032), "1,530,032");
+    }
+
+    #[test]
+    fn clips_long_errors_on_a_character_boundary() {
+        assert_eq!(clipped("short", 80), "short");
+        assert_eq!(clipped("ééééé", 3), "ééé…");
     }
 
     #[test]
