@@ -148,6 +148,11 @@ fn rate_text(rate: f64) -> String {
     }
 }
 
+/// The `s` of a plural noun after `n`.
+fn plural(n: u64) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
 /// `1,530,032`: figures people read at a glance.
 pub fn grouped(n: u64) -> String {
     let digits = n.to_string();
@@ -294,7 +299,7 @@ pub fn jobs(chrome: &Chrome, filter: &JobsQuery, page: u64, listed: &JobsPage) -
                 }
                 button type="submit" { "Filter" }
             }
-            p.summary { span #jobs-total data-live data-count=(listed.total) { (grouped(listed.total)) } " jobs, newest first" }
+            p.summary { span #jobs-total data-live data-count=(listed.total) { (grouped(listed.total)) } " job" (plural(listed.total)) ", newest first" }
             div.table-wrap {
                 table #jobs data-live {
                     thead { tr {
@@ -423,7 +428,7 @@ pub fn job(
                     button type="submit" { "Search" }
                     @if !search.is_empty() { " " a href=(path) { "clear" } }
                 }
-                p.summary { span #failures-total data-count=(failures.total) { (grouped(failures.total)) } " failed operations"
+                p.summary { span #failures-total data-count=(failures.total) { (grouped(failures.total)) } " failed operation" (plural(failures.total))
                     @if !search.is_empty() { " whose error contains “" (search) "”" } }
                 @if search.is_empty() && s.ops_failed > failures.total {
                     p.note #not-run {
@@ -471,7 +476,7 @@ pub fn workers(chrome: &Chrome, workers: &[WorkerInfo], health: &HealthReport) -
         "Workers",
         html! {
             h1 { "Workers" }
-            p.summary { span #workers-total data-live { (workers.len()) } " live workers (heard from within 3 heartbeats)" }
+            p.summary { span #workers-total data-live { (workers.len()) } " live worker" (plural(workers.len() as u64)) " (heard from within 3 heartbeats)" }
             div.table-wrap {
                 table #workers data-live {
                     thead { tr {
@@ -537,7 +542,7 @@ pub fn queues(chrome: &Chrome, rows: &[QueueRow], dead_queue: &str) -> Markup {
         html! {
             h1 { "Queues" }
             p.summary #dead-summary data-live {
-                a #dead-link href="/dead" class=[(dead > 0).then_some("bad")] { (dead) " dead letters" }
+                a #dead-link href="/dead" class=[(dead > 0).then_some("bad")] { (dead) " dead letter" (plural(dead)) }
                 " kept on " code { (dead_queue) }
             }
             div.table-wrap {
@@ -568,7 +573,7 @@ pub fn dead(chrome: &Chrome, queue: &str, rows: &[DeadRow], present: u64) -> Mar
         "Dead letters",
         html! {
             h1 { "Dead letters" }
-            p.summary { (present) " messages on " code { (queue) }
+            p.summary { (present) " message" (plural(present)) " on " code { (queue) }
                 @if present > rows.len() as u64 { " (the first " (rows.len()) " listed)" } }
             div.table-wrap {
                 table #dead {
