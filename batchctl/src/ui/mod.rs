@@ -389,7 +389,7 @@ async fn jobs(
 ) -> Result<HttpResponse, PageError> {
     let state = match query.state.as_deref().filter(|s| !s.is_empty()) {
         None => None,
-        Some(s) => Some(parse_state(s).ok_or_else(|| {
+        Some(s) => Some(JobState::parse(s).ok_or_else(|| {
             PageError::new(StatusCode::BAD_REQUEST, format!("unknown state {s:?}"))
         })?),
     };
@@ -411,10 +411,6 @@ async fn jobs(
         other => return Err(unexpected(other)),
     };
     Ok(pages::jobs(&console.chrome("jobs"), &query, page, &listed).into_response())
-}
-
-fn parse_state(text: &str) -> Option<JobState> {
-    serde_json::from_value(serde_json::Value::String(text.to_owned())).ok()
 }
 
 #[derive(Debug, Default, Deserialize)]
