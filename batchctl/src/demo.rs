@@ -202,8 +202,11 @@ pub async fn run(broker_args: BrokerArgs, args: DemoArgs) -> anyhow::Result<Exit
         && code != ExitCode::from(2)
     {
         eprintln!("the console stays up at {url} until Ctrl-C");
+        // Ctrl-C or SIGTERM: either way the demo stops its components and deletes its
+        // namespace (a second signal exits at once).
+        let stop = common::shutdown::on_signals();
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = stop.cancelled() => {}
             stopped = components.first_stopped() => eprintln!("batchctl demo: {stopped}"),
         }
     }
