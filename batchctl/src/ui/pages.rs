@@ -201,6 +201,17 @@ fn rate_and_eta(status: &JobStatus) -> (Option<f64>, Option<Duration>) {
     (Some(rate), eta)
 }
 
+/// How long a job waited between submission and start, and ran from its start to its end
+/// (to now while it runs).
+fn timeline(status: &JobStatus) -> Option<(Duration, Duration)> {
+    let at = |t: Option<&str>| t.and_then(parse_ms);
+    let started = at(status.started_at.as_deref())?;
+    let submitted = at(status.submitted_at.as_deref()).unwrap_or(started);
+    let ended = at(status.finished_at.as_deref()).unwrap_or_else(common::timefmt::now_ms);
+    let span = |from: i64, to: i64| Duration::from_millis(u64::try_from(to - from).unwrap_or(0));
+    Some((span(submitted, started), span(started, ended)))
+}
+
 /// `2026-12-05 01:23:45` of a contract timestamp (UTC), for tables.
 fn short_time(timestamp: Option<&str>) -> String {
     match timestamp {
@@ -410,6 +421,12 @@ pub fn job(
                 dt { "Submitted" } dd { (s.submitted_at.as_deref().unwrap_or("-")) }
                 dt { "Started" } dd { (s.started_at.as_deref().unwrap_or("-")) }
                 dt { "Finished" } dd { (s.finished_at.as_deref().unwrap_or("-")) }
+                @if let Some((waited, ran)) = timeline(s) {
+                    dt { "Took" } dd #took {
+                        (format_duration(ran)) " running"
+                        @if !waited.is_zero() { ", after " (format_duration(waited)) " waiting to start" }
+                    }
+                }
             }
             div.actions {
                 a #results .button href=(format!("{path}/results.jsonl")) download { "Download results (JSON Lines)" }
@@ -644,6 +661,33 @@ mod tests {
         assert_eq!(grouped(999), "999");
         assert_eq!(grouped(1000), "1,000");
         assert_eq!(grouped(1_530_032), "1,530,032");
+    }
+
+    #[test]
+    fn a_job_took_what_its_timestamps_say() {
+        let status = JobStatus {
+            job_id: "j".into(),
+            state: JobState::Succeeded,
+            operation: None,
+            ops_total: 1,
+            ops_succeeded: 1,
+            ops_failed: 0,
+            fragments_done: 1,
+            fragments_in_flight: 0,
+            submitted_at: Some("2026-12-05T01:00:00.000Z".into()),
+            started_at: Some("2026-12-05T01:00:02.500Z".into()),
+            finished_at: Some("2026-12-05T01:01:02.500Z".into()),
+            error: None,
+        };
+        assert_eq!(
+            timeline(&status),
+            Some((Duration::from_millis(2500), Duration::from_secs(60)))
+        );
+        let never_started = JobStatus {
+            started_at: None,
+            ..status
+        };
+        assert_eq!(timeline(&never_started), None);
     }
 
     #[test]
