@@ -424,7 +424,7 @@ pub fn job(
                 @if let Some((waited, ran)) = timeline(s) {
                     dt { "Took" } dd #took {
                         (format_duration(ran)) " running"
-                        @if !waited.is_zero() { ", after " (format_duration(waited)) " waiting to start" }
+                        @if waited >= Duration::from_millis(100) { ", after " (format_duration(waited)) " waiting to start" }
                     }
                 }
             }
