@@ -97,7 +97,7 @@ impl BatchLog {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metric_batches_sum_to_the_exact_totals_across_redelivery() -> Result<()> {
     let mut env = TestEnv::new("metric-batches").await?;
-    env.note_operation("reverse");
+    note_example_operations(&mut env);
     let log = BatchLog::open(&env).await?;
     env.start_splitter()?;
     let reducer = env.start_reducer_with(&["--metrics-interval-ms", "300"])?;
@@ -173,10 +173,17 @@ async fn scrape_until(
     }
 }
 
+/// The operations the example worker offers: their work queues are deleted at the end.
+fn note_example_operations(env: &mut TestEnv) {
+    for operation in ["reverse", "scale"] {
+        env.note_operation(operation);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_endpoint_serves_the_series_and_drops_finished_jobs() -> Result<()> {
     let mut env = TestEnv::new("prometheus").await?;
-    env.note_operation("reverse");
+    note_example_operations(&mut env);
     let port = free_port()?;
     let addr = format!("127.0.0.1:{port}");
     env.start_splitter()?;
