@@ -435,9 +435,24 @@ async fn results(broker: &Broker, job: &str, timeout: Duration) -> anyhow::Resul
     Ok(())
 }
 
+/// What [`queue_rows`] needs of the reducer: the live workers and the recent jobs.
+pub(crate) const QUEUE_QUESTIONS: [Request; 2] = [Request::Workers, Request::Jobs { limit: 1000 }];
+
 /// Queue figures from passive declares (no management plugin needed).
 async fn queues(broker: &Broker, timeout: Duration, json: bool) -> anyhow::Result<()> {
-    let rows = queue_rows(broker, timeout).await?;
+    let mut client = RpcClient::connect(broker, timeout).await?;
+    let [workers, recent] = &QUEUE_QUESTIONS;
+    // Without answers the fixed queues and the built-ins' work queues are still listed.
+    let mut ask = async |request| {
+        client
+            .call(request)
+            .await
+            .unwrap_or_else(|e| Response::Error {
+                message: e.to_string(),
+            })
+    };
+    let (workers, recent) = (ask(workers).await, ask(recent).await);
+    let rows = queue_rows(broker, workers, recent).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
@@ -448,16 +463,20 @@ async fn queues(broker: &Broker, timeout: Duration, json: bool) -> anyhow::Resul
 
 /// Every batchq queue of the namespace that exists: the fixed ones, and the work queues of
 /// the built-in operations, of those live workers offer and of recent jobs.
+///
+/// `workers` and `recent` are the reducer's answers to [`QUEUE_QUESTIONS`], asked by the
+/// caller on whatever client it holds (an answer that is not those lists is left out).
 pub(crate) async fn queue_rows(
     broker: &Broker,
-    timeout: Duration,
+    workers: Response,
+    recent: Response,
 ) -> anyhow::Result<Vec<table::QueueRow>> {
     let names = broker.names();
     let mut operations: Vec<String> = BUILTIN_OPERATIONS.iter().map(|s| s.to_string()).collect();
     // Unacknowledged work comes from worker heartbeats: what each live worker holds.
     let mut held: std::collections::BTreeMap<String, u64> = Default::default();
     // Work queues of custom operations: those live workers offer, and those of recent jobs.
-    if let Ok(Response::Workers { workers }) = rpc(broker, timeout, &Request::Workers).await {
+    if let Response::Workers { workers } = workers {
         for worker in workers {
             for (operation, n) in worker.held_by_operation {
                 *held.entry(operation).or_default() += n;
@@ -465,8 +484,7 @@ pub(crate) async fn queue_rows(
             operations.extend(worker.operations);
         }
     }
-    if let Ok(Response::Jobs { jobs }) = rpc(broker, timeout, &Request::Jobs { limit: 1000 }).await
-    {
+    if let Response::Jobs { jobs } = recent {
         operations.extend(jobs.into_iter().filter_map(|j| j.operation));
     }
     operations.sort();

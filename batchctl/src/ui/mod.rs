@@ -631,7 +631,14 @@ async fn workers(State(console): State<Arc<Console>>) -> Result<HttpResponse, Pa
 }
 
 async fn queues(State(console): State<Arc<Console>>) -> Result<HttpResponse, PageError> {
-    let rows = crate::queue_rows(&console.broker, console.timeout).await?;
+    let [workers, recent] = &crate::QUEUE_QUESTIONS;
+    let answer = |response: anyhow::Result<Response>| {
+        response.unwrap_or_else(|e| Response::Error {
+            message: e.to_string(),
+        })
+    };
+    let (workers, recent) = tokio::join!(console.call(workers), console.call(recent));
+    let rows = crate::queue_rows(&console.broker, answer(workers), answer(recent)).await?;
     let dead = console.broker.names().dead();
     Ok(pages::queues(&console.chrome("queues"), &rows, &dead).into_response())
 }
