@@ -126,6 +126,48 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for a publisher confirm. Past it the message counts as not taken: the session
 /// starts again and the message is published again (a duplicate at worst, never a loss).
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait for a frame to leave for the broker: a publish, an ack. lapin hands such a
+/// frame to its I/O thread and waits until it is written, which is for ever on a connection
+/// the broker has stopped reading (a quorum queue stuck behind a lost node holds its channel
+/// in flow control; `connection.blocked` stops every write until an `unblocked` that may
+/// never come). The session then ends with [`BrokerError::NoAnswer`] and starts again on a
+/// new connection, instead of the process standing still without a word.
+pub const SEND_TIMEOUT: Duration = ANSWER_TIMEOUT;
+
+/// `frame` (a publish, an ack) handed to the broker, or [`BrokerError::NoAnswer`] naming
+/// `what` after [`SEND_TIMEOUT`]: see there.
+pub async fn sent<T, E>(
+    what: &str,
+    frame: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, BrokerError>
+where
+    E: Into<BrokerError>,
+{
+    within(
+        SEND_TIMEOUT,
+        &format!("{what} (not written: the broker stopped reading this connection)"),
+        frame,
+    )
+    .await
+}
+
+/// `request` on `connection` within [`ANSWER_TIMEOUT`]. A connection that leaves it
+/// unanswered is open yet not answering (not read, or blocked by the broker): it is taken
+/// out of the pool instead of being handed to the next caller.
+async fn answered_on<T, E>(
+    connection: PooledConnection,
+    what: &str,
+    request: impl AsyncFnOnce(&deadpool_lapin::lapin::Connection) -> Result<T, E>,
+) -> Result<T, BrokerError>
+where
+    E: Into<BrokerError>,
+{
+    let outcome = answered(what, request(&connection)).await;
+    if let Err(BrokerError::NoAnswer { .. }) = outcome {
+        drop(deadpool::managed::Object::take(connection));
+    }
+    outcome
+}
 
 /// `request`, or [`BrokerError::NoAnswer`] naming `what` after [`ANSWER_TIMEOUT`].
 pub async fn answered<T, E>(
@@ -198,13 +240,20 @@ impl std::fmt::Debug for Broker {
 /// messages are simply sent in more frames.
 pub const DEFAULT_FRAME_MAX: u32 = 32 * 1024;
 
-/// `url` with `frame_max` set to [`DEFAULT_FRAME_MAX`] when it does not set one itself.
-pub fn with_default_frame_max(url: &str) -> String {
-    if url.contains("frame_max=") {
-        return url.to_owned();
+/// `url` with `frame_max` set to [`DEFAULT_FRAME_MAX`] and `heartbeat` to `heartbeat_secs`,
+/// each unless the URL sets it itself.
+pub fn with_defaults(url: &str, heartbeat_secs: u16) -> String {
+    let mut url = url.to_owned();
+    for (key, value) in [
+        ("frame_max", DEFAULT_FRAME_MAX.to_string()),
+        ("heartbeat", heartbeat_secs.to_string()),
+    ] {
+        if !url.contains(&format!("{key}=")) {
+            let separator = if url.contains('?') { '&' } else { '?' };
+            url = format!("{url}{separator}{key}={value}");
+        }
     }
-    let separator = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{separator}frame_max={DEFAULT_FRAME_MAX}")
+    url
 }
 
 impl Broker {
@@ -231,7 +280,7 @@ impl Broker {
                 )));
             }
             let manager = ConnectionManager::new(
-                with_default_frame_max(&url),
+                with_defaults(&url, args.heartbeat_secs),
                 ca_pem.clone(),
                 client_name.to_owned(),
             );
@@ -328,48 +377,74 @@ impl Broker {
     pub async fn session(&self) -> Result<Session, BrokerError> {
         let publish = self.connection().await?;
         let consume = self.connection().await?;
-        Ok(Session { publish, consume })
+        Ok(Session {
+            publish: Some(publish),
+            consume: Some(consume),
+        })
     }
 
     /// Declares the namespace's whole fixed topology. A missing permission or an exchange
     /// or queue declared otherwise is a [`BrokerError::Refused`] naming the URL.
     pub async fn declare_topology(&self) -> Result<(), BrokerError> {
         let (connection, url) = self.connection_and_url().await?;
-        answered(
+        answered_on(
+            connection,
             "the topology's declarations",
-            crate::topology::declare(&connection, &self.names),
+            async |connection| crate::topology::declare(connection, &self.names).await,
         )
         .await
-        .map_err(|e| e.refused_at(url, Stage::Declare))?;
-        Ok(())
+        .map_err(|e| e.refused_at(url, Stage::Declare))
+    }
+
+    /// `request` on a pooled connection, within [`ANSWER_TIMEOUT`] (see [`answered_on`]).
+    pub async fn on_connection<T, E>(
+        &self,
+        what: &str,
+        request: impl AsyncFnOnce(&deadpool_lapin::lapin::Connection) -> Result<T, E>,
+    ) -> Result<T, BrokerError>
+    where
+        E: Into<BrokerError>,
+    {
+        answered_on(self.connection().await?, what, request).await
     }
 }
 
-/// The connections of one supervised session; dropping it hands them back to the pool,
-/// which discards broken ones.
+/// The connections of one supervised session, held for its life and never handed back to
+/// the pool: a session ends because something went wrong on them (or at shutdown), and a
+/// connection can be wrong in ways its status does not show (open, but no longer read by
+/// the broker), so the next session always starts on connections of its own.
 pub struct Session {
-    publish: PooledConnection,
-    consume: PooledConnection,
+    // `Some` until the drop takes them out of the pool.
+    publish: Option<PooledConnection>,
+    consume: Option<PooledConnection>,
 }
 
 impl Session {
+    fn publish(&self) -> &deadpool_lapin::lapin::Connection {
+        self.publish.as_ref().expect("held until the session drops")
+    }
+
+    fn consume(&self) -> &deadpool_lapin::lapin::Connection {
+        self.consume.as_ref().expect("held until the session drops")
+    }
+
     pub async fn publisher(&self) -> Result<Publisher, BrokerError> {
-        Publisher::open(&self.publish).await
+        Publisher::open(self.publish()).await
     }
 
     /// The consuming connection, for declarations that open channels of their own.
     pub fn consume_connection(&self) -> &deadpool_lapin::lapin::Connection {
-        &self.consume
+        self.consume()
     }
 
     /// A channel without confirms on the consuming connection (for replies that may be lost).
     pub async fn plain_channel(&self) -> Result<Channel, BrokerError> {
-        Ok(self.consume.create_channel().await?)
+        answered("channel.open", self.consume().create_channel()).await
     }
 
     /// A consuming channel with `prefetch` unacknowledged deliveries per consumer.
     pub async fn consumer_channel(&self, prefetch: u16) -> Result<Channel, BrokerError> {
-        let channel = answered("channel.open", self.consume.create_channel()).await?;
+        let channel = answered("channel.open", self.consume().create_channel()).await?;
         // basic_qos must come before basic_consume to bound the first burst too.
         answered(
             "basic.qos",
@@ -377,6 +452,18 @@ impl Session {
         )
         .await?;
         Ok(channel)
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Out of the pool for good; lapin closes each connection as its last handle goes.
+        for connection in [self.publish.take(), self.consume.take()]
+            .into_iter()
+            .flatten()
+        {
+            drop(deadpool::managed::Object::take(connection));
+        }
     }
 }
 
@@ -412,9 +499,9 @@ impl Publisher {
         properties: BasicProperties,
         mandatory: bool,
     ) -> Result<PendingConfirm, BrokerError> {
-        let confirm = self
-            .channel
-            .basic_publish(
+        let confirm = sent(
+            &format!("a publish to {exchange:?}"),
+            self.channel.basic_publish(
                 exchange.into(),
                 routing_key.into(),
                 BasicPublishOptions {
@@ -423,8 +510,9 @@ impl Publisher {
                 },
                 body,
                 properties,
-            )
-            .await?;
+            ),
+        )
+        .await?;
         Ok(PendingConfirm {
             confirm,
             exchange: exchange.to_owned(),
@@ -569,18 +657,18 @@ mod frame_tests {
     }
 
     #[test]
-    fn frame_max_is_added_unless_given() {
+    fn frame_max_and_heartbeat_are_added_unless_given() {
         assert_eq!(
-            with_default_frame_max("amqp://h:5672/%2f"),
-            "amqp://h:5672/%2f?frame_max=32768"
+            with_defaults("amqp://h:5672/%2f", 10),
+            "amqp://h:5672/%2f?frame_max=32768&heartbeat=10"
         );
         assert_eq!(
-            with_default_frame_max("amqp://h/%2f?heartbeat=10"),
-            "amqp://h/%2f?heartbeat=10&frame_max=32768"
+            with_defaults("amqp://h/%2f?heartbeat=600", 10),
+            "amqp://h/%2f?heartbeat=600&frame_max=32768"
         );
         assert_eq!(
-            with_default_frame_max("amqp://h/%2f?frame_max=131072"),
-            "amqp://h/%2f?frame_max=131072"
+            with_defaults("amqp://h/%2f?frame_max=131072", 0),
+            "amqp://h/%2f?frame_max=131072&heartbeat=0"
         );
     }
 }

@@ -107,7 +107,11 @@ fn delivery_or_end(
 /// Acknowledges every delivery of `batch` (all on one channel) with one multiple-ack.
 pub async fn ack_batch(batch: &[Delivery]) -> Result<(), BrokerError> {
     if let Some(last) = batch.iter().max_by_key(|d| d.delivery_tag) {
-        last.acker.ack(BasicAckOptions { multiple: true }).await?;
+        crate::broker::sent(
+            "an acknowledgement",
+            last.acker.ack(BasicAckOptions { multiple: true }),
+        )
+        .await?;
     }
     Ok(())
 }

@@ -146,9 +146,9 @@ impl RpcClient {
     /// the caller's deadline, as the durable queue of earlier releases would have held it.
     async fn deliver(&self, body: &[u8], correlation: &str) -> Result<(), RpcError> {
         loop {
-            let confirm = self
-                .channel
-                .basic_publish(
+            let confirm = crate::broker::sent(
+                "a request",
+                self.channel.basic_publish(
                     self.exchange.as_str().into(),
                     KEY_RPC.into(),
                     BasicPublishOptions {
@@ -159,11 +159,11 @@ impl RpcClient {
                     transient_json_properties()
                         .with_reply_to(ShortString::from(REPLY_TO))
                         .with_correlation_id(ShortString::from(correlation)),
-                )
-                .await
-                .map_err(BrokerError::from)?
-                .await
-                .map_err(BrokerError::from)?;
+                ),
+            )
+            .await?
+            .await
+            .map_err(BrokerError::from)?;
             match confirm {
                 Confirmation::Ack(None) => return Ok(()),
                 // Returned: no reducer session is bound right now.

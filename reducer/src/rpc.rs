@@ -79,16 +79,17 @@ pub async fn serve(
             if let Some(id) = delivery.properties.correlation_id().clone() {
                 properties = properties.with_correlation_id(id);
             }
-            replies
-                .basic_publish(
+            common::broker::sent(
+                "a reply",
+                replies.basic_publish(
                     "".into(),
                     reply_to,
                     BasicPublishOptions::default(),
                     &body,
                     properties,
-                )
-                .await
-                .map_err(BrokerError::from)?;
+                ),
+            )
+            .await?;
         }
         ack_batch(&batch).await?;
     }

@@ -62,18 +62,17 @@ async fn publish_round(
         if message.exchange == names.work() && !declared_work_queues.contains(&message.routing_key)
         {
             // A fragment for an operation nobody offers yet waits, visibly, in its queue.
-            common::broker::answered(
-                &format!(
-                    "the declaration of {}",
-                    names.work_queue(&message.routing_key)
-                ),
-                async {
-                    let connection = broker.connection().await?;
-                    declare_work_queue(&connection, names, &message.routing_key).await?;
-                    Ok::<_, common::broker::BrokerError>(())
-                },
-            )
-            .await?;
+            broker
+                .on_connection(
+                    &format!(
+                        "the declaration of {}",
+                        names.work_queue(&message.routing_key)
+                    ),
+                    async |connection| {
+                        declare_work_queue(connection, names, &message.routing_key).await
+                    },
+                )
+                .await?;
             declared_work_queues.insert(message.routing_key.clone());
         }
         let properties: BasicProperties = serde_json::from_str(&message.properties)

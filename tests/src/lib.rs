@@ -39,9 +39,11 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 
+pub mod amqp_proxy;
 pub mod browser;
 pub mod cluster;
 pub mod ha;
+pub mod ports;
 pub mod postgres;
 pub mod prometheus;
 pub mod prometheus_server;

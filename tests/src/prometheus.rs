@@ -5,11 +5,7 @@ use std::collections::HashMap;
 use anyhow::{Context, Result, ensure};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// A free TCP port on localhost (bound, then released for the reducer to take).
-pub fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
-}
+pub use crate::ports::free_port;
 
 /// `GET /metrics`, parsed as the Prometheus text exposition: series (name with its labels, as
 /// written) → value. Fails on a line that is not a comment or `series value`.

@@ -10,7 +10,6 @@
 //! removes its folder, whatever the test's outcome; a failing test first prints the node's log.
 
 use std::fs::File;
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -46,11 +45,7 @@ fn server_script() -> Result<PathBuf> {
         )
 }
 
-/// A TCP port nothing listens on right now.
-fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(listener.local_addr()?.port())
-}
+use crate::ports::free_port;
 
 /// One private RabbitMQ node.
 pub struct RabbitNode {

@@ -642,7 +642,11 @@ impl FragmentTasks {
             self.consumers_cancelled.cancelled().await;
         }
         slot.release_ack(&self.consumers_cancelled).await;
-        delivery.acker.ack(BasicAckOptions::default()).await?;
+        common::broker::sent(
+            "an acknowledgement",
+            delivery.acker.ack(BasicAckOptions::default()),
+        )
+        .await?;
         Ok(())
     }
 }

@@ -54,8 +54,11 @@ impl managed::Manager for ConnectionManager {
     }
 
     async fn recycle(&self, connection: &mut Connection, _: &Metrics) -> RecycleResult<Error> {
-        // A broken connection is dropped and replaced rather than handed out again.
-        if connection.status().connected() {
+        // A broken connection is dropped and replaced rather than handed out again, and so
+        // is one the broker has blocked: nothing can be written on it until the broker
+        // unblocks it, which a new connection does not wait for when the block was one
+        // connection's (a resource alarm blocks the new one too, at its first publish).
+        if connection.status().connected() && !connection.status().blocked() {
             Ok(())
         } else {
             Err(RecycleError::message(format!(
