@@ -57,7 +57,8 @@ RUN set -eu; \
 # ---------------------------------------------------------------------------------------------
 FROM debian:${DEBIAN_RELEASE}-slim AS runtime
 
-# ca-certificates: for what users' `exec` commands reach over TLS. tini: PID 1 that forwards
+# ca-certificates: the roots an `amqps://` broker's certificate is checked against (beside
+# BATCHQ_TLS_CA_FILE), and what users' `exec` commands reach over TLS. tini: PID 1 that forwards
 # SIGTERM to the batchq process (only to it: a worker's running `exec` child must be allowed
 # to finish its operation) and reaps whatever those commands leave behind. /bin/sh and the
 # coreutils that `exec` commands commonly call are part of every Debian image. sqlite3: online

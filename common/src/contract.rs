@@ -1,4 +1,4 @@
-//! Messages of the public wire contract (CONTRACT.md v1.1) that batchq publishes or accepts,
+//! Messages of the public wire contract (docs/protocol.md, v1.2) that batchq publishes or accepts,
 //! other than the JobSpec itself (see [`crate::jobspec`]).
 
 use serde::{Deserialize, Serialize};

@@ -788,12 +788,23 @@ fn scaled_object_scales_the_workers_on_the_work_queues_of_the_namespace() -> Res
     check_work_queue_triggers(&m, &format!("ScaledObject {name}"), spec)
 }
 
+/// Fragments a worker without `BATCHQ_PREFETCH` runs at once (the adaptive default holds more,
+/// but runs these 4; with `--max-fragments` it is a fixed prefetch of 4): what one worker
+/// takes off a queue's depth, so the KEDA triggers' `value`.
+const DEFAULT_RUN_SLOTS: &str = "4";
+
 /// A KEDA scaler's triggers (`owner`, its `spec`): one per built-in operation's work queue,
 /// named after the namespace of the ConfigMap, counting ready plus unacknowledged messages,
-/// one worker per `BATCHQ_PREFETCH` of them, the broker's credentials from a Secret.
+/// one worker per fragments it runs at once, the broker's credentials from a Secret.
 fn check_work_queue_triggers(m: &Manifests, owner: &str, spec: &Value) -> Result<()> {
     let names = Names::new(m.config_value("BATCHQ_NAMESPACE")?);
-    let prefetch = m.config_value("BATCHQ_PREFETCH")?;
+    // The manifests keep the workers' adaptive default, which a prefetch would turn off.
+    ensure!(
+        m.config_value("BATCHQ_PREFETCH").is_err(),
+        "ConfigMap batchq-config sets BATCHQ_PREFETCH, which turns the workers' adaptive \
+         prefetch off"
+    );
+    let prefetch = DEFAULT_RUN_SLOTS.to_owned();
     let mut queues = BTreeSet::new();
     for trigger in seq_of(&spec["triggers"], "triggers")? {
         assert_eq!(trigger["type"].as_str(), Some("rabbitmq"), "trigger type");
@@ -809,7 +820,7 @@ fn check_work_queue_triggers(m: &Manifests, owner: &str, spec: &Value) -> Result
         assert_eq!(
             scalar_text(&meta["value"]),
             Some(prefetch.clone()),
-            "{queue}: value against BATCHQ_PREFETCH"
+            "{queue}: value against the fragments a worker runs at once"
         );
         ensure!(
             meta["host"].is_null(),
@@ -1194,6 +1205,11 @@ fn compose_file_refers_to_names_that_exist() -> Result<()> {
         services["worker"]["ports"].is_null(),
         "worker: published ports forbid --scale"
     );
+    // Workers keep the adaptive prefetch, which BATCHQ_PREFETCH would turn off.
+    ensure!(
+        !compose_env(&services["worker"], "worker")?.contains_key("BATCHQ_PREFETCH"),
+        "worker: BATCHQ_PREFETCH turns the adaptive prefetch off"
+    );
 
     // The splitter knows the broker's consumer_timeout.
     // The console: `batchctl ui` on every interface of its container, so with a token from
@@ -1547,6 +1563,10 @@ fn compose_ha_profile_runs_a_cluster_postgres_and_two_of_each() -> Result<()> {
                 "service {name} sets {var}, which no batchq binary reads ({env_vars:?})"
             );
         }
+        ensure!(
+            role != "worker" || !env.contains_key("BATCHQ_PREFETCH"),
+            "{name}: BATCHQ_PREFETCH turns the adaptive prefetch off"
+        );
         let urls = env
             .get("AMQP_URL")
             .ok_or_else(|| anyhow!("{name}: no AMQP_URL"))?;
