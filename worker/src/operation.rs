@@ -140,7 +140,7 @@ impl Registry {
     ///
     /// ```
     /// # use serde::Deserialize;
-    /// # use worker::{OpError, Registry};
+    /// # use batchq_worker::{OpError, Registry};
     /// #[derive(Deserialize)]
     /// struct Resize { url: String, width: u32 }
     /// #[derive(Deserialize)]
