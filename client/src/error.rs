@@ -25,8 +25,11 @@ pub enum ClientError {
         "no reducer answered on {exchange} within {secs} s (is a reducer running in namespace {namespace:?}?)"
     )]
     NoReducer {
+        /// The exchange the question was sent to (`{ns}.rpc`).
         exchange: String,
+        /// The client's namespace.
         namespace: String,
+        /// The timeout that passed, in seconds.
         secs: u64,
     },
     /// The JobSpec is not JSON.
@@ -40,7 +43,12 @@ pub enum ClientError {
     /// name the field too (`fragment_size: must be at least 1, got 0`). Nothing was
     /// published.
     #[error("invalid JobSpec: {reason}")]
-    SpecRejected { field: String, reason: String },
+    SpecRejected {
+        /// The field that is wrong (`message` for the body as a whole).
+        field: String,
+        /// The splitter's words for the problem, the field first.
+        reason: String,
+    },
     /// The reducer knows no job of this id (never submitted, or not yet accepted).
     #[error("unknown job {0}")]
     UnknownJob(String),
@@ -52,16 +60,29 @@ pub enum ClientError {
     StillRunning(String),
     /// `cancel` of a job that has already ended.
     #[error("job {job_id} has already ended ({state})")]
-    AlreadyEnded { job_id: String, state: JobState },
+    AlreadyEnded {
+        /// The job.
+        job_id: String,
+        /// The state it ended in.
+        state: JobState,
+    },
     /// `redrive` of a job that is neither failed nor cancelled.
     #[error("job {job_id} is {state}: only a failed or cancelled job can be redriven")]
-    NotRedrivable { job_id: String, state: JobState },
+    NotRedrivable {
+        /// The job.
+        job_id: String,
+        /// Its state now.
+        state: JobState,
+    },
     /// A job just submitted was not accepted in time: no splitter took it from the jobs
     /// exchange's queue (it waits there).
     #[error("job {job_id} was not accepted within {secs} s: no splitter took it from {queue}")]
     NotAccepted {
+        /// The job.
         job_id: String,
+        /// How long it was waited for, in seconds.
         secs: u64,
+        /// The queue where it waits (`{ns}.jobs`).
         queue: String,
     },
     /// The reducer answered with an error of its own (its store failed).
