@@ -231,21 +231,23 @@ impl Results<'_> {
 mod tests {
     use super::*;
 
+    /// A status of job `j` (from JSON, as the client reads it off the wire).
     fn status(state: JobState, succeeded: u64, failed: u64) -> JobStatus {
-        JobStatus {
-            job_id: "j".into(),
-            state,
-            operation: Some("noop".into()),
-            ops_total: 10,
-            ops_succeeded: succeeded,
-            ops_failed: failed,
-            fragments_done: 0,
-            fragments_in_flight: 0,
-            submitted_at: None,
-            started_at: None,
-            finished_at: None,
-            error: None,
-        }
+        serde_json::from_value(serde_json::json!({
+            "job_id": "j",
+            "state": state,
+            "operation": "noop",
+            "ops_total": 10,
+            "ops_succeeded": succeeded,
+            "ops_failed": failed,
+            "fragments_done": 0,
+            "fragments_in_flight": 0,
+            "submitted_at": null,
+            "started_at": null,
+            "finished_at": null,
+            "error": null,
+        }))
+        .expect("a JobStatus")
     }
 
     #[test]
