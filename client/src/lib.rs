@@ -276,23 +276,45 @@ impl Client {
     }
 
     /// Jobs the reducer keeps, newest submitted first: only those in `state` (if given)
-    /// whose id starts with `prefix` (if given), at most `limit` of them.
+    /// whose id starts with `prefix` (if given), at most `limit` of them (asked for in pages,
+    /// as the reducer answers at most a few hundred at once).
     pub async fn jobs(
         &self,
         state: Option<JobState>,
         prefix: Option<&str>,
         limit: u32,
     ) -> Result<Vec<JobStatus>, ClientError> {
-        let request = Request::JobsPage {
-            state,
-            prefix: prefix.map(str::to_owned),
-            offset: 0,
-            limit,
-        };
-        match self.ask(&request).await? {
-            Response::JobsPage(page) => Ok(page.jobs),
-            other => Err(ClientError::from_response(other)),
+        let wanted = limit as usize;
+        let mut jobs: Vec<JobStatus> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut offset = 0u64;
+        let mut rpc = self.rpc().await?;
+        while jobs.len() < wanted {
+            let request = Request::JobsPage {
+                state,
+                prefix: prefix.map(str::to_owned),
+                offset,
+                limit: (wanted - jobs.len()) as u32,
+            };
+            let page = match rpc.call(&request).await? {
+                Response::JobsPage(page) => page,
+                other => return Err(ClientError::from_response(other)),
+            };
+            offset += page.jobs.len() as u64;
+            let last_page = page.jobs.is_empty() || offset >= page.total;
+            // A job submitted between two pages shifts the later ones: keep each job once.
+            for job in page.jobs {
+                if seen.insert(job.job_id.clone()) {
+                    jobs.push(job);
+                }
+            }
+            if last_page {
+                break;
+            }
         }
+        rpc.close().await;
+        jobs.truncate(wanted);
+        Ok(jobs)
     }
 
     /// The live workers: what each offers and holds, and when it was last heard from.
