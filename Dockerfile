@@ -27,16 +27,17 @@ COPY common/Cargo.toml common/Cargo.toml
 COPY splitter/Cargo.toml splitter/Cargo.toml
 COPY worker/Cargo.toml worker/Cargo.toml
 COPY reducer/Cargo.toml reducer/Cargo.toml
+COPY client/Cargo.toml client/Cargo.toml
 COPY batchctl/Cargo.toml batchctl/Cargo.toml
 COPY tests/Cargo.toml tests/Cargo.toml
 RUN set -eu; \
-    for krate in common splitter worker reducer tests; do \
+    for krate in common splitter worker reducer client tests; do \
         mkdir -p "$krate/src"; : > "$krate/src/lib.rs"; \
     done; \
     for bin in splitter worker reducer batchctl; do \
         mkdir -p "$bin/src"; echo 'fn main() {}' > "$bin/src/main.rs"; \
     done; \
-    cargo build --release --locked -p splitter -p worker -p reducer -p batchctl --bins
+    cargo build --release --locked -p batchq-splitter -p batchq-worker -p batchq-reducer -p batchctl --bins
 
 # 2. The real sources. COPY keeps the files' own modification times, which may be older than
 #    the placeholders built above: touch them so cargo rebuilds the workspace's crates (and only
@@ -45,10 +46,11 @@ COPY common common
 COPY splitter splitter
 COPY worker worker
 COPY reducer reducer
+COPY client client
 COPY batchctl batchctl
 RUN set -eu; \
-    find common splitter worker reducer batchctl -name '*.rs' -exec touch {} +; \
-    cargo build --release --locked -p splitter -p worker -p reducer -p batchctl --bins; \
+    find common splitter worker reducer client batchctl -name '*.rs' -exec touch {} +; \
+    cargo build --release --locked -p batchq-splitter -p batchq-worker -p batchq-reducer -p batchctl --bins; \
     mkdir -p /out; \
     for bin in splitter worker reducer batchctl; do \
         install -m 0755 "target/release/$bin" "/out/$bin"; \

@@ -8,11 +8,11 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use batchq_client::StreamExt;
 use clap::Args;
 use common::broker::Broker;
 use common::config::BrokerArgs;
 use common::contract::JobState;
-use common::wire::{Request, Response};
 use tokio::task::{Id, JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
 
@@ -109,25 +109,25 @@ pub async fn run(broker_args: BrokerArgs, args: DemoArgs) -> anyhow::Result<Exit
     let shutdown = CancellationToken::new();
     let mut components = Components::default();
     {
-        let config = splitter::SplitterConfig::new(broker_args.clone(), &data_dir);
+        let config = batchq_splitter::SplitterConfig::new(broker_args.clone(), &data_dir);
         let stop = shutdown.clone();
         components.spawn("splitter", async move {
-            splitter::run(config, stop)
+            batchq_splitter::run(config, stop)
                 .await
                 .map_err(anyhow::Error::from)
         });
     }
     {
-        let config = reducer::ReducerConfig::new(broker_args.clone(), &data_dir);
+        let config = batchq_reducer::ReducerConfig::new(broker_args.clone(), &data_dir);
         let stop = shutdown.clone();
         components.spawn("reducer", async move {
-            reducer::run(config, stop)
+            batchq_reducer::run(config, stop)
                 .await
                 .map_err(anyhow::Error::from)
         });
     }
     for n in 1..=args.workers {
-        let mut config = worker::WorkerConfig::new(broker_args.clone());
+        let mut config = batchq_worker::WorkerConfig::new(broker_args.clone());
         config.prefetch = args.prefetch;
         // The demo's workers offer every built-in; `exec` runs only `echo`, which every
         // system has (the demo job is sha256, and a worker offers no `exec` unless told what
@@ -135,7 +135,7 @@ pub async fn run(broker_args: BrokerArgs, args: DemoArgs) -> anyhow::Result<Exit
         config.exec_allow = Some(vec!["echo".to_owned()]);
         let stop = shutdown.clone();
         components.spawn(format!("worker {n}"), async move {
-            worker::run(config, worker::Registry::with_builtins(), stop)
+            batchq_worker::run(config, batchq_worker::Registry::with_builtins(), stop)
                 .await
                 .map_err(anyhow::Error::from)
         });
@@ -235,17 +235,11 @@ pub async fn run(broker_args: BrokerArgs, args: DemoArgs) -> anyhow::Result<Exit
 }
 
 async fn show_first_results(broker: &Broker, job_id: &str) {
-    let request = Request::Results {
-        job_id: job_id.to_owned(),
-        from: 0,
-        limit: 3,
-    };
-    if let Ok(Response::Results(page)) = crate::rpc(broker, Duration::from_secs(5), &request).await
-    {
-        for line in page.lines {
-            if let Ok(text) = serde_json::to_string(&line) {
-                eprintln!("  {text}");
-            }
+    let client = batchq_client::Client::from_broker(broker.clone());
+    let mut lines = client.results(job_id).take(3);
+    while let Some(Ok(line)) = lines.next().await {
+        if let Ok(text) = serde_json::to_string(&line) {
+            eprintln!("  {text}");
         }
     }
 }

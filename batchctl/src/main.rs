@@ -11,17 +11,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, anyhow};
+use batchq_client::{Client, ClientError, StreamExt};
 use clap::{Parser, Subcommand};
-use common::broker::{Broker, json_properties};
+use common::broker::Broker;
 use common::config::BrokerArgs;
-use common::contract::{CancelRequest, JobState, JobStatus};
-use common::jobspec::{ParseLimits, parse_job_spec};
-use common::lapin::types::ShortString;
+use common::contract::JobState;
 use common::rpc::RpcClient;
-use common::topology::{BUILTIN_OPERATIONS, KEY_CANCEL, KEY_SUBMIT};
+use common::topology::BUILTIN_OPERATIONS;
 use common::wire::{Request, Response};
-use serde_json::Value;
 
 #[derive(Parser)]
 #[command(version, about = "Submit and watch batchq jobs")]
@@ -116,13 +114,14 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let broker = Broker::new(&cli.broker, "batchctl")?;
     let timeout = Duration::from_secs(cli.timeout.max(1));
+    let client = Client::from_broker(broker.clone()).with_timeout(timeout);
     if !matches!(cli.command, Command::Demo(_)) {
         // The connection stays in the broker's pool for the command to use.
-        reach_broker(&broker).await?;
+        client.reach().await?;
     }
     match cli.command {
         Command::Submit { file, wait } => {
-            let job_id = submit(&broker, &file).await?;
+            let job_id = submit(&client, &file).await?;
             println!("{job_id}");
             if wait {
                 return Ok(exit_for(
@@ -131,7 +130,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Status { job, json } => {
-            let status = status(&broker, &job, timeout).await?;
+            let status = client.status(&job).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -143,43 +142,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 progress::watch(&broker, &job, timeout, false).await?,
             ));
         }
-        Command::Results { job } => results(&broker, &job, timeout).await?,
+        Command::Results { job } => results(&client, &job).await?,
         Command::Cancel { job } => {
-            let current = status(&broker, &job, timeout).await?;
-            if current.state.is_terminal() {
-                bail!("job {job} has already ended ({})", current.state);
-            }
-            declared_publisher(&broker)
-                .await?
-                .send_json(
-                    &broker.names().jobs(),
-                    KEY_CANCEL,
-                    &CancelRequest {
-                        job_id: job.clone(),
-                    },
-                )
-                .await?;
+            client.cancel(&job).await?;
             println!("cancel requested for {job}");
         }
         Command::Delete { job } => {
-            match rpc(
-                &broker,
-                timeout,
-                &Request::Delete {
-                    job_id: job.clone(),
-                },
-            )
-            .await?
-            {
-                Response::Deleted { .. } => println!("deleted job {job}"),
-                other => return Err(unexpected(other)),
-            }
+            client.delete(&job).await?;
+            println!("deleted job {job}");
         }
         Command::Jobs { json, limit } => {
-            let jobs = match rpc(&broker, timeout, &Request::Jobs { limit }).await? {
-                Response::Jobs { jobs } => jobs,
-                other => return Err(unexpected(other)),
-            };
+            let jobs = client.jobs(None, None, limit).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&jobs)?);
             } else {
@@ -188,10 +161,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Queues { json } => queues(&broker, timeout, json).await?,
         Command::Workers { json } => {
-            let workers = match rpc(&broker, timeout, &Request::Workers).await? {
-                Response::Workers { workers } => workers,
-                other => return Err(unexpected(other)),
-            };
+            let workers = client.workers().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&workers)?);
             } else {
@@ -199,10 +169,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Members { json } => {
-            let report = match rpc(&broker, timeout, &Request::Health).await? {
-                Response::Health(report) => report,
-                other => return Err(unexpected(other)),
-            };
+            let report = client.health().await?;
             let members: Vec<_> = report
                 .services
                 .into_iter()
@@ -215,10 +182,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Health { json } => {
-            let report = match rpc(&broker, timeout, &Request::Health).await? {
-                Response::Health(report) => report,
-                other => return Err(unexpected(other)),
-            };
+            let report = client.health().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -235,54 +199,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// How long batchctl keeps trying to reach the broker before it gives up: long enough to ride
-/// out a broker that is restarting or a connection refused in passing, short enough that a
-/// wrong address is reported promptly.
-const CONNECT_PATIENCE: Duration = Duration::from_secs(3);
-/// Pause between two connection attempts.
-const CONNECT_RETRY_EVERY: Duration = Duration::from_millis(250);
-
-/// Connects to the broker (each URL of `AMQP_URL` in turn), retrying for
-/// [`CONNECT_PATIENCE`]; the error after that is one line naming the broker. A broker that
-/// refuses the login, the vhost or the TLS handshake is not retried: waiting will not mend
-/// it, so the line naming the cause comes at once.
-async fn reach_broker(broker: &Broker) -> anyhow::Result<()> {
-    let started = std::time::Instant::now();
-    let mut attempts = 0u32;
-    loop {
-        attempts += 1;
-        let attempt = tokio::time::timeout(CONNECT_PATIENCE, broker.connection()).await;
-        let error = match attempt {
-            Ok(Ok(_connection)) => return Ok(()),
-            Ok(Err(e)) if e.refusal().is_some() => bail!("{}", refusal_line(&e)),
-            Ok(Err(e)) if e.is_retryable() => e.to_string(),
-            Ok(Err(e)) => return Err(e.into()),
-            Err(_) => format!(
-                "cannot reach the broker ({}): no answer within {} s",
-                broker.urls_redacted(),
-                CONNECT_PATIENCE.as_secs()
-            ),
-        };
-        if started.elapsed() + CONNECT_RETRY_EVERY >= CONNECT_PATIENCE {
-            bail!(
-                "{} (gave up after {attempts} attempts in {:.1} s)",
-                error.replace('\n', " "),
-                started.elapsed().as_secs_f64()
-            );
-        }
-        tokio::time::sleep(CONNECT_RETRY_EVERY).await;
-    }
-}
-
-/// One line for a refused connection: the cause first, then the broker's own words and the
-/// URL (without its password).
-fn refusal_line(error: &common::broker::BrokerError) -> String {
-    match error.refusal() {
-        Some(cause) => format!("{cause}; {}", error.to_string().replace('\n', " ")),
-        None => error.to_string(),
-    }
-}
-
 fn exit_for(state: JobState) -> ExitCode {
     if state == JobState::Succeeded {
         ExitCode::SUCCESS
@@ -291,16 +207,9 @@ fn exit_for(state: JobState) -> ExitCode {
     }
 }
 
+/// The error a reply other than the one asked for stands for (the console's pages use it).
 pub(crate) fn unexpected(response: Response) -> anyhow::Error {
-    match response {
-        Response::NotFound { job_id } => anyhow!("unknown job {job_id}"),
-        Response::Gone(tombstone) => anyhow!("{}", tombstone.describe()),
-        Response::StillRunning { job_id } => {
-            anyhow!("job {job_id} is still running; cancel it first")
-        }
-        Response::Error { message } => anyhow!("the reducer failed to answer: {message}"),
-        other => anyhow!("unexpected reply from the reducer: {other:?}"),
-    }
+    ClientError::from_response(response).into()
 }
 
 pub(crate) async fn declared_publisher(
@@ -308,34 +217,6 @@ pub(crate) async fn declared_publisher(
 ) -> anyhow::Result<common::broker::Publisher> {
     broker.declare_topology().await?;
     Ok(broker.publisher().await?)
-}
-
-pub(crate) async fn rpc(
-    broker: &Broker,
-    timeout: Duration,
-    request: &Request,
-) -> anyhow::Result<Response> {
-    let mut client = RpcClient::connect(broker, timeout).await?;
-    Ok(client.call(request).await?)
-}
-
-pub(crate) async fn status(
-    broker: &Broker,
-    job: &str,
-    timeout: Duration,
-) -> anyhow::Result<JobStatus> {
-    match rpc(
-        broker,
-        timeout,
-        &Request::Status {
-            job_id: job.to_owned(),
-        },
-    )
-    .await?
-    {
-        Response::Status(status) => Ok(status),
-        other => Err(unexpected(other)),
-    }
 }
 
 fn read_spec(file: &str) -> anyhow::Result<Vec<u8>> {
@@ -350,86 +231,40 @@ fn read_spec(file: &str) -> anyhow::Result<Vec<u8>> {
     }
 }
 
-/// Publishes a JobSpec (confirmed) and returns its job id, giving it one if it has none.
-pub(crate) async fn submit(broker: &Broker, file: &str) -> anyhow::Result<String> {
+/// Publishes the JobSpec in `file` (confirmed) and returns its job id, giving it one if it
+/// has none; a spec that is not JSON, or not an object, is reported under the file's name.
+async fn submit(client: &Client, file: &str) -> anyhow::Result<String> {
     let body = read_spec(file)?;
-    let (job_id, body) = checked_spec(&body).map_err(|problem| match problem {
-        SpecProblem::Invalid(_) => anyhow!("{problem}"),
-        SpecProblem::NotJson(e) => anyhow!("{file} is not a JSON JobSpec: {e}"),
-        SpecProblem::NotObject => anyhow!("{file}: {problem}"),
-    })?;
-    submit_body(broker, &job_id, &body).await?;
-    Ok(job_id)
+    client.submit_json(&body).await.map_err(|e| match e {
+        ClientError::SpecNotJson(e) => anyhow!("{file} is not a JSON JobSpec: {e}"),
+        e @ ClientError::SpecNotObject => anyhow!("{file}: {e}"),
+        e => e.into(),
+    })
 }
 
-/// Why a JobSpec is not published.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum SpecProblem {
-    #[error("not a JSON JobSpec: {0}")]
-    NotJson(String),
-    #[error("a JobSpec is a JSON object")]
-    NotObject,
-    /// What the splitter would reject, in its words.
-    #[error("invalid JobSpec: {0}")]
-    Invalid(String),
+/// A JobSpec as published ([`batchq_client::checked_spec`]), for the console's submit page.
+pub(crate) fn checked_spec(body: &[u8]) -> Result<(String, Vec<u8>), ClientError> {
+    batchq_client::checked_spec(body).map(|spec| (spec.job_id, spec.body))
 }
 
-/// A JobSpec as published: given a job id if it has none, and checked here for what the
-/// splitter would reject, so the mistake is shown where it was made.
-pub(crate) fn checked_spec(body: &[u8]) -> Result<(String, Vec<u8>), SpecProblem> {
-    let mut value: Value =
-        serde_json::from_slice(body).map_err(|e| SpecProblem::NotJson(e.to_string()))?;
-    let Some(object) = value.as_object_mut() else {
-        return Err(SpecProblem::NotObject);
-    };
-    if !object.contains_key("job_id") {
-        object.insert(
-            "job_id".into(),
-            Value::String(uuid::Uuid::new_v4().to_string()),
-        );
-    }
-    let body = serde_json::to_vec(&value).map_err(|e| SpecProblem::NotJson(e.to_string()))?;
-    let spec = parse_job_spec(&body, None, None, ParseLimits::default())
-        .map_err(|rejection| SpecProblem::Invalid(rejection.error))?;
-    Ok((spec.job_id, body))
-}
-
+/// Publishes a JobSpec checked by [`checked_spec`] (the console's submit page, the demo).
 pub(crate) async fn submit_body(broker: &Broker, job_id: &str, body: &[u8]) -> anyhow::Result<()> {
-    let publisher = declared_publisher(broker).await?;
-    publisher
-        .send(
-            &broker.names().jobs(),
-            KEY_SUBMIT,
-            body,
-            json_properties().with_message_id(ShortString::from(job_id)),
-        )
-        .await?;
+    let spec = batchq_client::CheckedSpec {
+        job_id: job_id.to_owned(),
+        body: body.to_vec(),
+    };
+    Client::from_broker(broker.clone()).publish(&spec).await?;
     Ok(())
 }
 
-async fn results(broker: &Broker, job: &str, timeout: Duration) -> anyhow::Result<()> {
+/// The job's results as JSON Lines on stdout, in index order.
+async fn results(client: &Client, job: &str) -> anyhow::Result<()> {
     use std::io::Write;
-    let mut client = RpcClient::connect(broker, timeout).await?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let mut from = 0;
-    loop {
-        let request = Request::Results {
-            job_id: job.to_owned(),
-            from,
-            limit: 5000,
-        };
-        let page = match client.call(&request).await? {
-            Response::Results(page) => page,
-            other => return Err(unexpected(other)),
-        };
-        for line in &page.lines {
-            serde_json::to_writer(&mut out, line)?;
-            out.write_all(b"\n")?;
-        }
-        match page.next {
-            Some(next) => from = next,
-            None => break,
-        }
+    let mut lines = client.results(job);
+    while let Some(line) = lines.next().await {
+        serde_json::to_writer(&mut out, &line?)?;
+        out.write_all(b"\n")?;
     }
     out.flush()?;
     Ok(())

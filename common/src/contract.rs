@@ -95,6 +95,14 @@ pub struct CancelRequest {
     pub job_id: String,
 }
 
+/// Published on `{ns}.jobs` with routing key `redrive` (contract v1.2): a failed or cancelled
+/// job runs its operations that have not succeeded again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedriveRequest {
+    pub job_id: String,
+}
+
 /// One line of `batchctl results`: the outcome of the operation at `index`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]

@@ -107,6 +107,10 @@ pub enum Cut {
 pub struct Failure {
     pub offset: u32,
     pub error: String,
+    /// The operation said trying again cannot help (`OpError::permanent`): the failure is
+    /// final whatever attempt this was. Absent (false) from workers before it existed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub permanent: bool,
 }
 
 /// What a worker reports when a fragment ends.

@@ -5,7 +5,7 @@
 //! report changes no count; it only re-sends the settlement, which the splitter also applies
 //! once. Since fragments never overlap, every operation is counted exactly once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use common::contract::{JobState, JobStatus};
 use common::wire::{FragmentReport, ReducerInput, Settled, SplitterInput};
@@ -224,15 +224,21 @@ impl Fold<'_> {
         // failures as final rather than run anything twice.
         let may_retry =
             report.attempt < job.max_attempts && state.is_some_and(|s| !s.is_terminal());
-        let errors = errors_by_offset(&mut report, done);
-        let retry = if may_retry {
+        let (errors, permanent) = errors_by_offset(&mut report, done);
+        // Offsets whose operation runs again; a permanent failure never does.
+        let retried: BTreeSet<u32> = if may_retry {
             errors
                 .keys()
-                .filter_map(|offset| report.indices.get(*offset as usize))
+                .filter(|offset| !permanent.contains(offset))
+                .copied()
                 .collect()
         } else {
-            Vec::new()
+            BTreeSet::new()
         };
+        let retry = retried
+            .iter()
+            .filter_map(|offset| report.indices.get(*offset as usize))
+            .collect();
         let (recorded, first) = self.tx.record_fragment(
             &report.job_id,
             report.fragment,
@@ -263,9 +269,9 @@ impl Fold<'_> {
             return Ok(());
         }
         // A failure that runs again is neither succeeded nor failed yet.
-        let failed = if may_retry { 0 } else { errors.len() as u64 };
+        let failed = (errors.len() - retried.len()) as u64;
         let succeeded = u64::from(done) - errors.len() as u64;
-        let keep = kept_outcomes(&mut report, done, errors, may_retry, collect_results);
+        let keep = kept_outcomes(&mut report, done, errors, &retried, collect_results);
         let job = self.job(&report.job_id)?;
         job.ops_succeeded += succeeded;
         job.ops_failed += failed;
@@ -365,24 +371,32 @@ pub fn failure_share_exceeded(failed: u64, total: u64, tolerated_percent: f64) -
 /// The outcome of each operation a report says ran.
 /// A report's failures among its first `done` operations, by offset (the first one reported
 /// for an offset wins).
-fn errors_by_offset(report: &mut FragmentReport, done: u32) -> BTreeMap<u32, String> {
+fn errors_by_offset(
+    report: &mut FragmentReport,
+    done: u32,
+) -> (BTreeMap<u32, String>, BTreeSet<u32>) {
     let mut errors = BTreeMap::new();
+    let mut permanent = BTreeSet::new();
     for failure in std::mem::take(&mut report.failures) {
-        if failure.offset < done {
-            errors.entry(failure.offset).or_insert(failure.error);
+        if failure.offset < done && !errors.contains_key(&failure.offset) {
+            if failure.permanent {
+                permanent.insert(failure.offset);
+            }
+            errors.insert(failure.offset, failure.error);
         }
     }
-    errors
+    (errors, permanent)
 }
 
 /// What the store keeps of a counted fragment: every outcome when its job collects results,
-/// else only the errors (they are what a user needs to read). A failure that runs again is
-/// not an outcome yet. Costs nothing per operation unless results are kept.
+/// else only the errors (they are what a user needs to read). A failure that runs again (its
+/// offset in `retried`) is not an outcome yet. Costs nothing per operation unless results
+/// are kept.
 fn kept_outcomes(
     report: &mut FragmentReport,
     done: u32,
     errors: BTreeMap<u32, String>,
-    may_retry: bool,
+    retried: &BTreeSet<u32>,
     collect_results: bool,
 ) -> Vec<Outcome> {
     let indices = &report.indices;
@@ -393,10 +407,11 @@ fn kept_outcomes(
         })
     };
     if !collect_results {
-        if may_retry {
-            return Vec::new();
-        }
-        return errors.into_iter().filter_map(error_outcome).collect();
+        return errors
+            .into_iter()
+            .filter(|(offset, _)| !retried.contains(offset))
+            .filter_map(error_outcome)
+            .collect();
     }
     let mut results = std::mem::take(&mut report.results).into_iter();
     let mut errors = errors.into_iter().peekable();
@@ -407,7 +422,7 @@ fn kept_outcomes(
             continue;
         };
         match errors.next_if(|(failed, _)| *failed == offset) {
-            Some(_) if may_retry => {}
+            Some((failed, _)) if retried.contains(&failed) => {}
             Some((_, error)) => kept.push(Outcome {
                 index,
                 result: Err(error),
@@ -426,8 +441,9 @@ pub(crate) mod tests {
     //! The bodies in [`cases`] run against every store (see `crate::store::tests`).
 
     use super::*;
-    use crate::store::ReducerStore;
     use crate::store::tests::{Fixture, Prune, sqlite};
+    use crate::store::{ReducerQueries, ReducerStore};
+    use common::contract::ResultLine;
     use common::wire::{Failure, Indices};
 
     fn accepted(ops_total: u64, max_attempts: u32, tolerated: f64) -> ReducerInput {
@@ -459,6 +475,7 @@ pub(crate) mod tests {
                 .map(|&offset| Failure {
                     offset,
                     error: format!("boom {offset}"),
+                    permanent: false,
                 })
                 .collect(),
             results: (0..done).map(Value::from).collect(),
@@ -562,6 +579,50 @@ pub(crate) mod tests {
             assert_eq!((job.ops_succeeded, job.ops_failed), (2, 1));
         }
 
+        pub(crate) fn a_permanent_failure_is_final_on_any_attempt<F: Fixture>(fx: &mut F) {
+            let store = fx.store();
+            let run = |store: &mut F::Store, inputs| {
+                store.transaction(|tx| apply(tx, inputs, 5)).expect("apply")
+            };
+            run(store, vec![accepted(3, 3, 100.0)]);
+            // First of three attempts: index 0 fails for good, index 2 may be tried again.
+            let mut first = report(0, 1, Indices::Span(0, 3), &[0, 2]);
+            if let ReducerInput::Fragment(report) = &mut first {
+                report.failures[0].permanent = true;
+            }
+            let effects = run(store, vec![first]);
+            assert_eq!(
+                settled(&effects),
+                vec![(0, 3, vec![2])],
+                "only index 2 runs again"
+            );
+            let job = job(&mut *store);
+            assert_eq!((job.ops_succeeded, job.ops_failed), (1, 1));
+            let effects = run(store, vec![report(1, 2, Indices::List(vec![2]), &[])]);
+            assert_eq!(settled(&effects), vec![(1, 1, vec![])]);
+            let job = super::job(&mut *store);
+            assert_eq!(job.state, Some(JobState::Succeeded));
+            assert_eq!((job.ops_succeeded, job.ops_failed), (2, 1));
+            let outcomes = fx.queries().results("j", 0, 10).expect("results");
+            assert_eq!(
+                outcomes,
+                vec![
+                    ResultLine::Err {
+                        index: 0,
+                        error: "boom 0".into()
+                    },
+                    ResultLine::Ok {
+                        index: 1,
+                        result: Value::from(1)
+                    },
+                    ResultLine::Ok {
+                        index: 2,
+                        result: Value::from(0)
+                    },
+                ]
+            );
+        }
+
         pub(crate) fn exceeding_the_tolerated_share_fails_at_once_and_halts_dispatch<F: Fixture>(
             fx: &mut F,
         ) {
@@ -621,6 +682,11 @@ pub(crate) mod tests {
     #[test]
     fn only_the_last_attempt_counts_a_failure() {
         cases::only_the_last_attempt_counts_a_failure(&mut sqlite());
+    }
+
+    #[test]
+    fn a_permanent_failure_is_final_on_any_attempt() {
+        cases::a_permanent_failure_is_final_on_any_attempt(&mut sqlite());
     }
 
     #[test]

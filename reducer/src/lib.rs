@@ -337,6 +337,7 @@ fn poison_report(fragment: Fragment) -> FragmentReport {
             .map(|offset| common::wire::Failure {
                 offset,
                 error: error.clone(),
+                permanent: true,
             })
             .collect(),
         results: Vec::new(),

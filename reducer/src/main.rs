@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
+use batchq_reducer::ReducerConfig;
 use clap::Parser;
-use reducer::ReducerConfig;
 
 /// batchq reducer: folds fragment reports into exact job status and results.
 #[derive(Parser)]
@@ -16,7 +16,7 @@ async fn main() -> ExitCode {
     common::init_logging();
     let cli = Cli::parse();
     let shutdown = common::shutdown::on_signals();
-    match reducer::run(cli.config, shutdown).await {
+    match batchq_reducer::run(cli.config, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line that says why (its cause is in it already), not anyhow's chain.

@@ -1172,6 +1172,8 @@ mod tests {
             => a_late_report_of_a_deleted_job_records_and_settles_nothing,
         crate::fold::tests::cases::only_the_last_attempt_counts_a_failure
             => only_the_last_attempt_counts_a_failure,
+        crate::fold::tests::cases::a_permanent_failure_is_final_on_any_attempt
+            => a_permanent_failure_is_final_on_any_attempt,
         crate::fold::tests::cases::exceeding_the_tolerated_share_fails_at_once_and_halts_dispatch
             => exceeding_the_tolerated_share_fails_at_once_and_halts_dispatch,
     }

@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
+use batchq_splitter::SplitterConfig;
 use clap::Parser;
-use splitter::SplitterConfig;
 
 /// batchq splitter: validates jobs and releases their fragments within each job's window.
 #[derive(Parser)]
@@ -16,7 +16,7 @@ async fn main() -> ExitCode {
     common::init_logging();
     let cli = Cli::parse();
     let shutdown = common::shutdown::on_signals();
-    match splitter::run(cli.config, shutdown).await {
+    match batchq_splitter::run(cli.config, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line that says why (its cause is in it already), not anyhow's chain.

@@ -150,12 +150,14 @@ fn warn_if_stale(program: &Path) {
         return;
     };
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let newer = ["common", "splitter", "worker", "reducer", "batchctl"]
-        .iter()
-        .filter_map(|krate| newest_source(&root.join(krate).join("src")))
-        .filter(|(modified, _)| *modified > built)
-        .map(|(_, path)| path)
-        .next();
+    let newer = [
+        "common", "splitter", "worker", "reducer", "client", "batchctl",
+    ]
+    .iter()
+    .filter_map(|krate| newest_source(&root.join(krate).join("src")))
+    .filter(|(modified, _)| *modified > built)
+    .map(|(_, path)| path)
+    .next();
     if let Some(source) = newer {
         eprintln!(
             "warning: {} is newer than {}; run `cargo build --workspace --bins`",

@@ -948,10 +948,10 @@ fn scaled_job_runs_ephemeral_workers_on_the_work_queues_of_the_namespace() -> Re
         .cloned()
         .flatten()
         .ok_or_else(|| anyhow!("ScaledJob {name} sets no BATCHQ_MAX_FRAGMENTS"))?;
-    worker::parse_max_fragments(&max_fragments)
+    batchq_worker::parse_max_fragments(&max_fragments)
         .map_err(|e| anyhow!("ScaledJob {name}: BATCHQ_MAX_FRAGMENTS: {e}"))?;
     if let Some(Some(lifetime)) = env.get("BATCHQ_MAX_LIFETIME") {
-        worker::parse_lifetime(lifetime)
+        batchq_worker::parse_lifetime(lifetime)
             .map_err(|e| anyhow!("ScaledJob {name}: BATCHQ_MAX_LIFETIME: {e}"))?;
     }
 
@@ -1725,14 +1725,20 @@ fn dockerfile_builds_every_member_with_a_new_enough_rust() -> Result<()> {
             "the Dockerfile does not copy {member}/Cargo.toml into its dependency layer"
         );
     }
-    for bin in ["splitter", "worker", "reducer", "batchctl"] {
+    // Each binary's folder and the package that builds it.
+    for (bin, package) in [
+        ("splitter", "batchq-splitter"),
+        ("worker", "batchq-worker"),
+        ("reducer", "batchq-reducer"),
+        ("batchctl", "batchctl"),
+    ] {
         ensure!(
             dockerfile.contains(&format!("COPY {bin} {bin}\n")),
             "the Dockerfile does not copy {bin}'s sources"
         );
         ensure!(
-            dockerfile.contains(&format!("-p {bin}")),
-            "the Dockerfile does not build {bin}"
+            dockerfile.contains(&format!("-p {package} ")),
+            "the Dockerfile does not build {bin} (package {package})"
         );
     }
 
@@ -1782,11 +1788,11 @@ fn dockerfile_builds_every_member_with_a_new_enough_rust() -> Result<()> {
             "--format",
             "{p}",
             "-p",
-            "splitter",
+            "batchq-splitter",
             "-p",
-            "worker",
+            "batchq-worker",
             "-p",
-            "reducer",
+            "batchq-reducer",
             "-p",
             "batchctl",
         ])

@@ -27,7 +27,7 @@ async fn custom_reverse_operation_runs_beside_the_builtins() -> Result<()> {
     // Its own operation and a built-in it keeps, chosen through BATCHQ_OPERATIONS as for the
     // stock worker (which also names `reverse` for the namespace's cleanup).
     env.start_worker_program(
-        example_path("worker", "custom_operation"),
+        example_path("batchq-worker", "custom_operation"),
         WorkerOpts {
             operations: Some(vec!["reverse".into(), "scale".into(), "sha256".into()]),
             ..WorkerOpts::default()
@@ -188,7 +188,7 @@ async fn custom_operation_failures_fail_the_job_beyond_tolerance() -> Result<()>
     env.start_splitter()?;
     env.start_reducer()?;
     env.start_worker_program(
-        example_path("worker", "custom_operation"),
+        example_path("batchq-worker", "custom_operation"),
         WorkerOpts {
             operations: Some(vec!["reverse".into()]),
             ..WorkerOpts::default()

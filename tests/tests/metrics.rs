@@ -102,7 +102,7 @@ async fn metric_batches_sum_to_the_exact_totals_across_redelivery() -> Result<()
     env.start_splitter()?;
     let reducer = env.start_reducer_with(&["--metrics-interval-ms", "300"])?;
     env.start_worker_program(
-        example_path("worker", "custom_operation"),
+        example_path("batchq-worker", "custom_operation"),
         WorkerOpts::prefetch(2),
     )?;
     let items = reverse_items(600);
@@ -189,7 +189,7 @@ async fn prometheus_endpoint_serves_the_series_and_drops_finished_jobs() -> Resu
     env.start_splitter()?;
     env.start_reducer_with(&["--metrics-addr", &addr, "--finished-job-series-secs", "5"])?;
     env.start_worker_program(
-        example_path("worker", "custom_operation"),
+        example_path("batchq-worker", "custom_operation"),
         WorkerOpts::prefetch(2),
     )?;
     let items = reverse_items(50);

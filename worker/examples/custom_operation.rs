@@ -3,14 +3,14 @@
 //! that also records metrics of its own).
 //!
 //! The worker is a library: a program of your own builds a [`Registry`], registers its
-//! operations in it and hands it to [`worker::run`]. Everything else (flags, environment,
+//! operations in it and hands it to [`batchq_worker::run`]. Everything else (flags, environment,
 //! graceful shutdown) is the same as for the stock `worker` binary:
 //!
 //! ```text
-//! cargo run -p worker --example custom_operation
-//! cargo run -p worker --example custom_operation -- --prefetch 8 --operations reverse,sha256
+//! cargo run -p batchq-worker --example custom_operation
+//! cargo run -p batchq-worker --example custom_operation -- --prefetch 8 --operations reverse,sha256
 //! AMQP_URL=amqp://guest:guest@rabbit:5672/%2f BATCHQ_NAMESPACE=dev \
-//!     cargo run -p worker --example custom_operation
+//!     cargo run -p batchq-worker --example custom_operation
 //! ```
 //!
 //! Then submit a job that names the operation, e.g. with `batchctl submit -`:
@@ -29,8 +29,8 @@
 //! gives `{"width":960,"height":720}` and, for the second item, the error
 //! `item.width: invalid type: string "wide", expected u32`.
 
+use batchq_worker::{OpError, OpInput, Operation, Registry, Value, async_trait, item_text};
 use serde::{Deserialize, Serialize};
-use worker::{OpError, OpInput, Operation, Registry, Value, async_trait, item_text};
 
 /// A `scale` item: a size in pixels.
 #[derive(Deserialize, Serialize)]
@@ -96,6 +96,6 @@ async fn main() -> anyhow::Result<()> {
     let mut registry = Registry::with_builtins();
     registry.register_fn("scale", scale);
     registry.register(Reverse);
-    worker::main_with(registry).await?;
+    batchq_worker::main_with(registry).await?;
     Ok(())
 }

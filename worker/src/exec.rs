@@ -410,7 +410,11 @@ mod tests {
             "sh".to_owned(),
         ] {
             let error = list.program(&other).expect_err(&other);
-            assert!(error.0.contains("is not allowed"), "{other:?}: {}", error.0);
+            assert!(
+                error.message().contains("is not allowed"),
+                "{other:?}: {}",
+                error.message()
+            );
         }
     }
 
@@ -501,7 +505,7 @@ mod tests {
         let ok = exec.run(input(&json!("0"), &p)).await.expect("exit 0");
         assert_eq!(ok, json!("got-0"));
         let failed = exec.run(input(&json!(3), &p)).await.expect_err("exit 3");
-        assert_eq!(failed.0, "exited with status 3: oops");
+        assert_eq!(failed.message(), "exited with status 3: oops");
     }
 
     #[tokio::test]
@@ -512,7 +516,7 @@ mod tests {
         let exec = allowing(&["sh"]);
         let error = exec.run(input(&json!(1), &p)).await.expect_err("refused");
         assert_eq!(
-            error.0,
+            error.message(),
             "program \"touch\" is not allowed on this worker (BATCHQ_EXEC_ALLOW: sh)"
         );
         assert!(!file.exists(), "the refused program ran");
@@ -542,6 +546,6 @@ mod tests {
             .run(input(&json!(1), &p))
             .await
             .expect_err("timeout");
-        assert!(err.0.starts_with("timed out after 100 ms"), "{err}");
+        assert!(err.message().starts_with("timed out after 100 ms"), "{err}");
     }
 }

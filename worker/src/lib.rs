@@ -25,7 +25,9 @@ use common::supervise::{Retryable, supervise};
 use tokio_util::sync::CancellationToken;
 
 pub use crate::exec::{Exec, ExecAllowList};
-pub use crate::operation::{EXEC, OpError, OpInput, OpMetrics, Operation, Registry};
+pub use crate::operation::{
+    EXEC, OpContext, OpError, OpInput, OpMetrics, Operation, PermanentExt, Registry,
+};
 use crate::runner::CancelledJobs;
 /// What a program with operations of its own needs beside these, so that it depends on
 /// `worker` alone: the trait's attribute, JSON values, and the text of an item as the

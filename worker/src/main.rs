@@ -1,7 +1,7 @@
-use worker::Registry;
+use batchq_worker::Registry;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    worker::main_with(Registry::with_builtins()).await?;
+    batchq_worker::main_with(Registry::with_builtins()).await?;
     Ok(())
 }

@@ -69,13 +69,101 @@ impl OpMetrics {
 }
 
 /// Why an operation failed; the message reaches `batchctl results` as the operation's error.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct OpError(pub String);
+///
+/// `?` turns any error into one: everything that converts into an `anyhow::Error` (every
+/// `std::error::Error + Send + Sync + 'static`, such as `std::io::Error`, and
+/// `anyhow::Error` itself), its message followed by its causes (`reading x.png: No such
+/// file`). Such an error, like [`OpError::new`], is retried: the operation runs again
+/// until the job's `max_attempts`. One made [`OpError::permanent`] fails the operation at
+/// once, whatever attempt it was, for a failure no retry can mend (a malformed item).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpError {
+    message: String,
+    permanent: bool,
+}
 
 impl OpError {
+    /// A failure worth retrying (a timeout, a service away).
     pub fn new(message: impl Into<String>) -> Self {
-        Self(message.into())
+        Self {
+            message: message.into(),
+            permanent: false,
+        }
+    }
+
+    /// A failure no retry can mend: the operation fails now, on any attempt.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            permanent: true,
+        }
+    }
+
+    /// The same error, made permanent (`OpError::from(e).into_permanent()`).
+    pub fn into_permanent(mut self) -> Self {
+        self.permanent = true;
+        self
+    }
+
+    /// Whether the failure is final at once (see [`OpError::permanent`]).
+    pub fn is_permanent(&self) -> bool {
+        self.permanent
+    }
+
+    /// The error as `batchctl results` shows it.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl std::fmt::Display for OpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+// `OpError` is deliberately not a `std::error::Error`: that is what lets this conversion
+// take every error (as `anyhow::Error` does), instead of conflicting with `From<T> for T`.
+impl<E: Into<anyhow::Error>> From<E> for OpError {
+    fn from(error: E) -> Self {
+        Self::new(format!("{:#}", error.into()))
+    }
+}
+
+/// [`OpError::permanent`] for a `Result`: `std::fs::read(path).permanent()?` fails the
+/// operation at once when the read fails.
+pub trait PermanentExt<T> {
+    /// The result, its error (converted as `?` would) made permanent.
+    fn permanent(self) -> Result<T, OpError>;
+}
+
+impl<T, E: Into<OpError>> PermanentExt<T> for Result<T, E> {
+    fn permanent(self) -> Result<T, OpError> {
+        self.map_err(|e| e.into().into_permanent())
+    }
+}
+
+/// Where one operation of a typed function runs (see [`Registry::register_fn_with_context`]):
+/// its job, its item's index, and which attempt at it this is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OpContext {
+    /// The job's id.
+    pub job_id: String,
+    /// The item's index in its job.
+    pub index: u64,
+    /// 1 for the first attempt at this operation; at most the job's `max_attempts`.
+    pub attempt: u32,
+}
+
+impl OpContext {
+    /// The context of `input`.
+    pub fn of(input: &OpInput<'_>) -> Self {
+        Self {
+            job_id: input.job_id.to_owned(),
+            index: input.index,
+            attempt: input.attempt,
+        }
     }
 }
 
@@ -134,13 +222,15 @@ impl Registry {
     /// Registers the async function `f` as operation `name`: each operation's item is
     /// deserialized into `I` and the job's `params` into `P` (serde; use `serde_json::Value`
     /// for either to take it as it is), and what `f` returns becomes the operation's result.
-    /// An item or params that do not fit the type fail that operation only, with an error
-    /// naming the field (`item.size: invalid type: string "x", expected u32`). For an
+    /// An item or params that do not fit the type fail that operation only, at once (no
+    /// retry mends them), with an error naming the field (`item.size: invalid type: string
+    /// "x", expected u32`). Inside `f`, `?` works on any error (see [`OpError`]). For the
+    /// job id, index and attempt, use [`Registry::register_fn_with_context`]; for an
     /// operation that records metrics of its own or never waits, implement [`Operation`].
     ///
     /// ```
     /// # use serde::Deserialize;
-    /// # use worker::{OpError, Registry};
+    /// # use batchq_worker::{OpError, Registry};
     /// #[derive(Deserialize)]
     /// struct Resize { url: String, width: u32 }
     /// #[derive(Deserialize)]
@@ -149,7 +239,7 @@ impl Registry {
     /// let mut registry = Registry::with_builtins();
     /// registry.register_fn("resize", |item: Resize, params: Quality| async move {
     ///     if item.width == 0 {
-    ///         return Err(OpError::new("width 0"));
+    ///         return Err(OpError::permanent("width 0"));
     ///     }
     ///     Ok(format!("{}@{}w q{}", item.url, item.width, params.jpeg_quality))
     /// });
@@ -164,7 +254,38 @@ impl Registry {
     {
         self.register(TypedOperation {
             name: name.to_owned(),
-            f,
+            f: Plain(f),
+            types: std::marker::PhantomData,
+        })
+    }
+
+    /// [`Registry::register_fn`] of a function that also takes the operation's
+    /// [`OpContext`]: its job id, index and attempt.
+    ///
+    /// ```
+    /// # use batchq_worker::{OpContext, OpError, PermanentExt, Registry, Value};
+    /// let mut registry = Registry::new();
+    /// registry.register_fn_with_context(
+    ///     "line",
+    ///     |path: String, _params: Value, ctx: OpContext| async move {
+    ///         let text = std::fs::read_to_string(&path).permanent()?;
+    ///         let line = text.lines().nth(ctx.index as usize);
+    ///         let line = line.ok_or_else(|| OpError::permanent(format!("{path} is short")))?;
+    ///         Ok(format!("{}#{} (attempt {}): {line}", ctx.job_id, ctx.index, ctx.attempt))
+    ///     },
+    /// );
+    /// ```
+    pub fn register_fn_with_context<I, P, R, F, Fut>(&mut self, name: &str, f: F) -> &mut Self
+    where
+        I: serde::de::DeserializeOwned + Send + 'static,
+        P: serde::de::DeserializeOwned + Send + 'static,
+        R: serde::Serialize + 'static,
+        F: Fn(I, P, OpContext) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<R, OpError>> + Send + 'static,
+    {
+        self.register(TypedOperation {
+            name: name.to_owned(),
+            f: WithContext(f),
             types: std::marker::PhantomData,
         })
     }
@@ -215,15 +336,55 @@ impl Registry {
 /// The name of the built-in operation that runs programs.
 pub const EXEC: &str = "exec";
 
-/// An async function registered with [`Registry::register_fn`].
+/// An async function registered with [`Registry::register_fn`] or
+/// [`Registry::register_fn_with_context`].
 struct TypedOperation<F, I, P> {
     name: String,
     f: F,
     types: std::marker::PhantomData<fn(I, P)>,
 }
 
-/// `value` (a `&Value`, or the params' `&Map`, read in place) as a `T`, or an error naming
-/// where it does not fit (`what.field: …`).
+/// A function of the item and the params.
+struct Plain<F>(F);
+
+/// A function of the item, the params and the [`OpContext`].
+struct WithContext<F>(F);
+
+/// How a [`TypedOperation`] calls its function.
+trait TypedFn<I, P>: Send + Sync + 'static {
+    type Output: serde::Serialize;
+    type Future: std::future::Future<Output = Result<Self::Output, OpError>> + Send + 'static;
+    fn call(&self, item: I, params: P, input: &OpInput<'_>) -> Self::Future;
+}
+
+impl<I, P, R, F, Fut> TypedFn<I, P> for Plain<F>
+where
+    R: serde::Serialize,
+    F: Fn(I, P) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<R, OpError>> + Send + 'static,
+{
+    type Output = R;
+    type Future = Fut;
+    fn call(&self, item: I, params: P, _input: &OpInput<'_>) -> Fut {
+        (self.0)(item, params)
+    }
+}
+
+impl<I, P, R, F, Fut> TypedFn<I, P> for WithContext<F>
+where
+    R: serde::Serialize,
+    F: Fn(I, P, OpContext) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<R, OpError>> + Send + 'static,
+{
+    type Output = R;
+    type Future = Fut;
+    fn call(&self, item: I, params: P, input: &OpInput<'_>) -> Fut {
+        (self.0)(item, params, OpContext::of(input))
+    }
+}
+
+/// `value` (a `&Value`, or the params' `&Map`, read in place) as a `T`, or a permanent error
+/// naming where it does not fit (`what.field: …`): the same value never fits better.
 fn typed<'de, T, D>(what: &str, value: D) -> Result<T, OpError>
 where
     T: serde::Deserialize<'de>,
@@ -236,18 +397,16 @@ where
         } else {
             format!("{what}.{path}")
         };
-        OpError(format!("{at}: {}", e.into_inner()))
+        OpError::permanent(format!("{at}: {}", e.into_inner()))
     })
 }
 
 #[async_trait]
-impl<F, I, P, R, Fut> Operation for TypedOperation<F, I, P>
+impl<F, I, P> Operation for TypedOperation<F, I, P>
 where
     I: serde::de::DeserializeOwned + Send + 'static,
     P: serde::de::DeserializeOwned + Send + 'static,
-    R: serde::Serialize + 'static,
-    F: Fn(I, P) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<R, OpError>> + Send + 'static,
+    F: TypedFn<I, P>,
 {
     fn name(&self) -> &str {
         &self.name
@@ -256,9 +415,9 @@ where
     async fn run(&self, input: OpInput<'_>) -> Result<Value, OpError> {
         let item: I = typed("item", input.item)?;
         let params: P = typed("params", input.params)?;
-        let result = (self.f)(item, params).await?;
+        let result = self.f.call(item, params, &input).await?;
         serde_json::to_value(result)
-            .map_err(|e| OpError(format!("the result cannot be written as JSON: {e}")))
+            .map_err(|e| OpError::permanent(format!("the result cannot be written as JSON: {e}")))
     }
 }
 
@@ -331,19 +490,118 @@ mod tests {
                 params.clone()
             )
             .await,
-            Err(OpError::new(
+            Err(OpError::permanent(
                 "item.times: invalid type: string \"2\", expected u32"
             ))
         );
         assert_eq!(
             run(serde_json::json!("ann"), params.clone()).await,
-            Err(OpError::new(
+            Err(OpError::permanent(
                 "item: invalid type: string \"ann\", expected struct Item"
             ))
         );
         assert_eq!(
             run(serde_json::json!({"name": "ann", "times": 1}), Map::new()).await,
-            Err(OpError::new("params: missing field `greeting`"))
+            Err(OpError::permanent("params: missing field `greeting`"))
+        );
+    }
+
+    /// Runs `operation` on `item` (no params) as attempt `attempt` of index `index`.
+    async fn run_one(
+        operation: &Arc<dyn Operation>,
+        item: Value,
+        index: u64,
+        attempt: u32,
+    ) -> Result<Value, OpError> {
+        let metrics = OpMetrics::default();
+        let params = Map::new();
+        operation
+            .run(OpInput {
+                job_id: "job-7",
+                index,
+                item: &item,
+                params: &params,
+                attempt,
+                metrics: &metrics,
+            })
+            .await
+    }
+
+    #[tokio::test]
+    async fn question_mark_takes_any_error_and_keeps_its_causes() {
+        let mut registry = Registry::new();
+        registry.register_fn("read", |path: String, _params: Value| async move {
+            let text = std::fs::read_to_string(&path)?;
+            Ok(text.len())
+        });
+        registry.register_fn("anyhow", |n: u32, _params: Value| async move {
+            use anyhow::Context;
+            let parsed: Result<u32, anyhow::Error> = if n == 0 {
+                Err(anyhow::anyhow!("zero")).context("checking n")
+            } else {
+                Ok(n)
+            };
+            Ok(parsed? * 2)
+        });
+        let read = registry.get("read").expect("registered");
+        let error = run_one(&read, Value::from("/no/such/file"), 0, 1)
+            .await
+            .expect_err("no such file");
+        assert!(error.message().contains("No such file"), "{error}");
+        assert!(!error.is_permanent(), "an error from `?` is retried");
+
+        let doubled = registry.get("anyhow").expect("registered");
+        assert_eq!(
+            run_one(&doubled, Value::from(4), 0, 1).await,
+            Ok(Value::from(8))
+        );
+        let error = run_one(&doubled, Value::from(0), 0, 1)
+            .await
+            .expect_err("zero");
+        assert_eq!(error, OpError::new("checking n: zero"), "the cause follows");
+    }
+
+    #[tokio::test]
+    async fn a_permanent_error_says_so_and_a_misfit_is_permanent() {
+        let mut registry = Registry::new();
+        registry.register_fn("check", |n: i64, _params: Value| async move {
+            if n < 0 {
+                return Err(OpError::permanent(format!("{n} is negative")));
+            }
+            let small: u8 = u8::try_from(n).permanent()?;
+            Ok(small)
+        });
+        let check = registry.get("check").expect("registered");
+        let negative = run_one(&check, Value::from(-1), 0, 1).await;
+        assert_eq!(negative, Err(OpError::permanent("-1 is negative")));
+        let large = run_one(&check, Value::from(300), 0, 1)
+            .await
+            .expect_err("too large");
+        assert!(large.is_permanent(), "{large}");
+        assert!(large.message().contains("out of range"), "{large}");
+        let misfit = run_one(&check, Value::from("x"), 0, 1)
+            .await
+            .expect_err("a string");
+        assert!(misfit.is_permanent(), "{misfit}");
+        assert!(OpError::new("later").into_permanent().is_permanent());
+    }
+
+    #[tokio::test]
+    async fn a_function_with_context_reads_its_job_index_and_attempt() {
+        let mut registry = Registry::new();
+        registry.register_fn_with_context(
+            "where",
+            |item: String, _params: Value, ctx: OpContext| async move {
+                Ok(format!(
+                    "{item} of {} at {} try {}",
+                    ctx.job_id, ctx.index, ctx.attempt
+                ))
+            },
+        );
+        let at = registry.get("where").expect("registered");
+        assert_eq!(
+            run_one(&at, Value::from("x"), 41, 3).await,
+            Ok(Value::from("x of job-7 at 41 try 3"))
         );
     }
 

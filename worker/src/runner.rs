@@ -11,7 +11,7 @@ use common::wire::{Cut, Failure, Fragment, FragmentReport};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::operation::{OpInput, OpMetrics, Operation};
+use crate::operation::{OpError, OpInput, OpMetrics, Operation};
 
 /// How long a worker remembers a cancelled job (its queued fragments are dropped unrun).
 const CANCEL_MEMORY: Duration = Duration::from_secs(24 * 3600);
@@ -189,7 +189,7 @@ impl Outcomes {
 
     /// Keeps the outcome of the operation at `offset`: its result when the job collects
     /// results, its (bounded) error always.
-    fn record(&mut self, offset: usize, outcome: Result<Value, String>) {
+    fn record(&mut self, offset: usize, outcome: Result<Value, OpError>) {
         match outcome {
             Ok(result) => {
                 if self.collect_results {
@@ -198,11 +198,13 @@ impl Outcomes {
                 }
             }
             Err(error) => {
-                let error = bounded_error(error);
+                let permanent = error.is_permanent();
+                let error = bounded_error(error.message().to_owned());
                 self.report_bytes += json_str_size(&error) + 24;
                 self.failures.push(Failure {
                     offset: offset as u32,
                     error,
+                    permanent,
                 });
                 if self.collect_results {
                     self.results.push(Value::Null);
@@ -223,9 +225,11 @@ async fn run_operation(
     operation: &dyn Operation,
     offset: usize,
     metrics: &OpMetrics,
-) -> Result<Value, String> {
+) -> Result<Value, OpError> {
     let (Some(index), Some(item)) = (fragment.indices.get(offset), fragment.item(offset)) else {
-        return Err(format!("fragment has no item at offset {offset}"));
+        return Err(OpError::permanent(format!(
+            "fragment has no item at offset {offset}"
+        )));
     };
     let input = OpInput {
         job_id: &fragment.job_id,
@@ -239,7 +243,6 @@ async fn run_operation(
         Some(outcome) => outcome,
         None => operation.run(input).await,
     }
-    .map_err(|e| e.0)
 }
 
 /// Runs `fragment` with `operation` and reports what ran.
@@ -396,12 +399,45 @@ mod tests {
             if let Some(n) = bytes("error_bytes") {
                 let mut error = "é".repeat(n as usize / 2);
                 error.push_str("last line");
-                return Err(crate::OpError(error));
+                return Err(crate::OpError::new(error));
             }
             Ok(Value::String(
                 "r".repeat(bytes("result_bytes").unwrap_or(0) as usize),
             ))
         }
+    }
+
+    #[tokio::test]
+    async fn a_permanent_failure_is_reported_as_one() {
+        let mut registry = crate::Registry::new();
+        registry.register_fn("odd", |n: i64, _params: Value| async move {
+            match n % 3 {
+                0 => Ok(n),
+                1 => Err(crate::OpError::new("try again")),
+                _ => Err(crate::OpError::permanent("never")),
+            }
+        });
+        let odd = registry.get("odd").expect("registered");
+        let f = fragment("odd", 3, 60_000, json!({}));
+        let report = run(&f, odd.as_ref()).await;
+        // Items 10, 11, 12: 10 fails for now, 11 for good, 12 succeeds.
+        assert_eq!(report.done, 3);
+        assert_eq!(report.results, vec![Value::Null, Value::Null, json!(12)]);
+        assert_eq!(
+            report.failures,
+            vec![
+                Failure {
+                    offset: 0,
+                    error: "try again".into(),
+                    permanent: false
+                },
+                Failure {
+                    offset: 1,
+                    error: "never".into(),
+                    permanent: true
+                },
+            ]
+        );
     }
 
     #[tokio::test]

@@ -54,7 +54,7 @@ fn hash_span(from: u64, to: u64, rounds: u32) -> u64 {
 /// fragment of `items / threads` operations each. Returns operations per second.
 pub fn runner(items: u64, rounds: u32, threads: usize) -> Result<f64, String> {
     let threads = threads.max(1) as u64;
-    let registry = worker::Registry::with_builtins();
+    let registry = batchq_worker::Registry::with_builtins();
     let operation = registry
         .get("sha256")
         .ok_or("the worker has no sha256 operation")?;
@@ -84,11 +84,11 @@ pub fn runner(items: u64, rounds: u32, threads: usize) -> Result<f64, String> {
                         .enable_all()
                         .build()
                         .map_err(|e| e.to_string())?;
-                    let report = runtime.block_on(worker::runner::run_fragment(
+                    let report = runtime.block_on(batchq_worker::runner::run_fragment(
                         &fragment,
                         operation.as_ref(),
                         "bench",
-                        &worker::runner::CancelledJobs::default(),
+                        &batchq_worker::runner::CancelledJobs::default(),
                         &tokio_util::sync::CancellationToken::new(),
                     ));
                     Ok(u64::from(report.done))

@@ -4,8 +4,8 @@
 //! several things. An empty text has nothing to count, and fails.
 
 use async_trait::async_trait;
+use batchq_worker::{OpError, OpInput, Operation, Registry, item_text};
 use serde_json::Value;
-use worker::{OpError, OpInput, Operation, Registry, item_text};
 
 struct Tally;
 
@@ -32,6 +32,6 @@ impl Operation for Tally {
 async fn main() -> anyhow::Result<()> {
     let mut registry = Registry::with_builtins();
     registry.register(Tally);
-    worker::main_with(registry).await?;
+    batchq_worker::main_with(registry).await?;
     Ok(())
 }

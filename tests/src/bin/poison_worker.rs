@@ -4,8 +4,8 @@
 //! poison fragment.
 
 use async_trait::async_trait;
+use batchq_worker::{OpError, OpInput, Operation, Registry};
 use serde_json::Value;
-use worker::{OpError, OpInput, Operation, Registry};
 
 struct AbortOn;
 
@@ -27,6 +27,6 @@ impl Operation for AbortOn {
 async fn main() -> anyhow::Result<()> {
     let mut registry = Registry::with_builtins();
     registry.register(AbortOn);
-    worker::main_with(registry).await?;
+    batchq_worker::main_with(registry).await?;
     Ok(())
 }
