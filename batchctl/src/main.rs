@@ -15,11 +15,11 @@ use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
 use common::broker::{Broker, json_properties};
 use common::config::BrokerArgs;
-use common::contract::{CancelRequest, JobState, JobStatus};
+use common::contract::{CancelRequest, JobState, JobStatus, RedriveRequest};
 use common::jobspec::{ParseLimits, parse_job_spec};
 use common::lapin::types::ShortString;
 use common::rpc::RpcClient;
-use common::topology::{BUILTIN_OPERATIONS, KEY_CANCEL, KEY_SUBMIT};
+use common::topology::{BUILTIN_OPERATIONS, KEY_CANCEL, KEY_REDRIVE, KEY_SUBMIT};
 use common::wire::{Request, Response};
 use serde_json::Value;
 
@@ -58,6 +58,13 @@ enum Command {
     Results { job: String },
     /// Cancel a job.
     Cancel { job: String },
+    /// Run again every operation of a failed or cancelled job that has not succeeded.
+    Redrive {
+        job: String,
+        /// Show live progress until the job ends again; exit 0 only if it succeeded.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Delete a finished job's status and results now (as retention does later).
     Delete { job: String },
     /// Recent jobs with state and progress.
@@ -160,6 +167,31 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 )
                 .await?;
             println!("cancel requested for {job}");
+        }
+        Command::Redrive { job, wait } => {
+            let current = status(&broker, &job, timeout).await?;
+            if !matches!(current.state, JobState::Failed | JobState::Cancelled) {
+                bail!(
+                    "job {job} is {}; only a failed or cancelled job can be redriven",
+                    current.state
+                );
+            }
+            declared_publisher(&broker)
+                .await?
+                .send_json(
+                    &broker.names().jobs(),
+                    KEY_REDRIVE,
+                    &RedriveRequest {
+                        job_id: job.clone(),
+                    },
+                )
+                .await?;
+            println!("redrive requested for {job}");
+            if wait {
+                return Ok(exit_for(
+                    progress::watch_redriven(&broker, &job, timeout, current.redrives + 1).await?,
+                ));
+            }
         }
         Command::Delete { job } => {
             match rpc(

@@ -1,9 +1,10 @@
-//! Messages of the public wire contract (CONTRACT.md v1.1) that batchq publishes or accepts,
+//! Messages of the public wire contract (CONTRACT.md v1.2) that batchq publishes or accepts,
 //! other than the JobSpec itself (see [`crate::jobspec`]).
 
 use serde::{Deserialize, Serialize};
 
-/// Lifecycle of a job. The last four are terminal and never change again.
+/// Lifecycle of a job. The last four are terminal and never change again, except that a
+/// redrive takes a failed or cancelled job back to `Running` (raising its `redrives`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
@@ -79,6 +80,11 @@ pub struct JobStatus {
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub error: Option<String>,
+    /// How often the job was redriven. A status with a higher value supersedes every status
+    /// with a lower one; within one value counts only grow. Absent from statuses of releases
+    /// before v1.2, which read as 0.
+    #[serde(default)]
+    pub redrives: u64,
 }
 
 impl JobStatus {
@@ -92,6 +98,14 @@ impl JobStatus {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CancelRequest {
+    pub job_id: String,
+}
+
+/// Published on `{ns}.jobs` with routing key `redrive`: runs again every operation of a
+/// failed or cancelled job that has not succeeded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedriveRequest {
     pub job_id: String,
 }
 
