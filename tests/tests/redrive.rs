@@ -303,3 +303,31 @@ async fn a_reducer_killed_mid_redrive_still_ends_exact() -> Result<()> {
     }
     env.finish().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declaring_the_topology_again_binds_redrive_on_a_broker_of_the_last_release() -> Result<()>
+{
+    use common::lapin::types::FieldTable;
+    let env = TestEnv::new("redrive-topology").await?;
+    // The jobs queue as the last release left it: bound to `submit` and `cancel` only.
+    let channel = env.broker().channel().await?;
+    let jobs = env.names.jobs();
+    channel
+        .queue_unbind(
+            jobs.as_str().into(),
+            jobs.as_str().into(),
+            common::topology::KEY_REDRIVE.into(),
+            FieldTable::default(),
+        )
+        .await?;
+    let _ = channel.close(200, "unbound".into()).await;
+    let unrouted = env.redrive("nobody").await;
+    ensure!(unrouted.is_err(), "a redrive routed without its binding");
+
+    // What every binary and batchctl do at start binds it again; a RedriveRequest now waits
+    // on the jobs queue for a splitter.
+    env.broker().declare_topology().await?;
+    env.redrive("nobody").await?;
+    assert_eq!(env.queue_depth(&jobs).await?, 1);
+    env.finish().await
+}
