@@ -131,3 +131,40 @@ impl ResultLine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A JobStatus as releases before v1.2 published it.
+    const V1_1_STATUS: &str = r#"{"job_id": "j", "state": "failed", "operation": "noop",
+        "ops_total": 4, "ops_succeeded": 1, "ops_failed": 3, "fragments_done": 2,
+        "fragments_in_flight": 0, "submitted_at": null, "started_at": null,
+        "finished_at": null, "error": "boom"}"#;
+
+    #[test]
+    fn a_status_without_redrives_reads_as_never_redriven_and_every_status_says_it() {
+        let status: JobStatus = serde_json::from_str(V1_1_STATUS).expect("a v1.1 status");
+        assert_eq!(status.redrives, 0);
+        let written = serde_json::to_value(&status).expect("encodes");
+        assert_eq!(written["redrives"], 0, "always present: {written}");
+        let redriven = JobStatus {
+            redrives: 2,
+            ..status
+        };
+        let again: JobStatus =
+            serde_json::from_value(serde_json::to_value(&redriven).expect("encodes"))
+                .expect("decodes");
+        assert_eq!(again.redrives, 2);
+    }
+
+    #[test]
+    fn a_redrive_request_names_its_job_and_nothing_else() {
+        let request: RedriveRequest =
+            serde_json::from_str(r#"{"job_id": "j"}"#).expect("a request");
+        assert_eq!(request.job_id, "j");
+        let error = serde_json::from_str::<RedriveRequest>(r#"{"job_id": "j", "round": 1}"#)
+            .expect_err("an unknown field");
+        assert!(error.to_string().contains("unknown field `round`"), "{error}");
+    }
+}
