@@ -165,6 +165,9 @@ mod tests {
         assert_eq!(request.job_id, "j");
         let error = serde_json::from_str::<RedriveRequest>(r#"{"job_id": "j", "round": 1}"#)
             .expect_err("an unknown field");
-        assert!(error.to_string().contains("unknown field `round`"), "{error}");
+        assert!(
+            error.to_string().contains("unknown field `round`"),
+            "{error}"
+        );
     }
 }

@@ -195,6 +195,10 @@ pub enum ReducerInput {
     /// again for a round the job reached already changes nothing, so a re-sent ask never
     /// redrives twice.
     Redrive { job_id: String, round: u64 },
+    /// A CancelRequest reached the splitter while it was not dispatching the job: if the
+    /// reducer started redrive `round` (the one after the splitter's) and the splitter has
+    /// not applied it yet, that round is cancelled, and the splitter told to halt it.
+    CancelRound { job_id: String, round: u64 },
 }
 
 impl ReducerInput {
@@ -205,7 +209,8 @@ impl ReducerInput {
             | ReducerInput::Rejected { job_id, .. }
             | ReducerInput::Progress { job_id, .. }
             | ReducerInput::Cancelled { job_id, .. }
-            | ReducerInput::Redrive { job_id, .. } => job_id,
+            | ReducerInput::Redrive { job_id, .. }
+            | ReducerInput::CancelRound { job_id, .. } => job_id,
             ReducerInput::Fragment(report) => &report.job_id,
         }
     }

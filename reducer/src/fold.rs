@@ -147,7 +147,8 @@ impl Fold<'_> {
             | ReducerInput::Rejected { job_id, .. }
             | ReducerInput::Progress { job_id, .. }
             | ReducerInput::Cancelled { job_id, .. }
-            | ReducerInput::Redrive { job_id, .. } => job_id,
+            | ReducerInput::Redrive { job_id, .. }
+            | ReducerInput::CancelRound { job_id, .. } => job_id,
             ReducerInput::Fragment(report) => &report.job_id,
         };
         if self.buried(job_id)? {
@@ -216,6 +217,16 @@ impl Fold<'_> {
             }
             ReducerInput::Fragment(report) => self.fragment(report)?,
             ReducerInput::Redrive { job_id, round } => self.redrive(&job_id, round)?,
+            ReducerInput::CancelRound { job_id, round } => {
+                let job = self.job(&job_id)?;
+                if job.redrives != round || job.state.is_none_or(JobState::is_terminal) {
+                    return Ok(());
+                }
+                self.transition(&job_id, JobState::Cancelled)?;
+                self.effects
+                    .settled
+                    .push(SplitterInput::Halt { job_id, round });
+            }
         }
         Ok(())
     }
@@ -671,12 +682,54 @@ pub(crate) mod tests {
                 lines.iter().all(|l| matches!(l, ResultLine::Ok { .. })),
                 "the latest outcome replaces the error: {lines:?}"
             );
+            // A cancel the splitter could not apply (it had not started round 1 yet) cancels
+            // nothing once the round is over, nor a round the job is not in.
+            for round in [1, 2] {
+                let late = run(
+                    &mut *store,
+                    vec![ReducerInput::CancelRound {
+                        job_id: "j".into(),
+                        round,
+                    }],
+                );
+                assert!(late.status_changes.is_empty() && late.settled.is_empty());
+            }
             // A succeeded job is not redriven.
             let refused = store
                 .transaction(|tx| apply(tx, vec![redrive(2)], 6))
                 .expect("apply");
             assert!(refused.status_changes.is_empty() && refused.settled.is_empty());
             assert_eq!(job(&mut *store).redrives, 1);
+        }
+
+        pub(crate) fn a_cancel_before_the_splitter_redrives_cancels_the_round<F: Fixture>(
+            fx: &mut F,
+        ) {
+            let store = fx.store();
+            let mut run = |inputs| store.transaction(|tx| apply(tx, inputs, 5)).expect("apply");
+            let cancel_round = |round| ReducerInput::CancelRound {
+                job_id: "j".into(),
+                round,
+            };
+            run(vec![accepted(4, 1, 0.0)]);
+            // Not redriven: a cancel for a round the job is not in changes nothing.
+            let early = run(vec![cancel_round(1)]);
+            assert!(early.status_changes.is_empty() && early.settled.is_empty());
+            run(vec![report(0, 1, Indices::Span(0, 4), &[0])]);
+            run(vec![ReducerInput::Redrive {
+                job_id: "j".into(),
+                round: 1,
+            }]);
+            let effects = run(vec![cancel_round(1)]);
+            let status = effects.status_changes.last().cloned().expect("a status");
+            assert_eq!((status.state, status.redrives), (JobState::Cancelled, 1));
+            assert_eq!(
+                effects.settled,
+                vec![SplitterInput::Halt {
+                    job_id: "j".into(),
+                    round: 1
+                }]
+            );
         }
 
         pub(crate) fn a_late_report_of_a_deleted_job_records_and_settles_nothing<F: Fixture>(
@@ -776,6 +829,11 @@ pub(crate) mod tests {
             let job = super::job(&mut *store);
             assert_eq!((job.ops_succeeded, job.ops_failed), (0, 100));
         }
+    }
+
+    #[test]
+    fn a_cancel_before_the_splitter_redrives_cancels_the_round() {
+        cases::a_cancel_before_the_splitter_redrives_cancels_the_round(&mut sqlite());
     }
 
     #[test]

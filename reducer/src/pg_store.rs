@@ -1211,6 +1211,8 @@ mod tests {
             => exceeding_the_tolerated_share_fails_at_once_and_halts_dispatch,
         crate::fold::tests::cases::a_redrive_counts_its_own_round_once_and_replaces_errors
             => a_redrive_counts_its_own_round_once_and_replaces_errors,
+        crate::fold::tests::cases::a_cancel_before_the_splitter_redrives_cancels_the_round
+            => a_cancel_before_the_splitter_redrives_cancels_the_round,
     }
 
     /// Every table's rows, as text, in order: what a transaction changed.

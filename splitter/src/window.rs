@@ -370,7 +370,16 @@ impl Batch<'_> {
         };
         if job.state != DispatchState::Active {
             tracing::info!(%job_id, state = ?job.state, "cancel for a job with nothing left to dispatch");
-            return Ok(());
+            if job.state == DispatchState::Rejected {
+                return Ok(());
+            }
+            // The reducer may have started the next redrive round, which this splitter has
+            // not applied yet: that round is the one the cancel is for.
+            let round = job.round + 1;
+            return self.tell_reducer(&ReducerInput::CancelRound {
+                job_id: job_id.to_owned(),
+                round,
+            });
         }
         job.state = DispatchState::Cancelling;
         let round = job.round;
