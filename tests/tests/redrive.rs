@@ -331,3 +331,41 @@ async fn declaring_the_topology_again_binds_redrive_on_a_broker_of_the_last_rele
     assert_eq!(env.queue_depth(&jobs).await?, 1);
     env.finish().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_right_after_a_redrive_cancels_the_redriven_round() -> Result<()> {
+    const OPS: u64 = 80;
+    let mut env = TestEnv::new("redrive-recancel").await?;
+    env.start_spine(1)?;
+    let job_id = env.submit(&slow_job(&env, "recancel", OPS, 100)).await?;
+    env.wait_for_status(&job_id, JOB_TIMEOUT, |s| s.ops_succeeded >= 4)
+        .await?;
+    env.cancel(&job_id).await?;
+    env.wait_for_status(&job_id, JOB_TIMEOUT, |s| s.state == JobState::Cancelled)
+        .await?;
+
+    // Back to back: the cancel reaches the splitter before it has started the new round.
+    env.redrive(&job_id).await?;
+    env.cancel(&job_id).await?;
+    let cancelled = env
+        .wait_for_status(&job_id, JOB_TIMEOUT, |s| {
+            s.redrives == 1 && s.state.is_terminal()
+        })
+        .await?;
+    assert_eq!(cancelled.state, JobState::Cancelled, "{cancelled:?}");
+    // Its running fragments stop at their next operation; then nothing more runs.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let settled = status_of(&env, &job_id).await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let later = status_of(&env, &job_id).await?;
+    assert_eq!(
+        figures(&later),
+        figures(&settled),
+        "the cancelled round stays stopped"
+    );
+    ensure!(
+        later.ops_succeeded < OPS,
+        "the round ran to the end: {later:?}"
+    );
+    env.finish().await
+}
