@@ -109,8 +109,7 @@ CREATE INDEX tombstones_to_purge ON tombstones (job_id) WHERE NOT purged;
 /// and the indices that did not succeed, kept for the next redrive (`leftovers`).
 const SCHEMA_V2: &str = "
 ALTER TABLE jobs ADD COLUMN round BIGINT NOT NULL DEFAULT 0;
-ALTER TABLE jobs ADD COLUMN redrivable BOOLEAN NOT NULL DEFAULT true;
-UPDATE jobs SET redrivable = false WHERE state = 'finished' AND range_base IS NULL;
+ALTER TABLE jobs ADD COLUMN redrivable BOOLEAN NOT NULL DEFAULT false;
 CREATE TABLE leftovers (
     id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     job_id TEXT NOT NULL,

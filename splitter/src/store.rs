@@ -76,8 +76,9 @@ pub struct JobRow {
     /// The redrive round the job is in (0 until its first redrive): stamped on every
     /// fragment released, so that a report of an earlier round is known to be stale.
     pub round: u64,
-    /// Whether a redrive can run the job again: false only for an item job that had
-    /// finished before this release, whose items were dropped then.
+    /// Whether a redrive can run the job again: false for a job accepted before redrives
+    /// existed, whose settlements did not say which operations failed for good (and whose
+    /// items may be gone).
     pub redrivable: bool,
 }
 
@@ -289,12 +290,12 @@ CREATE INDEX tombstones_to_purge ON tombstones (job_id) WHERE purged = 0;
 /// Schema version 3: redrives. A job has a redrive `round`; what did not succeed in a round
 /// and will not run again in it (final failures, the unfinished part of fragments of a
 /// cancelled or failed job) is kept in `leftovers` for the next redrive, which also runs the
-/// job's fragments still out and its undispatched indices. An item job that had finished
-/// before this version dropped its items then, and cannot be redriven (`redrivable` 0).
+/// job's fragments still out and its undispatched indices. A job accepted before this
+/// version kept no leftovers (and an item job dropped its items when it ended): it cannot be
+/// redriven (`redrivable` 0; jobs accepted since write 1).
 const SCHEMA_V3: &str = "
 ALTER TABLE jobs ADD COLUMN round INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE jobs ADD COLUMN redrivable INTEGER NOT NULL DEFAULT 1;
-UPDATE jobs SET redrivable = 0 WHERE state = 'finished' AND range_base IS NULL;
+ALTER TABLE jobs ADD COLUMN redrivable INTEGER NOT NULL DEFAULT 0;
 CREATE TABLE leftovers (
     id INTEGER PRIMARY KEY,
     job_id TEXT NOT NULL,
@@ -976,11 +977,12 @@ pub(crate) mod tests {
         );
         let old = store.transaction(|tx| tx.job("old")).expect("read");
         let old = old.expect("the old job");
+        // Accepted before redrives: its settlements said nothing of its final failures, and
+        // an item job's items are gone; neither can be redriven.
         assert_eq!(
             (old.state, old.round, old.redrivable),
-            (DispatchState::Finished, 0, true)
+            (DispatchState::Finished, 0, false)
         );
-        // A finished item job dropped its items then: it cannot be redriven.
         let items = store.transaction(|tx| tx.job("old-items")).expect("read");
         assert_eq!(items.map(|j| j.redrivable), Some(false));
         drop(store);

@@ -428,8 +428,8 @@ impl Batch<'_> {
         }
         if !job.redrivable {
             let reason = format!(
-                "job {job_id} cannot be redriven: it ended before this release kept a job's \
-                 items for redrives, and its items were dropped then"
+                "job {job_id} cannot be redriven: it was accepted before this release, which \
+                 keeps what a redrive needs (the operations that did not succeed, the items)"
             );
             tracing::warn!(%reason, "refusing a redrive");
             let body = encode(&common::contract::RedriveRequest {

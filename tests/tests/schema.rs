@@ -110,10 +110,32 @@ async fn stores_of_the_previous_schema_are_upgraded_and_keep_their_jobs() -> Res
         other => anyhow::bail!("unexpected reply to a job request: {other:?}"),
     }
 
-    // Upgraded, it reads as never redriven, and succeeded: it cannot be redriven.
+    // Upgraded, it reads as never redriven, and succeeded: batchctl refuses to redrive it.
+    // Published anyway, the splitter refuses a job accepted before redrives, and keeps the
+    // request on {ns}.dead with the reason.
     assert_eq!(old.redrives, 0);
     let (exit, _, stderr) = env.batchctl(&["redrive", OLD_JOB]).await?;
     assert_eq!(exit.code(), Some(2), "batchctl redrive: {stderr}");
+    env.redrive(OLD_JOB).await?;
+    let deadline = std::time::Instant::now() + JOB_TIMEOUT;
+    let refused = loop {
+        let dead = env.drain_dead().await?;
+        if let Some(first) = dead.first() {
+            break first.clone();
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the redrive of the old job was not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let reason = refused
+        .header(common::dead::REASON_HEADER)
+        .unwrap_or_default();
+    assert!(
+        reason.contains("accepted before this release"),
+        "{reason:?}"
+    );
 
     // Its id is still known to the upgraded splitter: submitting it again changes nothing.
     env.submit(&spec).await?;
