@@ -1,7 +1,7 @@
 //! Redrive (contract v1.2): a failed or cancelled job runs again every operation that has not
 //! succeeded, and ends exact (`ops_succeeded` kept, `ops_failed` counted afresh, `redrives`
-//! raised); a redrive of a running, succeeded or unknown job changes nothing; a reducer
-//! killed in the middle of a redrive loses and doubles nothing.
+//! raised); a redrive of a running, succeeded or unknown job changes nothing; a reducer (and
+//! a splitter) killed in the middle of a redrive loses and doubles nothing.
 
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
@@ -240,7 +240,7 @@ async fn a_cancelled_job_redriven_completes_and_a_redrive_while_it_runs_changes_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reducer_killed_mid_redrive_still_ends_exact() -> Result<()> {
+async fn a_reducer_and_a_splitter_killed_mid_redrive_still_end_exact() -> Result<()> {
     const OPS: u64 = 4000;
     let mut env = TestEnv::new("redrive-kill").await?;
     let spine = env.start_spine(2)?;
@@ -263,12 +263,16 @@ async fn a_reducer_killed_mid_redrive_still_ends_exact() -> Result<()> {
         "{cancelled:?}"
     );
 
-    // Killed right after the redrive is published (the redrive may be in the reducer's batch
-    // in hand), and again halfway through what it runs.
+    // The reducer and the splitter killed right after the redrive is published (it may be in
+    // either's batch in hand, or its outbox), and the reducer again halfway through what the
+    // redrive runs.
     env.redrive(&job_id).await?;
     env.kill(spine.reducer, Signal::Kill)?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    env.kill(spine.splitter, Signal::Kill)?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     env.restart(spine.reducer)?;
+    env.restart(spine.splitter)?;
     let running = env
         .wait_for_status(&job_id, JOB_TIMEOUT, |s| {
             s.redrives == 1 && s.ops_succeeded >= OPS / 2
