@@ -56,6 +56,13 @@ enum Command {
     Results { job: String },
     /// Cancel a job.
     Cancel { job: String },
+    /// Run again every operation of a failed or cancelled job that has not succeeded.
+    Redrive {
+        job: String,
+        /// Show live progress until the job ends again; exit 0 only if it succeeded.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Delete a finished job's status and results now (as retention does later).
     Delete { job: String },
     /// Recent jobs with state and progress.
@@ -146,6 +153,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cancel { job } => {
             client.cancel(&job).await?;
             println!("cancel requested for {job}");
+        }
+        Command::Redrive { job, wait } => {
+            let current = client.status(&job).await?;
+            client.redrive(&job).await?;
+            println!("redrive requested for {job}");
+            if wait {
+                return Ok(exit_for(
+                    progress::watch_redriven(&broker, &job, timeout, current.redrives + 1).await?,
+                ));
+            }
         }
         Command::Delete { job } => {
             client.delete(&job).await?;

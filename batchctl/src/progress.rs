@@ -321,6 +321,9 @@ struct Watching<'a> {
     started: Instant,
     display: Display,
     latest: Option<JobStatus>,
+    /// Statuses of fewer redrives are of a round the watch is not about (a redrive's wait
+    /// starts from the job's status before it).
+    min_redrives: u64,
 }
 
 /// Shows `job_id`'s progress until it ends; returns its final state. Losing the broker (a
@@ -332,6 +335,31 @@ pub async fn watch(
     timeout: Duration,
     just_submitted: bool,
 ) -> anyhow::Result<JobState> {
+    watch_round(broker, job_id, timeout, just_submitted, 0).await
+}
+
+/// How long a redriven job may go on showing the round before its redrive (the splitter and
+/// the reducer have not taken the RedriveRequest yet).
+const REDRIVE_GRACE: Duration = Duration::from_secs(60);
+
+/// [`watch`] of a job just redriven: its statuses from before the redrive (fewer than
+/// `redrives`) are not shown, and do not end the watch.
+pub async fn watch_redriven(
+    broker: &Broker,
+    job_id: &str,
+    timeout: Duration,
+    redrives: u64,
+) -> anyhow::Result<JobState> {
+    watch_round(broker, job_id, timeout, false, redrives).await
+}
+
+async fn watch_round(
+    broker: &Broker,
+    job_id: &str,
+    timeout: Duration,
+    just_submitted: bool,
+    min_redrives: u64,
+) -> anyhow::Result<JobState> {
     let mut watching = Watching {
         broker,
         job_id,
@@ -340,6 +368,7 @@ pub async fn watch(
         started: Instant::now(),
         display: Display::new(),
         latest: None,
+        min_redrives,
     };
     let mut lost_since: Option<Instant> = None;
     loop {
@@ -402,6 +431,18 @@ impl Watching<'_> {
                 }
                 continue;
             };
+            if status.redrives < self.min_redrives {
+                if self.started.elapsed() >= REDRIVE_GRACE {
+                    return Err(Interrupted::Fatal(anyhow!(
+                        "job {} was not redriven within {} s: it is still {} (is a splitter \
+                         running? `batchctl dead` lists a refused request)",
+                        self.job_id,
+                        REDRIVE_GRACE.as_secs(),
+                        status.state
+                    )));
+                }
+                continue;
+            }
             if let Some(state) = self.show(status) {
                 return Ok(state);
             }
@@ -474,8 +515,12 @@ impl Watching<'_> {
 
     /// Shows `status` if it is news; the job's final state once it has ended.
     fn show(&mut self, status: JobStatus) -> Option<JobState> {
-        // Counts only grow: an older record arriving late must not move the display back.
+        // Counts only grow within a redrive round, and a later round supersedes an earlier
+        // one: an older record arriving late must not move the display back.
         let newer = self.latest.as_ref().is_none_or(|l| {
+            if status.redrives != l.redrives {
+                return status.redrives > l.redrives;
+            }
             status.state.is_terminal()
                 || (!l.state.is_terminal()
                     && status.ops_succeeded + status.ops_failed >= l.ops_succeeded + l.ops_failed)
@@ -524,6 +569,7 @@ mod tests {
             started_at: Some("2026-11-26T17:00:00.500Z".into()),
             finished_at: None,
             error: None,
+            redrives: 0,
         }
     }
 

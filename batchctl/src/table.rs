@@ -79,6 +79,9 @@ pub fn status_text(s: &JobStatus) -> String {
         s.started_at.as_deref().unwrap_or("-"),
         s.finished_at.as_deref().unwrap_or("-"),
     );
+    if s.redrives > 0 {
+        out.push_str(&format!("redrives   {}\n", s.redrives));
+    }
     if let Some(error) = &s.error {
         out.push_str(&format!("error      {error}\n"));
     }
@@ -275,6 +278,7 @@ mod tests {
             started_at: None,
             finished_at: None,
             error: None,
+            redrives: 0,
         }
     }
 

@@ -67,7 +67,7 @@ pub enum ClientError {
         state: JobState,
     },
     /// `redrive` of a job that is neither failed nor cancelled.
-    #[error("job {job_id} is {state}: only a failed or cancelled job can be redriven")]
+    #[error("job {job_id} is {state}; only a failed or cancelled job can be redriven")]
     NotRedrivable {
         /// The job.
         job_id: String,

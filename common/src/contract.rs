@@ -3,7 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Lifecycle of a job. The last four are terminal and never change again.
+/// Lifecycle of a job. The last four are terminal and never change again, except that a
+/// redrive takes a failed or cancelled job back to `Running` (raising its `redrives`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
@@ -79,6 +80,11 @@ pub struct JobStatus {
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub error: Option<String>,
+    /// How often the job was redriven. A status with a higher value supersedes every status
+    /// with a lower one; within one value counts only grow. Absent from statuses of releases
+    /// before v1.2, which read as 0.
+    #[serde(default)]
+    pub redrives: u64,
 }
 
 impl JobStatus {
@@ -95,8 +101,8 @@ pub struct CancelRequest {
     pub job_id: String,
 }
 
-/// Published on `{ns}.jobs` with routing key `redrive` (contract v1.2): a failed or cancelled
-/// job runs its operations that have not succeeded again.
+/// Published on `{ns}.jobs` with routing key `redrive`: runs again every operation of a
+/// failed or cancelled job that has not succeeded.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedriveRequest {
@@ -123,5 +129,45 @@ impl ResultLine {
         match self {
             ResultLine::Ok { index, .. } | ResultLine::Err { index, .. } => *index,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A JobStatus as releases before v1.2 published it.
+    const V1_1_STATUS: &str = r#"{"job_id": "j", "state": "failed", "operation": "noop",
+        "ops_total": 4, "ops_succeeded": 1, "ops_failed": 3, "fragments_done": 2,
+        "fragments_in_flight": 0, "submitted_at": null, "started_at": null,
+        "finished_at": null, "error": "boom"}"#;
+
+    #[test]
+    fn a_status_without_redrives_reads_as_never_redriven_and_every_status_says_it() {
+        let status: JobStatus = serde_json::from_str(V1_1_STATUS).expect("a v1.1 status");
+        assert_eq!(status.redrives, 0);
+        let written = serde_json::to_value(&status).expect("encodes");
+        assert_eq!(written["redrives"], 0, "always present: {written}");
+        let redriven = JobStatus {
+            redrives: 2,
+            ..status
+        };
+        let again: JobStatus =
+            serde_json::from_value(serde_json::to_value(&redriven).expect("encodes"))
+                .expect("decodes");
+        assert_eq!(again.redrives, 2);
+    }
+
+    #[test]
+    fn a_redrive_request_names_its_job_and_nothing_else() {
+        let request: RedriveRequest =
+            serde_json::from_str(r#"{"job_id": "j"}"#).expect("a request");
+        assert_eq!(request.job_id, "j");
+        let error = serde_json::from_str::<RedriveRequest>(r#"{"job_id": "j", "round": 1}"#)
+            .expect_err("an unknown field");
+        assert!(
+            error.to_string().contains("unknown field `round`"),
+            "{error}"
+        );
     }
 }

@@ -346,6 +346,7 @@ pub async fn declare(
     .await?;
     bind(channel, names.jobs(), names.jobs(), KEY_SUBMIT).await?;
     bind(channel, names.jobs(), names.jobs(), KEY_CANCEL).await?;
+    bind(channel, names.jobs(), names.jobs(), KEY_REDRIVE).await?;
 
     declare_quorum_queue(
         connection,

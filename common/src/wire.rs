@@ -39,6 +39,16 @@ impl Indices {
         }
     }
 
+    /// The first `count` indices in run order.
+    pub fn head(&self, count: usize) -> Indices {
+        match self {
+            Indices::Span(start, end) => {
+                Indices::Span(*start, start.saturating_add(count as u64).min(*end))
+            }
+            Indices::List(list) => Indices::List(list[..count.min(list.len())].to_vec()),
+        }
+    }
+
     /// The indices from `offset` on: what is left when a fragment stops early.
     pub fn tail(&self, offset: usize) -> Indices {
         match self {
@@ -73,6 +83,10 @@ pub struct Fragment {
     pub payload: Payload,
     pub lifespan_ms: u64,
     pub collect_results: bool,
+    /// The job's redrive round this fragment belongs to (0 before any redrive): a report of
+    /// an earlier round than the job's is stale and counts nothing.
+    #[serde(default)]
+    pub round: u64,
 }
 
 impl Fragment {
@@ -134,6 +148,9 @@ pub struct FragmentReport {
     /// Durations and the operations' own metrics.
     #[serde(default)]
     pub measurements: crate::measure::FragmentMeasurements,
+    /// The fragment's [`Fragment::round`].
+    #[serde(default)]
+    pub round: u64,
 }
 
 /// Everything the reducer consumes from `{ns}.reducer`.
@@ -177,6 +194,15 @@ pub enum ReducerInput {
     Cancelled { job_id: String, at_ms: i64 },
     /// A worker finished (or stopped) a fragment.
     Fragment(FragmentReport),
+    /// A RedriveRequest reached the splitter: redrive the job into `round` (one more than the
+    /// splitter's round of the job when it asked), if the job is failed or cancelled. Asking
+    /// again for a round the job reached already changes nothing, so a re-sent ask never
+    /// redrives twice.
+    Redrive { job_id: String, round: u64 },
+    /// A CancelRequest reached the splitter while it was not dispatching the job: if the
+    /// reducer started redrive `round` (the one after the splitter's) and the splitter has
+    /// not applied it yet, that round is cancelled, and the splitter told to halt it.
+    CancelRound { job_id: String, round: u64 },
 }
 
 impl ReducerInput {
@@ -186,7 +212,9 @@ impl ReducerInput {
             ReducerInput::Accepted { job_id, .. }
             | ReducerInput::Rejected { job_id, .. }
             | ReducerInput::Progress { job_id, .. }
-            | ReducerInput::Cancelled { job_id, .. } => job_id,
+            | ReducerInput::Cancelled { job_id, .. }
+            | ReducerInput::Redrive { job_id, .. }
+            | ReducerInput::CancelRound { job_id, .. } => job_id,
             ReducerInput::Fragment(report) => &report.job_id,
         }
     }
@@ -249,6 +277,23 @@ pub struct Settled {
     /// How long the fragment ran, for sizing the job's next fragments.
     #[serde(default)]
     pub elapsed_us: u64,
+    /// Indices among the `done` ones whose failure is final and counted: what a redrive
+    /// runs again, with the indices the fragment did not run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<u64>,
+    /// Whether the reducer counted the fragment. It does not when the job had failed before
+    /// (its unrun operations were counted as failed) or the report is of an earlier round:
+    /// then none of the fragment's operations succeeded as far as the job's counts go.
+    #[serde(default = "counted_by_default", skip_serializing_if = "is_true")]
+    pub counted: bool,
+}
+
+fn counted_by_default() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 /// What the reducer tells the splitter, on `{ns}.splitter`. The reducer sends a committed
@@ -259,9 +304,17 @@ pub struct Settled {
 pub enum SplitterInput {
     /// A fragment's outcome is recorded: free its window slot, release what it left.
     Settled(Settled),
-    /// The job ended early (its failures exceeded the share it tolerates): dispatch nothing
-    /// more of it, and have workers drop its queued fragments.
-    Halt { job_id: String },
+    /// The job ended early (its failures exceeded the share it tolerates) in redrive `round`:
+    /// dispatch nothing more of it, and have workers drop its queued fragments. A halt of an
+    /// earlier round than the splitter's changes nothing.
+    Halt {
+        job_id: String,
+        #[serde(default)]
+        round: u64,
+    },
+    /// The reducer took the job into redrive `round` (its state is `running` again): run
+    /// every operation that has not succeeded. Applied once; a repeat changes nothing.
+    Redrive { job_id: String, round: u64 },
 }
 
 /// Most settlements in one message to the splitter: one message per reducer batch instead of
@@ -330,7 +383,12 @@ pub fn decode_splitter_inputs(body: &[u8]) -> Result<Vec<DecodedInput>, serde_js
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Control {
-    Cancel { job_id: String },
+    /// Stop the job's fragments of `round` and earlier (a redriven job's later rounds run).
+    Cancel {
+        job_id: String,
+        #[serde(default)]
+        round: u64,
+    },
 }
 
 /// Sent by each worker every few seconds on `{ns}.events`, routing key `heartbeat`.
@@ -567,6 +625,7 @@ mod tests {
             started_at_ms: 1,
             elapsed_us: 2,
             measurements: Default::default(),
+            round: 0,
         }
     }
 
@@ -614,6 +673,12 @@ mod tests {
         assert_eq!(span.get(5), None);
         assert_eq!(span.tail(2), Indices::Span(12, 15));
         assert_eq!(span.tail(9), Indices::Span(15, 15));
+        assert_eq!(span.head(2), Indices::Span(10, 12));
+        assert_eq!(span.head(9), span);
+        assert_eq!(
+            Indices::List(vec![3, 9, 4]).head(2),
+            Indices::List(vec![3, 9])
+        );
         let list = Indices::List(vec![3, 9, 4]);
         assert_eq!(list.tail(1), Indices::List(vec![9, 4]));
         assert_eq!(list.get(1), Some(9));
@@ -632,6 +697,7 @@ mod tests {
             payload: Payload::Range { base: -10 },
             lifespan_ms: 1000,
             collect_results: true,
+            round: 0,
         };
         assert_eq!(fragment.item(0), Some(Value::from(-7)));
         assert_eq!(fragment.item(1), Some(Value::from(-6)));
@@ -647,9 +713,14 @@ mod tests {
                 done: 3,
                 retry,
                 elapsed_us: 12,
+                failed: Vec::new(),
+                counted: true,
             })
         };
-        let halt = SplitterInput::Halt { job_id: "k".into() };
+        let halt = SplitterInput::Halt {
+            job_id: "k".into(),
+            round: 0,
+        };
         let inputs = vec![settled(4, vec![7]), halt.clone()];
         let bodies = encode_splitter_inputs(&inputs).expect("encoded");
         assert_eq!(bodies.len(), 1);
@@ -667,7 +738,13 @@ mod tests {
         let mixed = br#"[{"type": "nope"}, {"type": "halt", "job_id": "k"}]"#;
         let decoded = decode_splitter_inputs(mixed).expect("an array");
         assert!(matches!(&decoded[0], Err((_, text)) if text == br#"{"type": "nope"}"#));
-        assert_eq!(decoded[1], Ok(SplitterInput::Halt { job_id: "k".into() }));
+        assert_eq!(
+            decoded[1],
+            Ok(SplitterInput::Halt {
+                job_id: "k".into(),
+                round: 0
+            })
+        );
         assert!(decode_splitter_inputs(b"").is_err());
         assert!(decode_splitter_inputs(b"[1, 2").is_err());
     }
@@ -677,6 +754,7 @@ mod tests {
         let small: Vec<SplitterInput> = (0..600)
             .map(|fragment| SplitterInput::Halt {
                 job_id: format!("job-{fragment}"),
+                round: 0,
             })
             .collect();
         let bodies = encode_splitter_inputs(&small).expect("encoded");
@@ -694,6 +772,8 @@ mod tests {
                 done: 100_000,
                 retry: (0..100_000).collect(),
                 elapsed_us: 1,
+                failed: Vec::new(),
+                counted: true,
             })
         };
         let inputs: Vec<SplitterInput> = (0..3).map(big).collect();

@@ -4,6 +4,10 @@
 //! fragment number, by the first report that arrives for it. A redelivered or duplicated
 //! report changes no count; it only re-sends the settlement, which the splitter also applies
 //! once. Since fragments never overlap, every operation is counted exactly once.
+//!
+//! A redrive starts a new round (`redrives`): only reports of the job's current round count,
+//! and the splitter runs again exactly what no counted report of an earlier round said
+//! succeeded (it learns that from each settlement's `failed` and `counted`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -142,7 +146,9 @@ impl Fold<'_> {
             ReducerInput::Accepted { job_id, .. }
             | ReducerInput::Rejected { job_id, .. }
             | ReducerInput::Progress { job_id, .. }
-            | ReducerInput::Cancelled { job_id, .. } => job_id,
+            | ReducerInput::Cancelled { job_id, .. }
+            | ReducerInput::Redrive { job_id, .. }
+            | ReducerInput::CancelRound { job_id, .. } => job_id,
             ReducerInput::Fragment(report) => &report.job_id,
         };
         if self.buried(job_id)? {
@@ -210,8 +216,59 @@ impl Fold<'_> {
                 self.transition(&job_id, JobState::Cancelled)?;
             }
             ReducerInput::Fragment(report) => self.fragment(report)?,
+            ReducerInput::Redrive { job_id, round } => self.redrive(&job_id, round)?,
+            ReducerInput::CancelRound { job_id, round } => {
+                let job = self.job(&job_id)?;
+                if job.redrives != round || job.state.is_none_or(JobState::is_terminal) {
+                    return Ok(());
+                }
+                self.transition(&job_id, JobState::Cancelled)?;
+                self.effects
+                    .settled
+                    .push(SplitterInput::Halt { job_id, round });
+            }
         }
         Ok(())
+    }
+
+    /// Redrives a failed or cancelled job into `round` (one more than its redrives): it runs
+    /// again, its failures counted afresh, and the splitter is told to run what did not
+    /// succeed. Anything else changes nothing.
+    fn redrive(&mut self, job_id: &str, round: u64) -> Result<(), StoreError> {
+        let job = self.job(job_id)?;
+        if round <= job.redrives {
+            // Asked before. The splitter may not have heard of the redrive that ask made
+            // (a crash between this store's commit and the publish): tell it again while the
+            // round runs. It applies a round once.
+            if round == job.redrives && job.state.is_some_and(|s| !s.is_terminal()) {
+                self.effects.settled.push(SplitterInput::Redrive {
+                    job_id: job_id.to_owned(),
+                    round,
+                });
+            }
+            return Ok(());
+        }
+        let redrivable = matches!(job.state, Some(JobState::Failed | JobState::Cancelled));
+        if round != job.redrives + 1 || !redrivable {
+            tracing::info!(%job_id, round, state = ?job.state, "redrive of a job that is neither failed nor cancelled; ignoring");
+            return Ok(());
+        }
+        job.redrives = round;
+        job.state = Some(JobState::Running);
+        job.ops_failed = 0;
+        job.error = None;
+        job.finished_at_ms = None;
+        tracing::info!(%job_id, round, ops_succeeded = job.ops_succeeded, "job redriven");
+        if let Some(status) = job.status() {
+            self.effects.status_changes.push(status);
+        }
+        self.effects.settled.push(SplitterInput::Redrive {
+            job_id: job_id.to_owned(),
+            round,
+        });
+        // A job whose every operation had succeeded (cancelled after its last fragment ran)
+        // has nothing to run again: it succeeds now.
+        self.complete_if_counted(job_id)
     }
 
     fn fragment(&mut self, mut report: FragmentReport) -> Result<(), StoreError> {
@@ -219,11 +276,19 @@ impl Fold<'_> {
         let job = self.job(&report.job_id)?;
         let state = job.state;
         let collect_results = job.collect_results;
+        let redrives = job.redrives;
+        let cancelled = state == Some(JobState::Cancelled);
+        // A finished job's counts are final, and a report of an earlier round than the job's
+        // is stale (the splitter runs its operations again in this round): such a report is
+        // recorded (so a redelivery stays a no-op) but not counted. A cancelled job still
+        // counts what its running fragments did.
+        let counted =
+            report.round == redrives && (cancelled || !state.is_some_and(JobState::is_terminal));
         // A failure is final on the job's last attempt, and once the job has ended (nothing
         // more of it runs). Before the accept arrives the job's attempts are unknown: count
         // failures as final rather than run anything twice.
         let may_retry =
-            report.attempt < job.max_attempts && state.is_some_and(|s| !s.is_terminal());
+            counted && report.attempt < job.max_attempts && state.is_some_and(|s| !s.is_terminal());
         let (errors, permanent) = errors_by_offset(&mut report, done);
         // Offsets whose operation runs again; a permanent failure never does.
         let retried: BTreeSet<u32> = if may_retry {
@@ -239,10 +304,25 @@ impl Fold<'_> {
             .iter()
             .filter_map(|offset| report.indices.get(*offset as usize))
             .collect();
+        // Failures that are final in this round (none of a report that is not counted).
+        let failed = if counted {
+            errors
+                .keys()
+                .filter(|offset| !retried.contains(offset))
+                .filter_map(|offset| report.indices.get(*offset as usize))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let (recorded, first) = self.tx.record_fragment(
             &report.job_id,
             report.fragment,
-            &RecordedFragment { done, retry },
+            &RecordedFragment {
+                done,
+                retry,
+                failed,
+                counted,
+            },
         )?;
         self.effects.settled.push(SplitterInput::Settled(Settled {
             job_id: report.job_id.clone(),
@@ -250,6 +330,8 @@ impl Fold<'_> {
             done: recorded.done,
             retry: recorded.retry,
             elapsed_us: report.elapsed_us,
+            failed: recorded.failed,
+            counted: recorded.counted,
         }));
         if state == Some(JobState::Failed) {
             // The halt sent when the job failed may not have been published (a crash between
@@ -257,15 +339,10 @@ impl Fold<'_> {
             // report of the failed job repeats it. The splitter ignores a halt it has applied.
             self.effects.settled.push(SplitterInput::Halt {
                 job_id: report.job_id.clone(),
+                round: redrives,
             });
         }
-        if !first {
-            return Ok(());
-        }
-        let cancelled = state == Some(JobState::Cancelled);
-        if state.is_some_and(JobState::is_terminal) && !cancelled {
-            // A finished job's counts are final; a late report is recorded (so a redelivery
-            // stays a no-op) but not counted.
+        if !first || !counted {
             return Ok(());
         }
         // A failure that runs again is neither succeeded nor failed yet.
@@ -276,6 +353,11 @@ impl Fold<'_> {
         job.ops_succeeded += succeeded;
         job.ops_failed += failed;
         job.fragments_done += 1;
+        if redrives > 0 {
+            // Earlier rounds may have kept an error for these operations.
+            self.tx
+                .forget_outcomes(&report.job_id, &report.indices, done)?;
+        }
         self.tx.put_outcomes(&report.job_id, &keep)?;
         let measured = Measured {
             job_id: report.job_id.clone(),
@@ -341,8 +423,10 @@ impl Fold<'_> {
         self.job(job_id)?.error = Some(error);
         self.transition(job_id, JobState::Failed)?;
         if not_run > 0 {
+            let round = self.job(job_id)?.redrives;
             self.effects.settled.push(SplitterInput::Halt {
                 job_id: job_id.to_owned(),
+                round,
             });
         }
         Ok(())
@@ -483,6 +567,7 @@ pub(crate) mod tests {
             started_at_ms: 2,
             elapsed_us: 10,
             measurements: Default::default(),
+            round: 0,
         })
     }
 
@@ -499,7 +584,7 @@ pub(crate) mod tests {
             .iter()
             .filter_map(|s| match s {
                 SplitterInput::Settled(s) => Some((s.fragment, s.done, s.retry.clone())),
-                SplitterInput::Halt { .. } => None,
+                SplitterInput::Halt { .. } | SplitterInput::Redrive { .. } => None,
             })
             .collect()
     }
@@ -524,6 +609,151 @@ pub(crate) mod tests {
             assert_eq!(
                 (job.ops_succeeded, job.ops_failed, job.fragments_done),
                 (1, 0, 1)
+            );
+        }
+
+        pub(crate) fn a_redrive_counts_its_own_round_once_and_replaces_errors<F: Fixture>(
+            fx: &mut F,
+        ) {
+            let store = fx.store();
+            let run = |store: &mut F::Store, inputs| {
+                store.transaction(|tx| apply(tx, inputs, 5)).expect("apply")
+            };
+            let in_round = |input: ReducerInput, round: u64| match input {
+                ReducerInput::Fragment(report) => {
+                    ReducerInput::Fragment(FragmentReport { round, ..report })
+                }
+                other => other,
+            };
+            let redrive = |round| ReducerInput::Redrive {
+                job_id: "j".into(),
+                round,
+            };
+            let redrives_sent = |effects: &Effects| {
+                effects
+                    .settled
+                    .iter()
+                    .filter(|s| matches!(s, SplitterInput::Redrive { round: 1, .. }))
+                    .count()
+            };
+            run(&mut *store, vec![accepted(4, 1, 0.0)]);
+            // A redrive of a running job changes nothing.
+            let early = run(&mut *store, vec![redrive(1)]);
+            assert!(early.status_changes.is_empty() && early.settled.is_empty());
+            // Index 1 fails: the job fails, its 2 unrun operations count as failed.
+            run(&mut *store, vec![report(0, 1, Indices::Span(0, 2), &[1])]);
+            let failed = job(&mut *store);
+            assert_eq!(failed.state, Some(JobState::Failed));
+            assert_eq!((failed.ops_succeeded, failed.ops_failed), (1, 3));
+            // A late report of the failed job is settled as not counted.
+            let late = run(&mut *store, vec![report(1, 1, Indices::Span(2, 3), &[])]);
+            assert!(
+                late.settled.iter().any(
+                    |s| matches!(s, SplitterInput::Settled(s) if s.fragment == 1 && !s.counted)
+                )
+            );
+
+            let redriven = run(&mut *store, vec![redrive(1)]);
+            assert_eq!(redrives_sent(&redriven), 1);
+            let status = redriven.status_changes.last().cloned().expect("a status");
+            assert_eq!(
+                (
+                    status.state,
+                    status.redrives,
+                    status.ops_succeeded,
+                    status.ops_failed
+                ),
+                (JobState::Running, 1, 1, 0)
+            );
+            // The same ask again (a redelivery) redrives nothing more, and tells the splitter
+            // again; a stale report of round 0 counts nothing.
+            let again = run(
+                &mut *store,
+                vec![
+                    redrive(1),
+                    in_round(report(2, 1, Indices::Span(3, 4), &[]), 0),
+                ],
+            );
+            assert_eq!(redrives_sent(&again), 1);
+            assert!(
+                again.status_changes.is_empty(),
+                "{:?}",
+                again.status_changes
+            );
+            let job_now = job(&mut *store);
+            assert_eq!(
+                (job_now.redrives, job_now.ops_succeeded, job_now.ops_failed),
+                (1, 1, 0)
+            );
+
+            // Round 1 runs what did not succeed: index 1 now succeeds, 2 and 3 too.
+            run(
+                &mut *store,
+                vec![
+                    in_round(report(3, 1, Indices::List(vec![1]), &[]), 1),
+                    in_round(report(4, 1, Indices::Span(2, 4), &[]), 1),
+                ],
+            );
+            let done = job(&mut *store);
+            assert_eq!(done.state, Some(JobState::Succeeded));
+            assert_eq!(
+                (done.ops_succeeded, done.ops_failed, done.redrives),
+                (4, 0, 1)
+            );
+            let lines = fx.queries().results("j", 0, 10).expect("results");
+            let store = fx.store();
+            assert_eq!(lines.len(), 4, "{lines:?}");
+            assert!(
+                lines.iter().all(|l| matches!(l, ResultLine::Ok { .. })),
+                "the latest outcome replaces the error: {lines:?}"
+            );
+            // A cancel the splitter could not apply (it had not started round 1 yet) cancels
+            // nothing once the round is over, nor a round the job is not in.
+            for round in [1, 2] {
+                let late = run(
+                    &mut *store,
+                    vec![ReducerInput::CancelRound {
+                        job_id: "j".into(),
+                        round,
+                    }],
+                );
+                assert!(late.status_changes.is_empty() && late.settled.is_empty());
+            }
+            // A succeeded job is not redriven.
+            let refused = store
+                .transaction(|tx| apply(tx, vec![redrive(2)], 6))
+                .expect("apply");
+            assert!(refused.status_changes.is_empty() && refused.settled.is_empty());
+            assert_eq!(job(&mut *store).redrives, 1);
+        }
+
+        pub(crate) fn a_cancel_before_the_splitter_redrives_cancels_the_round<F: Fixture>(
+            fx: &mut F,
+        ) {
+            let store = fx.store();
+            let mut run = |inputs| store.transaction(|tx| apply(tx, inputs, 5)).expect("apply");
+            let cancel_round = |round| ReducerInput::CancelRound {
+                job_id: "j".into(),
+                round,
+            };
+            run(vec![accepted(4, 1, 0.0)]);
+            // Not redriven: a cancel for a round the job is not in changes nothing.
+            let early = run(vec![cancel_round(1)]);
+            assert!(early.status_changes.is_empty() && early.settled.is_empty());
+            run(vec![report(0, 1, Indices::Span(0, 4), &[0])]);
+            run(vec![ReducerInput::Redrive {
+                job_id: "j".into(),
+                round: 1,
+            }]);
+            let effects = run(vec![cancel_round(1)]);
+            let status = effects.status_changes.last().cloned().expect("a status");
+            assert_eq!((status.state, status.redrives), (JobState::Cancelled, 1));
+            assert_eq!(
+                effects.settled,
+                vec![SplitterInput::Halt {
+                    job_id: "j".into(),
+                    round: 1
+                }]
             );
         }
 
@@ -636,9 +866,10 @@ pub(crate) mod tests {
                 &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
             )]);
             let halts = |effects: &Effects| {
-                effects
-                    .settled
-                    .contains(&SplitterInput::Halt { job_id: "j".into() })
+                effects.settled.contains(&SplitterInput::Halt {
+                    job_id: "j".into(),
+                    round: 0,
+                })
             };
             let effects = run(vec![report(1, 1, Indices::Span(10, 11), &[0])]);
             assert!(halts(&effects), "{:?}", effects.settled);
@@ -667,6 +898,16 @@ pub(crate) mod tests {
             let job = super::job(&mut *store);
             assert_eq!((job.ops_succeeded, job.ops_failed), (0, 100));
         }
+    }
+
+    #[test]
+    fn a_cancel_before_the_splitter_redrives_cancels_the_round() {
+        cases::a_cancel_before_the_splitter_redrives_cancels_the_round(&mut sqlite());
+    }
+
+    #[test]
+    fn a_redrive_counts_its_own_round_once_and_replaces_errors() {
+        cases::a_redrive_counts_its_own_round_once_and_replaces_errors(&mut sqlite());
     }
 
     #[test]

@@ -345,6 +345,7 @@ fn poison_report(fragment: Fragment) -> FragmentReport {
         started_at_ms: common::timefmt::now_ms(),
         elapsed_us: 0,
         measurements: Default::default(),
+        round: fragment.round,
     }
 }
 

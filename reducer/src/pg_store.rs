@@ -30,7 +30,7 @@ use common::lease::Fence;
 use common::pg::{Params, PgDatabase, PgTx, big, get_u64};
 use common::retention::format_period_ms;
 use common::timefmt::format_ms;
-use common::wire::{FailedItem, FailuresPage, JobDetail, JobsPage, Removal, Tombstone};
+use common::wire::{FailedItem, FailuresPage, Indices, JobDetail, JobsPage, Removal, Tombstone};
 use tokio_postgres::Row;
 
 use crate::aggregate::Measured;
@@ -120,8 +120,15 @@ CREATE INDEX jobs_by_state_newest ON jobs (state, submitted_at_ms DESC NULLS LAS
 CREATE INDEX results_failed ON results (job_id, idx) WHERE NOT ok;
 "#;
 
+/// Schema version 3: redrives, as the SQLite store's version 4: each job counts its
+/// redrives; a recorded fragment's `retry` may hold an object (see
+/// `RecordedFragment::lists_text`).
+const PG_SCHEMA_V3: &str = r#"
+ALTER TABLE jobs ADD COLUMN redrives BIGINT NOT NULL DEFAULT 0;
+"#;
+
 /// The PostgreSQL reducer store's migrations, in order (for [`PgDatabase::migrate`]).
-pub const PG_MIGRATIONS: &[&str] = &[PG_SCHEMA_V1, PG_SCHEMA_V2];
+pub const PG_MIGRATIONS: &[&str] = &[PG_SCHEMA_V1, PG_SCHEMA_V2, PG_SCHEMA_V3];
 
 /// Text stored as its UTF-8 bytes (see [`PG_SCHEMA_V1`]).
 fn text(bytes: Vec<u8>, what: &str) -> Result<String, StoreError> {
@@ -160,6 +167,7 @@ fn job_from_row(r: &Row) -> Result<JobRecord, StoreError> {
         tolerated_failure_percent: r.try_get(14)?,
         max_attempts: get_u32(r, 15)?,
         spec: None,
+        redrives: get_u64(r, 16)?,
     };
     with_state((job, state))
 }
@@ -169,7 +177,7 @@ fn job_from_row(r: &Row) -> Result<JobRecord, StoreError> {
 struct JobRow {
     state: Option<&'static str>,
     operation: Option<String>,
-    counts: [i64; 6],
+    counts: [i64; 7],
     submitted_at_ms: Option<i64>,
     started_at_ms: Option<i64>,
     finished_at_ms: Option<i64>,
@@ -192,6 +200,7 @@ impl JobRow {
                 big(job.fragments_done)?,
                 big(job.fragments_in_flight)?,
                 big(job.progress_seq)?,
+                big(job.redrives)?,
             ],
             submitted_at_ms: job.submitted_at_ms,
             started_at_ms: job.started_at_ms,
@@ -269,10 +278,12 @@ const FLUSH: &str = "
 WITH put_jobs AS (
     INSERT INTO jobs (job_id, state, operation, ops_total, ops_succeeded, ops_failed,
         fragments_done, fragments_in_flight, progress_seq, submitted_at_ms, started_at_ms,
-        finished_at_ms, error, collect_results, tolerated_failure_percent, max_attempts, spec)
+        finished_at_ms, error, collect_results, tolerated_failure_percent, max_attempts, spec,
+        redrives)
     SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
         $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[],
-        $12::bigint[], $13::bytea[], $14::boolean[], $15::float8[], $16::bigint[], $27::text[])
+        $12::bigint[], $13::bytea[], $14::boolean[], $15::float8[], $16::bigint[], $27::text[],
+        $28::bigint[])
     ON CONFLICT (job_id) DO UPDATE SET
         state = excluded.state, operation = excluded.operation,
         ops_total = excluded.ops_total, ops_succeeded = excluded.ops_succeeded,
@@ -282,7 +293,7 @@ WITH put_jobs AS (
         started_at_ms = excluded.started_at_ms, finished_at_ms = excluded.finished_at_ms,
         error = excluded.error, collect_results = excluded.collect_results,
         tolerated_failure_percent = excluded.tolerated_failure_percent,
-        max_attempts = excluded.max_attempts,
+        max_attempts = excluded.max_attempts, redrives = excluded.redrives,
         -- Only the accept's put carries the spec; later puts keep it.
         spec = COALESCE(excluded.spec, jobs.spec)
 ), put_results AS (
@@ -373,6 +384,7 @@ impl PgReducerTx<'_, '_> {
         let operations: Vec<Option<&str>> = jobs.values().map(|j| j.operation.as_deref()).collect();
         let count = |i: usize| -> Vec<i64> { jobs.values().map(|j| j.counts[i]).collect() };
         let (c0, c1, c2, c3, c4, c5) = (count(0), count(1), count(2), count(3), count(4), count(5));
+        let redrives = count(6);
         let submitted: Vec<Option<i64>> = jobs.values().map(|j| j.submitted_at_ms).collect();
         let started: Vec<Option<i64>> = jobs.values().map(|j| j.started_at_ms).collect();
         let finished: Vec<Option<i64>> = jobs.values().map(|j| j.finished_at_ms).collect();
@@ -415,6 +427,7 @@ impl PgReducerTx<'_, '_> {
                 &pending.fragment_retry,
                 &self.fence_token,
                 &specs,
+                &redrives,
             ],
         )?;
         Ok(())
@@ -526,12 +539,10 @@ impl ReducerTx for PgReducerTx<'_, '_> {
             let done = u32::try_from(*done).map_err(|_| {
                 StoreError::Corrupt(format!("fragment {fragment} of {job_id}: done {done}"))
             })?;
-            let retry =
-                serde_json::from_str(retry).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            return Ok((RecordedFragment { done, retry }, false));
+            return Ok((RecordedFragment::from_lists_text(done, retry)?, false));
         }
         let done = i64::from(recorded.done);
-        let retry = encode(&recorded.retry)?;
+        let retry = recorded.lists_text()?;
         known.recorded.insert(fragment, (done, retry.clone()));
         let pending = &mut self.pending;
         pending.fragment_jobs.push(job_id.to_owned());
@@ -553,6 +564,30 @@ impl ReducerTx for PgReducerTx<'_, '_> {
             pending.result_ok.push(ok);
             pending.result_values.push(value.into_bytes());
         }
+        Ok(())
+    }
+
+    fn forget_outcomes(
+        &mut self,
+        job_id: &str,
+        indices: &Indices,
+        done: u32,
+    ) -> Result<(), StoreError> {
+        // Outcomes put earlier in this transaction go first, so the delete sees them.
+        self.flush()?;
+        match indices.head(done as usize) {
+            Indices::Span(start, end) => self.pg.execute(
+                "DELETE FROM results WHERE job_id = $1 AND idx >= $2 AND idx < $3",
+                &[&job_id, &big(start)?, &big(end)?],
+            )?,
+            Indices::List(list) => {
+                let list = list.into_iter().map(big).collect::<Result<Vec<i64>, _>>()?;
+                self.pg.execute(
+                    "DELETE FROM results WHERE job_id = $1 AND idx = ANY($2)",
+                    &[&job_id, &list],
+                )?
+            }
+        };
         Ok(())
     }
 
@@ -842,7 +877,7 @@ impl ReducerQueries for PgQueries {
         let Some(status) = job_from_row(&row)?.status() else {
             return Ok(None);
         };
-        let spec: Option<&str> = row.try_get(16)?;
+        let spec: Option<&str> = row.try_get(17)?;
         Ok(Some(JobDetail {
             status,
             spec: parse_spec(job_id, spec)?,
@@ -1176,6 +1211,10 @@ mod tests {
             => a_permanent_failure_is_final_on_any_attempt,
         crate::fold::tests::cases::exceeding_the_tolerated_share_fails_at_once_and_halts_dispatch
             => exceeding_the_tolerated_share_fails_at_once_and_halts_dispatch,
+        crate::fold::tests::cases::a_redrive_counts_its_own_round_once_and_replaces_errors
+            => a_redrive_counts_its_own_round_once_and_replaces_errors,
+        crate::fold::tests::cases::a_cancel_before_the_splitter_redrives_cancels_the_round
+            => a_cancel_before_the_splitter_redrives_cancels_the_round,
     }
 
     /// Every table's rows, as text, in order: what a transaction changed.
@@ -1365,6 +1404,7 @@ mod bench {
             started_at_ms: 2,
             elapsed_us: 10,
             measurements: Default::default(),
+            round: 0,
         })
     }
 

@@ -9,7 +9,7 @@ use std::path::Path;
 use common::contract::{JobState, JobStatus, ResultLine};
 use common::retention::format_period_ms;
 use common::timefmt::format_ms;
-use common::wire::{FailedItem, FailuresPage, JobDetail, JobsPage, Removal, Tombstone};
+use common::wire::{FailedItem, FailuresPage, Indices, JobDetail, JobsPage, Removal, Tombstone};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use serde_json::Value;
 
@@ -43,6 +43,8 @@ pub struct JobRecord {
     /// Written, never read back: [`ReducerTx::job`] leaves it `None` (the fold has no use for
     /// it, and it may be 16 KiB), and a put with `None` keeps what is stored.
     pub spec: Option<String>,
+    /// How often the job was redriven: the round whose reports count.
+    pub redrives: u64,
 }
 
 impl JobRecord {
@@ -65,6 +67,7 @@ impl JobRecord {
             tolerated_failure_percent: 0.0,
             max_attempts: 1,
             spec: None,
+            redrives: 0,
         }
     }
 
@@ -88,6 +91,7 @@ impl JobRecord {
             started_at: self.started_at_ms.map(format_ms),
             finished_at: self.finished_at_ms.map(format_ms),
             error: self.error.clone(),
+            redrives: self.redrives,
         })
     }
 }
@@ -115,6 +119,14 @@ pub trait ReducerTx {
         recorded: &RecordedFragment,
     ) -> Result<(RecordedFragment, bool), StoreError>;
     fn put_outcomes(&mut self, job_id: &str, outcomes: &[Outcome]) -> Result<(), StoreError>;
+    /// Forgets the kept outcomes of the first `done` of `indices` (a redriven round's
+    /// fragment ran them again: their latest outcome replaces what earlier rounds kept).
+    fn forget_outcomes(
+        &mut self,
+        job_id: &str,
+        indices: &Indices,
+        done: u32,
+    ) -> Result<(), StoreError>;
     /// The first `limit` failed operations of a job, by index.
     fn first_errors(&mut self, job_id: &str, limit: u32) -> Result<Vec<(u64, String)>, StoreError>;
     /// Keeps a counted fragment's measurements until they are published in a MetricBatch.
@@ -134,6 +146,54 @@ pub struct RecordedFragment {
     pub done: u32,
     /// Indices to run again (failed on a non-final attempt).
     pub retry: Vec<u64>,
+    /// Indices whose failure was final and counted ([`common::wire::Settled::failed`]).
+    pub failed: Vec<u64>,
+    /// Whether the fragment was counted ([`common::wire::Settled::counted`]).
+    pub counted: bool,
+}
+
+/// The lists of a recorded fragment as the `retry` column holds them: the retry list alone,
+/// as a JSON array (what every fragment recorded before redrives holds: counted, no final
+/// failures), or an object with all three.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RecordedLists {
+    retry: Vec<u64>,
+    failed: Vec<u64>,
+    counted: bool,
+}
+
+impl RecordedFragment {
+    /// The `retry` column's text (see [`RecordedLists`]).
+    pub(crate) fn lists_text(&self) -> Result<String, StoreError> {
+        if self.counted && self.failed.is_empty() {
+            return encode(&self.retry);
+        }
+        encode(&RecordedLists {
+            retry: self.retry.clone(),
+            failed: self.failed.clone(),
+            counted: self.counted,
+        })
+    }
+
+    /// A recorded fragment from its `done` and its `retry` column's text.
+    pub(crate) fn from_lists_text(done: u32, text: &str) -> Result<Self, StoreError> {
+        let corrupt = |e: serde_json::Error| StoreError::Corrupt(format!("recorded fragment: {e}"));
+        if text.trim_start().starts_with('[') {
+            return Ok(Self {
+                done,
+                retry: serde_json::from_str(text).map_err(corrupt)?,
+                failed: Vec::new(),
+                counted: true,
+            });
+        }
+        let lists: RecordedLists = serde_json::from_str(text).map_err(corrupt)?;
+        Ok(Self {
+            done,
+            retry: lists.retry,
+            failed: lists.failed,
+            counted: lists.counted,
+        })
+    }
 }
 
 pub trait ReducerStore: Send + 'static {
@@ -308,13 +368,20 @@ CREATE INDEX jobs_by_state_newest ON jobs (state, submitted_at_ms DESC, job_id);
 CREATE INDEX results_failed ON results (job_id, idx) WHERE ok = 0;
 ";
 
+/// Schema version 4: redrives. Each job counts its redrives (the round whose reports count).
+/// A recorded fragment's `retry` column may also hold an object with its final failures and
+/// whether it was counted (see `RecordedFragment::lists_text`); no change of table for that.
+const SCHEMA_V4: &str = "
+ALTER TABLE jobs ADD COLUMN redrives INTEGER NOT NULL DEFAULT 0;
+";
+
 /// The reducer store's migrations, in order; the schema version is their count.
-pub const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
+pub const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4];
 
 pub(crate) const JOB_COLUMNS: &str =
     "job_id, state, operation, ops_total, ops_succeeded, ops_failed,
     fragments_done, fragments_in_flight, progress_seq, submitted_at_ms, started_at_ms,
-    finished_at_ms, error, collect_results, tolerated_failure_percent, max_attempts";
+    finished_at_ms, error, collect_results, tolerated_failure_percent, max_attempts, redrives";
 
 fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(JobRecord, Option<String>)> {
     Ok((
@@ -336,6 +403,7 @@ fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(JobRecord, Option<St
             tolerated_failure_percent: r.get(14)?,
             max_attempts: r.get(15)?,
             spec: None,
+            redrives: get_u64(r, 16)?,
         },
         r.get(1)?,
     ))
@@ -443,7 +511,8 @@ impl ReducerTx for SqliteTx<'_> {
         self.tx
             .prepare_cached(&format!(
                 "INSERT INTO jobs ({JOB_COLUMNS}, spec)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                    ?18)
                  ON CONFLICT (job_id) DO UPDATE SET
                     state = excluded.state, operation = excluded.operation,
                     ops_total = excluded.ops_total, ops_succeeded = excluded.ops_succeeded,
@@ -455,7 +524,7 @@ impl ReducerTx for SqliteTx<'_> {
                     finished_at_ms = excluded.finished_at_ms, error = excluded.error,
                     collect_results = excluded.collect_results,
                     tolerated_failure_percent = excluded.tolerated_failure_percent,
-                    max_attempts = excluded.max_attempts,
+                    max_attempts = excluded.max_attempts, redrives = excluded.redrives,
                     spec = COALESCE(excluded.spec, jobs.spec)"
             ))?
             .execute(params![
@@ -475,6 +544,7 @@ impl ReducerTx for SqliteTx<'_> {
                 job.collect_results,
                 job.tolerated_failure_percent,
                 job.max_attempts,
+                to_i64(job.redrives),
                 job.spec,
             ])?;
         Ok(())
@@ -496,7 +566,7 @@ impl ReducerTx for SqliteTx<'_> {
                 job_id,
                 to_i64(fragment),
                 recorded.done,
-                encode(&recorded.retry)?
+                recorded.lists_text()?
             ])?;
         if inserted == 1 {
             return Ok((recorded.clone(), true));
@@ -509,8 +579,7 @@ impl ReducerTx for SqliteTx<'_> {
             .query_row(params![job_id, to_i64(fragment)], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })?;
-        let retry = serde_json::from_str(&retry).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        Ok((RecordedFragment { done, retry }, false))
+        Ok((RecordedFragment::from_lists_text(done, &retry)?, false))
     }
 
     fn put_measured(&mut self, measured: &Measured) -> Result<(), StoreError> {
@@ -608,6 +677,32 @@ impl ReducerTx for SqliteTx<'_> {
         )?;
         for (idx, ok, value) in chunks.remainder() {
             insert.execute(params![job_id, idx, ok, value])?;
+        }
+        Ok(())
+    }
+
+    fn forget_outcomes(
+        &mut self,
+        job_id: &str,
+        indices: &Indices,
+        done: u32,
+    ) -> Result<(), StoreError> {
+        match indices.head(done as usize) {
+            Indices::Span(start, end) => {
+                self.tx
+                    .prepare_cached(
+                        "DELETE FROM results WHERE job_id = ?1 AND idx >= ?2 AND idx < ?3",
+                    )?
+                    .execute(params![job_id, to_i64(start), to_i64(end)])?;
+            }
+            Indices::List(list) => {
+                let mut delete = self
+                    .tx
+                    .prepare_cached("DELETE FROM results WHERE job_id = ?1 AND idx = ?2")?;
+                for idx in list {
+                    delete.execute(params![job_id, to_i64(idx)])?;
+                }
+            }
         }
         Ok(())
     }
@@ -835,7 +930,7 @@ impl ReducerQueries for SqliteQueries {
                 "SELECT {JOB_COLUMNS}, spec FROM jobs WHERE job_id = ?1"
             ))?
             .query_row([job_id], |r| {
-                Ok((job_from_row(r)?, r.get::<_, Option<String>>(16)?))
+                Ok((job_from_row(r)?, r.get::<_, Option<String>>(17)?))
             })
             .optional()?;
         let Some((job, spec)) = row else {
@@ -1106,6 +1201,7 @@ pub(crate) mod tests {
             started_at_ms: 2,
             elapsed_us: 10,
             measurements: Default::default(),
+            round: 0,
         })
     }
 
@@ -1565,13 +1661,18 @@ pub(crate) mod tests {
         /// error keeps its text exactly, whatever it holds.
         pub(crate) fn the_first_record_stays<F: Fixture>(fx: &mut F) {
             let odd = "bad \0 byte, \u{1F600} and 'quotes'".to_owned();
+            // The first with everything a redrive needs (kept in the retry column's object).
             let first = RecordedFragment {
                 done: 3,
                 retry: vec![7, 9],
+                failed: vec![8],
+                counted: true,
             };
             let again = RecordedFragment {
                 done: 1,
                 retry: vec![],
+                failed: vec![],
+                counted: true,
             };
             let (errors, recorded) = fx
                 .store()
@@ -1655,6 +1756,8 @@ pub(crate) mod tests {
             let rec = |done: u32| RecordedFragment {
                 done,
                 retry: vec![u64::from(done) * 10],
+                failed: Vec::new(),
+                counted: done.is_multiple_of(2),
             };
             let record = |store: &mut F::Store, fragments: &[(u64, u32)]| {
                 store

@@ -1,9 +1,9 @@
 //! Turning deliveries from `{ns}.jobs` and `{ns}.splitter` into [`Command`]s.
 
-use common::contract::CancelRequest;
+use common::contract::{CancelRequest, RedriveRequest};
 use common::jobspec::{ParseLimits, parse_job_spec};
 use common::lapin::message::Delivery;
-use common::topology::{KEY_CANCEL, KEY_SETTLED, KEY_SUBMIT};
+use common::topology::{KEY_CANCEL, KEY_REDRIVE, KEY_SETTLED, KEY_SUBMIT};
 use common::wire::{SplitterInput, decode_splitter_inputs};
 
 use crate::window::{Command, DeadCopy};
@@ -42,9 +42,15 @@ pub fn job_command(delivery: &Delivery, limits: ParseLimits, at_ms: i64) -> Comm
             },
             Err(e) => Command::Dead(dead_copy(delivery, &format!("not a CancelRequest: {e}"))),
         },
+        KEY_REDRIVE => match serde_json::from_slice::<RedriveRequest>(&delivery.data) {
+            Ok(redrive) => Command::Redrive {
+                job_id: redrive.job_id,
+            },
+            Err(e) => Command::Dead(dead_copy(delivery, &format!("not a RedriveRequest: {e}"))),
+        },
         other => Command::Dead(dead_copy(
             delivery,
-            &format!("routing key {other:?} is neither \"submit\" nor \"cancel\""),
+            &format!("routing key {other:?} is none of \"submit\", \"cancel\", \"redrive\""),
         )),
     }
 }
@@ -58,7 +64,8 @@ pub fn settled(delivery: &Delivery) -> Vec<Command> {
             .into_iter()
             .map(|input| match input {
                 Ok(SplitterInput::Settled(settled)) => Command::Settle(settled),
-                Ok(SplitterInput::Halt { job_id }) => Command::Halt { job_id },
+                Ok(SplitterInput::Halt { job_id, round }) => Command::Halt { job_id, round },
+                Ok(SplitterInput::Redrive { job_id, round }) => Command::Redriven { job_id, round },
                 Err((error, text)) => {
                     let mut dead = dead_copy(delivery, &format!("not a settlement: {error}"));
                     dead.body = text;
@@ -101,8 +108,13 @@ pub fn internal_dead_copy(
 pub fn command_dead_copy(events: &str, command: &Command, reason: &str) -> DeadCopy {
     let input = match command {
         Command::Settle(settled) => SplitterInput::Settled(settled.clone()),
-        Command::Halt { job_id } => SplitterInput::Halt {
+        Command::Halt { job_id, round } => SplitterInput::Halt {
             job_id: job_id.clone(),
+            round: *round,
+        },
+        Command::Redriven { job_id, round } => SplitterInput::Redrive {
+            job_id: job_id.clone(),
+            round: *round,
         },
         Command::Dead(dead) => return dead.clone(),
         other => {

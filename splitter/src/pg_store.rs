@@ -104,8 +104,23 @@ CREATE TABLE tombstones (
 CREATE INDEX tombstones_to_purge ON tombstones (job_id) WHERE NOT purged;
 ";
 
+/// Schema version 2: redrives, as the SQLite store's version 3 (see
+/// [`crate::store::MIGRATIONS`]): each job's redrive `round` and whether it can be redriven,
+/// and the indices that did not succeed, kept for the next redrive (`leftovers`).
+const SCHEMA_V2: &str = "
+ALTER TABLE jobs ADD COLUMN round BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN redrivable BOOLEAN NOT NULL DEFAULT false;
+CREATE TABLE leftovers (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    round BIGINT NOT NULL,
+    indices TEXT NOT NULL
+);
+CREATE INDEX leftovers_by_job ON leftovers (job_id, round, id);
+";
+
 /// The PostgreSQL store's migrations, in order (run by [`PgDatabase::migrate`]).
-pub const PG_MIGRATIONS: &[&str] = &[SCHEMA_V1];
+pub const PG_MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
 
 /// Deferred rows written in one statement once this many are waiting.
 const FLUSH_AT: usize = 2048;
@@ -333,7 +348,7 @@ impl SplitterTx for PgSplitterTx<'_, '_> {
             "SELECT j.state, j.operation, j.params, j.range_base, j.ops_total, j.fragment_size,
                     j.max_concurrent, j.lifespan_ms, j.max_attempts, j.collect_results, j.cursor,
                     j.next_fragment, j.in_flight, j.progress_seq, j.adaptive, j.op_cost_ns,
-                    EXISTS (SELECT 1 FROM tombstones WHERE job_id = $1)
+                    EXISTS (SELECT 1 FROM tombstones WHERE job_id = $1), j.round, j.redrivable
              FROM (VALUES (1)) AS one LEFT JOIN jobs j ON j.job_id = $1",
             &[&job_id],
         )?;
@@ -360,6 +375,8 @@ impl SplitterTx for PgSplitterTx<'_, '_> {
             adaptive: row.try_get(14)?,
             // As the SQLite store reads it.
             op_cost_ns: row.try_get::<_, Option<i64>>(15)?.map(|v| v as u64),
+            round: get_u64(&row, 17)?,
+            redrivable: row.try_get(18)?,
         }))
     }
 
@@ -370,10 +387,11 @@ impl SplitterTx for PgSplitterTx<'_, '_> {
                 INSERT INTO jobs (job_id, state, operation, params, range_base, ops_total,
                     fragment_size, max_concurrent, lifespan_ms, max_attempts, collect_results,
                     cursor, next_fragment, in_flight, progress_seq, adaptive, op_cost_ns,
-                    ended_at_ms)
+                    ended_at_ms, round, redrivable)
                 SELECT $1::text, $2::text, $3::text, $4::text, $5::bigint, $6::bigint,
                     $7::bigint, $8::bigint, $9::bigint, $10::bigint, $11::bool, $12::bigint,
-                    $13::bigint, $14::bigint, $15::bigint, $16::bool, $17::bigint, $18::bigint
+                    $13::bigint, $14::bigint, $15::bigint, $16::bool, $17::bigint, $18::bigint,
+                    $19::bigint, $20::bool
                 FROM dead WHERE NOT dead.dead
                 ON CONFLICT (job_id) DO NOTHING
                 RETURNING 1
@@ -398,6 +416,8 @@ impl SplitterTx for PgSplitterTx<'_, '_> {
                 &job.adaptive,
                 &job.op_cost_ns.map(big).transpose()?,
                 &ended_at(job.state),
+                &big(job.round)?,
+                &job.redrivable,
             ],
         )?;
         let (dead, inserted): (bool, i64) = (row.try_get(0)?, row.try_get(1)?);
@@ -427,7 +447,8 @@ impl SplitterTx for PgSplitterTx<'_, '_> {
             "UPDATE jobs SET state = $2, cursor = $3, next_fragment = $4, in_flight = $5,
                 progress_seq = $6, fragment_size = $7, op_cost_ns = $8,
                 ended_at_ms = CASE WHEN $9::bigint IS NULL THEN NULL
-                                   ELSE COALESCE(ended_at_ms, $9::bigint) END
+                                   ELSE COALESCE(ended_at_ms, $9::bigint) END,
+                round = $10
              WHERE job_id = $1",
             &[
                 &job.job_id,
@@ -439,6 +460,7 @@ impl SplitterTx for PgSplitterTx<'_, '_> {
                 &i64::from(job.fragment_size),
                 &job.op_cost_ns.map(big).transpose()?,
                 &ended_at(job.state),
+                &big(job.round)?,
             ],
         )?;
         Ok(())
@@ -607,6 +629,70 @@ impl SplitterTx for PgSplitterTx<'_, '_> {
             indices: decode(row.try_get::<_, &str>(0)?)?,
             attempt: get_u32(&row, 1)?,
         }))
+    }
+
+    fn take_fragments(&mut self, job_id: &str) -> Result<Vec<FragmentRow>, StoreError> {
+        if unstorable(job_id) {
+            return Ok(Vec::new());
+        }
+        // What this transaction released or took must reach the database first.
+        self.flush_fragments()?;
+        self.fragments_ahead.remove(job_id);
+        let rows = self.pg.query(
+            "DELETE FROM fragments WHERE job_id = $1 RETURNING fragment, indices, attempt",
+            &[&job_id],
+        )?;
+        rows.iter()
+            .map(|row| {
+                Ok(FragmentRow {
+                    job_id: job_id.to_owned(),
+                    fragment: get_u64(row, 0)?,
+                    indices: decode(row.try_get::<_, &str>(1)?)?,
+                    attempt: get_u32(row, 2)?,
+                })
+            })
+            .collect()
+    }
+
+    fn park(&mut self, job_id: &str, round: u64, indices: &Indices) -> Result<(), StoreError> {
+        if unstorable(job_id) {
+            return Ok(());
+        }
+        self.pg.execute(
+            "INSERT INTO leftovers (job_id, round, indices) VALUES ($1, $2, $3)",
+            &[&job_id, &big(round)?, &encode(indices)?],
+        )?;
+        Ok(())
+    }
+
+    fn next_parked(
+        &mut self,
+        job_id: &str,
+        before_round: u64,
+    ) -> Result<Option<(i64, Indices)>, StoreError> {
+        if unstorable(job_id) {
+            return Ok(None);
+        }
+        let row = self.pg.query_opt(
+            "SELECT id, indices FROM leftovers WHERE job_id = $1 AND round < $2
+             ORDER BY round, id LIMIT 1",
+            &[&job_id, &big(before_round)?],
+        )?;
+        row.map(|row| Ok((row.try_get(0)?, decode(row.try_get::<_, &str>(1)?)?)))
+            .transpose()
+    }
+
+    fn replace_parked(&mut self, id: i64, rest: Option<&Indices>) -> Result<(), StoreError> {
+        match rest {
+            None => self
+                .pg
+                .execute("DELETE FROM leftovers WHERE id = $1", &[&id])?,
+            Some(rest) => self.pg.execute(
+                "UPDATE leftovers SET indices = $2 WHERE id = $1",
+                &[&id, &encode(rest)?],
+            )?,
+        };
+        Ok(())
     }
 
     fn push_outbox(&mut self, message: OutboxMessage) -> Result<(), StoreError> {
@@ -782,6 +868,8 @@ const PURGE_STATEMENTS: &[&str] = &[
         (SELECT idx FROM items WHERE job_id = $1 ORDER BY idx LIMIT $2)",
     "DELETE FROM fragments WHERE job_id = $1 AND fragment IN
         (SELECT fragment FROM fragments WHERE job_id = $1 ORDER BY fragment LIMIT $2)",
+    "DELETE FROM leftovers WHERE id IN
+        (SELECT id FROM leftovers WHERE job_id = $1 ORDER BY id LIMIT $2)",
 ];
 
 #[cfg(test)]
@@ -1019,6 +1107,16 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread")]
+    async fn a_redrive_runs_again_exactly_what_did_not_succeed() {
+        on_postgres(|scratch| {
+            crate::window::tests::a_redrive_runs_again_exactly_what_did_not_succeed_on(
+                &mut PgStores(scratch),
+            )
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
     async fn migrating_again_changes_nothing() {
         on_postgres(|scratch| {
             let db = scratch.database();
@@ -1134,6 +1232,8 @@ mod tests {
             progress_seq: 14,
             adaptive: true,
             op_cost_ns: Some(1500),
+            round: 3,
+            redrivable: true,
         }
     }
 
@@ -1470,6 +1570,8 @@ mod tests {
                         done: 1,
                         retry: Vec::new(),
                         elapsed_us: 1,
+                        failed: Vec::new(),
+                        counted: true,
                     })
                 })
                 .collect();

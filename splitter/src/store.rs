@@ -73,6 +73,13 @@ pub struct JobRow {
     pub adaptive: bool,
     /// Observed cost of one operation, in nanoseconds (a moving average over fragments).
     pub op_cost_ns: Option<u64>,
+    /// The redrive round the job is in (0 until its first redrive): stamped on every
+    /// fragment released, so that a report of an earlier round is known to be stale.
+    pub round: u64,
+    /// Whether a redrive can run the job again: false for a job accepted before redrives
+    /// existed, whose settlements did not say which operations failed for good (and whose
+    /// items may be gone).
+    pub redrivable: bool,
 }
 
 impl JobRow {
@@ -97,6 +104,8 @@ impl JobRow {
             progress_seq: 0,
             adaptive: false,
             op_cost_ns: None,
+            round: 0,
+            redrivable: true,
         }
     }
 
@@ -152,6 +161,21 @@ pub trait SplitterTx {
         job_id: &str,
         fragment: u64,
     ) -> Result<Option<FragmentRow>, StoreError>;
+    /// Removes and returns every fragment of the job that is out (a redrive: none of them
+    /// will count).
+    fn take_fragments(&mut self, job_id: &str) -> Result<Vec<FragmentRow>, StoreError>;
+    /// Keeps `indices` of the job, which did not succeed in redrive round `round` and will
+    /// not run again in it, for the job's next redrive.
+    fn park(&mut self, job_id: &str, round: u64, indices: &Indices) -> Result<(), StoreError>;
+    /// The oldest indices parked in a round before `before_round` (its id and the indices),
+    /// if any: what a redrive into a later round still has to release.
+    fn next_parked(
+        &mut self,
+        job_id: &str,
+        before_round: u64,
+    ) -> Result<Option<(i64, Indices)>, StoreError>;
+    /// Replaces parked row `id` with what is left of it (`None`: all of it was released).
+    fn replace_parked(&mut self, id: i64, rest: Option<&Indices>) -> Result<(), StoreError>;
     fn push_outbox(&mut self, message: OutboxMessage) -> Result<(), StoreError>;
     /// Whether the job's bookkeeping was deleted (retention): its id stays known (a
     /// re-submitted JobSpec is ignored), and late settlements and halts of it change nothing.
@@ -263,8 +287,26 @@ CREATE TABLE tombstones (
 CREATE INDEX tombstones_to_purge ON tombstones (job_id) WHERE purged = 0;
 ";
 
+/// Schema version 3: redrives. A job has a redrive `round`; what did not succeed in a round
+/// and will not run again in it (final failures, the unfinished part of fragments of a
+/// cancelled or failed job) is kept in `leftovers` for the next redrive, which also runs the
+/// job's fragments still out and its undispatched indices. A job accepted before this
+/// version kept no leftovers (and an item job dropped its items when it ended): it cannot be
+/// redriven (`redrivable` 0; jobs accepted since write 1).
+const SCHEMA_V3: &str = "
+ALTER TABLE jobs ADD COLUMN round INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN redrivable INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE leftovers (
+    id INTEGER PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    indices TEXT NOT NULL
+);
+CREATE INDEX leftovers_by_job ON leftovers (job_id, round, id);
+";
+
 /// The splitter store's migrations, in order; the schema version is their count.
-pub const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
+pub const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
 
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -312,7 +354,8 @@ impl SplitterTx for SqliteTx<'_> {
             .prepare_cached(
                 "SELECT state, operation, params, range_base, ops_total, fragment_size,
                         max_concurrent, lifespan_ms, max_attempts, collect_results, cursor,
-                        next_fragment, in_flight, progress_seq, adaptive, op_cost_ns
+                        next_fragment, in_flight, progress_seq, adaptive, op_cost_ns, round,
+                        redrivable
                  FROM jobs WHERE job_id = ?1",
             )?
             .query_row([job_id], |r| {
@@ -336,6 +379,8 @@ impl SplitterTx for SqliteTx<'_> {
                         progress_seq: get_u64(r, 13)?,
                         adaptive: r.get(14)?,
                         op_cost_ns: r.get::<_, Option<i64>>(15)?.map(|v| v as u64),
+                        round: get_u64(r, 16)?,
+                        redrivable: r.get(17)?,
                     },
                 ))
             })
@@ -363,9 +408,9 @@ impl SplitterTx for SqliteTx<'_> {
                 "INSERT INTO jobs (job_id, state, operation, params, range_base, ops_total,
                     fragment_size, max_concurrent, lifespan_ms, max_attempts, collect_results,
                     cursor, next_fragment, in_flight, progress_seq, adaptive, op_cost_ns,
-                    ended_at_ms)
+                    ended_at_ms, round, redrivable)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                    ?17, ?18)",
+                    ?17, ?18, ?19, ?20)",
             )?
             .execute(params![
                 job.job_id,
@@ -386,6 +431,8 @@ impl SplitterTx for SqliteTx<'_> {
                 job.adaptive,
                 job.op_cost_ns.map(to_i64),
                 ended_at(job.state),
+                to_i64(job.round),
+                job.redrivable,
             ])?;
         Ok(())
     }
@@ -396,7 +443,8 @@ impl SplitterTx for SqliteTx<'_> {
                 "UPDATE jobs SET state = ?2, cursor = ?3, next_fragment = ?4, in_flight = ?5,
                     progress_seq = ?6, fragment_size = ?7, op_cost_ns = ?8,
                     ended_at_ms = CASE WHEN ?9 IS NULL THEN NULL
-                                       ELSE COALESCE(ended_at_ms, ?9) END
+                                       ELSE COALESCE(ended_at_ms, ?9) END,
+                    round = ?10
                  WHERE job_id = ?1",
             )?
             .execute(params![
@@ -409,6 +457,7 @@ impl SplitterTx for SqliteTx<'_> {
                 job.fragment_size,
                 job.op_cost_ns.map(to_i64),
                 ended_at(job.state),
+                to_i64(job.round),
             ])?;
         Ok(())
     }
@@ -540,6 +589,71 @@ impl SplitterTx for SqliteTx<'_> {
                 attempt,
             })),
         }
+    }
+
+    fn take_fragments(&mut self, job_id: &str) -> Result<Vec<FragmentRow>, StoreError> {
+        let mut query = self.tx.prepare_cached(
+            "DELETE FROM fragments WHERE job_id = ?1 RETURNING fragment, indices, attempt",
+        )?;
+        let rows = query.query_map([job_id], |r| {
+            Ok((get_u64(r, 0)?, r.get::<_, String>(1)?, r.get::<_, u32>(2)?))
+        })?;
+        let mut taken = Vec::new();
+        for row in rows {
+            let (fragment, indices, attempt) = row?;
+            taken.push(FragmentRow {
+                job_id: job_id.to_owned(),
+                fragment,
+                indices: serde_json::from_str(&indices)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                attempt,
+            });
+        }
+        Ok(taken)
+    }
+
+    fn park(&mut self, job_id: &str, round: u64, indices: &Indices) -> Result<(), StoreError> {
+        self.tx
+            .prepare_cached("INSERT INTO leftovers (job_id, round, indices) VALUES (?1, ?2, ?3)")?
+            .execute(params![job_id, to_i64(round), encode(indices)?])?;
+        Ok(())
+    }
+
+    fn next_parked(
+        &mut self,
+        job_id: &str,
+        before_round: u64,
+    ) -> Result<Option<(i64, Indices)>, StoreError> {
+        let row = self
+            .tx
+            .prepare_cached(
+                "SELECT id, indices FROM leftovers WHERE job_id = ?1 AND round < ?2
+                 ORDER BY round, id LIMIT 1",
+            )?
+            .query_row(params![job_id, to_i64(before_round)], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+            })
+            .optional()?;
+        row.map(|(id, indices)| {
+            let indices =
+                serde_json::from_str(&indices).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            Ok((id, indices))
+        })
+        .transpose()
+    }
+
+    fn replace_parked(&mut self, id: i64, rest: Option<&Indices>) -> Result<(), StoreError> {
+        match rest {
+            None => self
+                .tx
+                .prepare_cached("DELETE FROM leftovers WHERE id = ?1")?
+                .execute([id])?,
+            Some(rest) => self
+                .tx
+                .prepare_cached("UPDATE leftovers SET indices = ?2 WHERE id = ?1")?
+                .execute(params![id, encode(rest)?])?,
+        };
+        Ok(())
     }
 
     fn job_expired(&mut self, job_id: &str) -> Result<bool, StoreError> {
@@ -677,6 +791,8 @@ const PURGE_STATEMENTS: &[&str] = &[
         (SELECT idx FROM items WHERE job_id = ?1 ORDER BY idx LIMIT ?2)",
     "DELETE FROM fragments WHERE job_id = ?1 AND fragment IN
         (SELECT fragment FROM fragments WHERE job_id = ?1 ORDER BY fragment LIMIT ?2)",
+    "DELETE FROM leftovers WHERE id IN
+        (SELECT id FROM leftovers WHERE job_id = ?1 ORDER BY id LIMIT ?2)",
 ];
 
 #[cfg(test)]
@@ -836,9 +952,11 @@ pub(crate) mod tests {
             conn.execute_batch(SCHEMA_V1).expect("v1 tables");
             conn.execute_batch(
                 "INSERT INTO jobs VALUES ('old', 'finished', 'noop', '{}', 0, 1, 1, 1, 1000, 1,
-                    1, 1, 1, 0, 1, 0, NULL)",
+                    1, 1, 1, 0, 1, 0, NULL);
+                 INSERT INTO jobs VALUES ('old-items', 'finished', 'noop', '{}', NULL, 1, 1, 1,
+                    1000, 1, 1, 1, 1, 0, 1, 0, NULL);",
             )
-            .expect("an old job");
+            .expect("old jobs");
         }
         let mut store = SqliteStore::open(&path).expect("upgraded");
         assert_eq!(
@@ -858,17 +976,26 @@ pub(crate) mod tests {
             "a job ended before the upgrade counts from it"
         );
         let old = store.transaction(|tx| tx.job("old")).expect("read");
-        assert_eq!(old.map(|j| j.state), Some(DispatchState::Finished));
+        let old = old.expect("the old job");
+        // Accepted before redrives: its settlements said nothing of its final failures, and
+        // an item job's items are gone; neither can be redriven.
+        assert_eq!(
+            (old.state, old.round, old.redrivable),
+            (DispatchState::Finished, 0, false)
+        );
+        let items = store.transaction(|tx| tx.job("old-items")).expect("read");
+        assert_eq!(items.map(|j| j.redrivable), Some(false));
         drop(store);
         let conn = Connection::open(&path).expect("reopen");
-        common::migrate::stamp(&conn, 3).expect("from the future");
+        let future = MIGRATIONS.len() as i64 + 1;
+        common::migrate::stamp(&conn, future).expect("from the future");
         drop(conn);
-        assert!(matches!(
-            SqliteStore::open(&path),
-            Err(StoreError::NewerSchema {
-                found: 3,
-                supported: 2
-            })
-        ));
+        let refused = SqliteStore::open(&path);
+        assert!(
+            matches!(refused, Err(StoreError::NewerSchema { found, supported })
+                if found == future && supported == future - 1),
+            "{:?}",
+            refused.err()
+        );
     }
 }

@@ -1,11 +1,12 @@
 //! The splitter's decisions, applied one batch of commands per transaction: accept or reject
 //! jobs, cut them into fragments, keep at most `max_concurrent_fragments` of each job out,
-//! re-dispatch what a fragment left unfinished, and drain cancelled jobs.
+//! re-dispatch what a fragment left unfinished, drain cancelled jobs, and run again what did
+//! not succeed when a failed or cancelled job is redriven.
 //!
 //! Every message these decisions produce goes to the outbox in the same transaction, so a
 //! crash can only re-send a message (deduplicated downstream), never lose one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use common::broker::{json_properties, transient_json_properties};
 use common::jobspec::{JobInput, JobSpec, Rejection};
@@ -63,10 +64,21 @@ pub enum Command {
     Cancel {
         job_id: String,
     },
+    /// A RedriveRequest: the reducer decides whether the job may be redriven.
+    Redrive {
+        job_id: String,
+    },
     Settle(Settled),
-    /// The reducer ended the job early (too many failures): release nothing more of it.
+    /// The reducer ended the job early (too many failures) in redrive `round`: release
+    /// nothing more of it.
     Halt {
         job_id: String,
+        round: u64,
+    },
+    /// The reducer redrove the job into `round`: release what did not succeed.
+    Redriven {
+        job_id: String,
+        round: u64,
     },
     /// A message that is not for us in any usable way: keep it on `{ns}.dead`.
     Dead(DeadCopy),
@@ -129,6 +141,9 @@ struct Batch<'a> {
     /// What each loaded job's row held when this batch read it (nothing for a job new in
     /// this batch), to tell what changed by the batch's end.
     loaded: BTreeMap<String, Loaded>,
+    /// Jobs redriven in this batch: the reducer hears their count out whatever it is (it
+    /// counted none of the round's fragments yet).
+    redriven: BTreeSet<String>,
 }
 
 /// A job's row as a batch first read it.
@@ -151,6 +166,7 @@ pub fn apply(
         names,
         jobs: BTreeMap::new(),
         loaded: BTreeMap::new(),
+        redriven: BTreeSet::new(),
     };
     for command in commands {
         #[cfg(debug_assertions)]
@@ -163,8 +179,10 @@ pub fn apply(
                 at_ms,
             } => batch.reject(rejection, dead, at_ms)?,
             Command::Cancel { job_id } => batch.cancel(&job_id)?,
+            Command::Redrive { job_id } => batch.ask_redrive(&job_id)?,
             Command::Settle(settled) => batch.settle(settled)?,
-            Command::Halt { job_id } => batch.halt(&job_id)?,
+            Command::Halt { job_id, round } => batch.halt(&job_id, round)?,
+            Command::Redriven { job_id, round } => batch.redriven(&job_id, round)?,
             Command::Dead(dead) => batch.dead(dead)?,
         }
     }
@@ -278,6 +296,8 @@ impl Batch<'_> {
             progress_seq: 0,
             adaptive: spec.fragment_size.is_none(),
             op_cost_ns: known_cost,
+            round: 0,
+            redrivable: true,
         };
         let job = JobRow {
             fragment_size: job.sized_fragment().unwrap_or(job.fragment_size),
@@ -350,9 +370,19 @@ impl Batch<'_> {
         };
         if job.state != DispatchState::Active {
             tracing::info!(%job_id, state = ?job.state, "cancel for a job with nothing left to dispatch");
-            return Ok(());
+            if job.state == DispatchState::Rejected {
+                return Ok(());
+            }
+            // The reducer may have started the next redrive round, which this splitter has
+            // not applied yet: that round is the one the cancel is for.
+            let round = job.round + 1;
+            return self.tell_reducer(&ReducerInput::CancelRound {
+                job_id: job_id.to_owned(),
+                round,
+            });
         }
         job.state = DispatchState::Cancelling;
+        let round = job.round;
         tracing::info!(%job_id, in_flight = job.in_flight, "job cancelled; draining");
         // The job ends now: its status must not wait for fragments that may sit unconsumed
         // (no worker offers the operation). Fragments still running report what they did;
@@ -361,31 +391,105 @@ impl Batch<'_> {
             job_id: job_id.to_owned(),
             at_ms: common::timefmt::now_ms(),
         })?;
-        self.broadcast_cancel(job_id)
+        self.broadcast_cancel(job_id, round)
     }
 
-    fn halt(&mut self, job_id: &str) -> Result<(), StoreError> {
+    fn halt(&mut self, job_id: &str, round: u64) -> Result<(), StoreError> {
         let Some((job, _)) = self.load(job_id)? else {
             return self.unusable(
                 &SplitterInput::Halt {
                     job_id: job_id.to_owned(),
+                    round,
                 },
                 format!("halt of unknown job {job_id}"),
             );
         };
-        if job.state != DispatchState::Active {
+        // A halt of an earlier round (repeated, or redelivered after the redrive) is over.
+        if job.state != DispatchState::Active || round < job.round {
             return Ok(());
         }
         job.state = DispatchState::Cancelling;
+        let round = job.round;
         tracing::info!(%job_id, in_flight = job.in_flight, "job failed; draining");
-        self.broadcast_cancel(job_id)
+        self.broadcast_cancel(job_id, round)
     }
 
-    /// Tells every connected worker to drop `job_id`'s fragments. Transient and unconfirmed
-    /// by design: a worker that missed it is told again when one of the job's fragments settles.
-    fn broadcast_cancel(&mut self, job_id: &str) -> Result<(), StoreError> {
+    /// A RedriveRequest: asks the reducer, which alone knows whether the job failed or was
+    /// cancelled, to redrive it into the round after the one the splitter is in. A job of
+    /// which nothing can run again is refused here, its request kept on `{ns}.dead`.
+    fn ask_redrive(&mut self, job_id: &str) -> Result<(), StoreError> {
+        let Some((job, _)) = self.load(job_id)? else {
+            tracing::warn!(%job_id, "redrive of an unknown job; ignoring");
+            return Ok(());
+        };
+        if job.state == DispatchState::Rejected {
+            tracing::info!(%job_id, "redrive of a rejected job; ignoring");
+            return Ok(());
+        }
+        if !job.redrivable {
+            let reason = format!(
+                "job {job_id} cannot be redriven: it was accepted before this release, which \
+                 keeps what a redrive needs (the operations that did not succeed, the items)"
+            );
+            tracing::warn!(%reason, "refusing a redrive");
+            let body = encode(&common::contract::RedriveRequest {
+                job_id: job_id.to_owned(),
+            })?;
+            let jobs = self.names.jobs();
+            return self.dead(crate::intake::internal_dead_copy(
+                &jobs,
+                common::topology::KEY_REDRIVE,
+                body,
+                &reason,
+            ));
+        }
+        let round = job.round + 1;
+        self.tell_reducer(&ReducerInput::Redrive {
+            job_id: job_id.to_owned(),
+            round,
+        })
+    }
+
+    /// The reducer redrove the job into `round`: every fragment still out belongs to an
+    /// earlier round (its report will count nothing) and runs again, with what earlier
+    /// rounds left over and what was never dispatched, with fresh attempts (see `finish`).
+    fn redriven(&mut self, job_id: &str, round: u64) -> Result<(), StoreError> {
+        let Some((job, _)) = self.load(job_id)? else {
+            return self.unusable(
+                &SplitterInput::Redrive {
+                    job_id: job_id.to_owned(),
+                    round,
+                },
+                format!("redrive of unknown job {job_id}"),
+            );
+        };
+        if round <= job.round || job.state == DispatchState::Rejected {
+            // Applied before (a redelivered message).
+            return Ok(());
+        }
+        let previous = job.round;
+        for fragment in self.tx.take_fragments(job_id)? {
+            self.tx.park(job_id, previous, &fragment.indices)?;
+        }
+        let Some((job, changed)) = self.jobs.get_mut(job_id) else {
+            return Err(StoreError::Corrupt(format!("job {job_id} vanished")));
+        };
+        job.round = round;
+        job.state = DispatchState::Active;
+        job.in_flight = 0;
+        *changed = true;
+        tracing::info!(%job_id, round, "job redriven");
+        self.redriven.insert(job_id.to_owned());
+        Ok(())
+    }
+
+    /// Tells every connected worker to drop `job_id`'s fragments of `round` and earlier.
+    /// Transient and unconfirmed by design: a worker that missed it is told again when one
+    /// of the job's fragments settles.
+    fn broadcast_cancel(&mut self, job_id: &str, round: u64) -> Result<(), StoreError> {
         let control = encode(&Control::Cancel {
             job_id: job_id.to_owned(),
+            round,
         })?;
         let exchange = self.names.control();
         self.push(
@@ -419,7 +523,34 @@ impl Batch<'_> {
         }
         let remind = job.state == DispatchState::Cancelling && job.in_flight > 0;
         let done = settled.done as usize;
-        if job.state == DispatchState::Active {
+        let (round, active) = (job.round, job.state == DispatchState::Active);
+        let job_id = settled.job_id.clone();
+        if !settled.counted {
+            // None of it succeeded as far as the job's counts go (the job had failed): all of
+            // it runs again on a redrive, none of it before.
+            self.tx.park(&job_id, round, &fragment.indices)?;
+        } else {
+            if !settled.failed.is_empty() {
+                self.tx
+                    .park(&job_id, round, &Indices::List(settled.failed.clone()))?;
+            }
+            if !active {
+                // Dispatching stopped: what the fragment did not run, and what would have
+                // run again, wait for a redrive.
+                let tail = fragment.indices.tail(done);
+                if !tail.is_empty() {
+                    self.tx.park(&job_id, round, &tail)?;
+                }
+                if !settled.retry.is_empty() {
+                    self.tx
+                        .park(&job_id, round, &Indices::List(settled.retry.clone()))?;
+                }
+            }
+        }
+        let Some((job, _)) = self.jobs.get_mut(&job_id) else {
+            return Err(StoreError::Corrupt(format!("job {job_id} vanished")));
+        };
+        if active && settled.counted {
             let mut job = job.clone();
             if done < fragment.indices.len() {
                 // The fragment stopped early (lifespan, a worker shutting down): what it did
@@ -438,7 +569,7 @@ impl Batch<'_> {
         if remind {
             // Workers that joined after the cancel (or lost their control queue) learn of it
             // before they take the job's next queued fragment.
-            self.broadcast_cancel(&settled.job_id)?;
+            self.broadcast_cancel(&job_id, round)?;
         }
         Ok(())
     }
@@ -476,6 +607,7 @@ impl Batch<'_> {
             payload,
             lifespan_ms: job.lifespan_ms,
             collect_results: job.collect_results,
+            round: job.round,
         };
         self.tx.insert_fragment(&row)?;
         let (exchange, properties) = match delay {
@@ -510,6 +642,19 @@ impl Batch<'_> {
                     {
                         window = window.min(PROBE_FRAGMENTS);
                     }
+                    // A redriven job first releases what earlier rounds did not finish.
+                    while job.round > 0 && job.in_flight < window {
+                        let Some((id, parked)) = self.tx.next_parked(&job.job_id, job.round)?
+                        else {
+                            break;
+                        };
+                        let size = job.fragment_size.max(1) as usize;
+                        let rest = parked.tail(size);
+                        self.tx
+                            .replace_parked(id, Some(&rest).filter(|r| !r.is_empty()))?;
+                        self.release(&mut job, parked.head(size), 1, None)?;
+                        changed = true;
+                    }
                     while job.in_flight < window && job.cursor < job.ops_total {
                         let end = job
                             .cursor
@@ -520,14 +665,18 @@ impl Batch<'_> {
                         self.release(&mut job, indices, 1, None)?;
                         changed = true;
                     }
-                    if job.cursor >= job.ops_total && job.in_flight == 0 {
+                    if job.cursor >= job.ops_total
+                        && job.in_flight == 0
+                        && (job.round == 0
+                            || self.tx.next_parked(&job.job_id, job.round)?.is_none())
+                    {
                         job.state = DispatchState::Finished;
-                        self.tx.drop_items(&job.job_id)?;
+                        self.drop_items_unless_left_over(&job)?;
                     }
                 }
                 DispatchState::Cancelling if job.in_flight == 0 => {
                     job.state = DispatchState::Finished;
-                    self.tx.drop_items(&job.job_id)?;
+                    self.drop_items_unless_left_over(&job)?;
                     changed = true;
                 }
                 _ => {}
@@ -547,7 +696,9 @@ impl Batch<'_> {
             }
             // A settled fragment replaced by a new one leaves the count as it was: in a
             // steady window that spares the broker one message per fragment.
-            if changed && job.state != DispatchState::Rejected && job.in_flight != loaded.in_flight
+            if changed
+                && job.state != DispatchState::Rejected
+                && (job.in_flight != loaded.in_flight || self.redriven.contains(&job.job_id))
             {
                 job.progress_seq += 1;
                 self.tell_reducer(&ReducerInput::Progress {
@@ -558,6 +709,22 @@ impl Batch<'_> {
                 })?;
             }
             self.tx.update_job(&job)?;
+        }
+        Ok(())
+    }
+}
+
+/// Past every round a job can reach (and within the stores' signed 64-bit integers).
+const ANY_ROUND: u64 = i64::MAX as u64;
+
+impl Batch<'_> {
+    /// Drops a finished job's items, unless some operation did not succeed: a redrive needs
+    /// the items of those.
+    fn drop_items_unless_left_over(&mut self, job: &JobRow) -> Result<(), StoreError> {
+        let left_over =
+            job.cursor < job.ops_total || self.tx.next_parked(&job.job_id, ANY_ROUND)?.is_some();
+        if !left_over {
+            self.tx.drop_items(&job.job_id)?;
         }
         Ok(())
     }
@@ -714,6 +881,8 @@ pub(crate) mod tests {
             done: fragment.indices.len() as u32,
             retry: Vec::new(),
             elapsed_us,
+            failed: Vec::new(),
+            counted: true,
         })
     }
 
@@ -779,6 +948,103 @@ pub(crate) mod tests {
         // Two rounds of probes, then the whole window at the first size.
         assert_eq!(released, vec![4, 4, 16]);
         assert!(out.iter().all(|f| f.indices.len() == 8));
+    }
+
+    #[test]
+    fn a_redrive_runs_again_exactly_what_did_not_succeed() {
+        a_redrive_runs_again_exactly_what_did_not_succeed_on(&mut SqliteStores::new());
+    }
+
+    /// A settlement of `fragment` as the reducer sends it.
+    fn settled_as(fragment: &Fragment, done: u32, failed: Vec<u64>, counted: bool) -> Command {
+        Command::Settle(Settled {
+            job_id: fragment.job_id.clone(),
+            fragment: fragment.fragment,
+            done,
+            retry: Vec::new(),
+            elapsed_us: 10,
+            failed,
+            counted,
+        })
+    }
+
+    fn indices_of(fragments: &[Fragment]) -> Vec<u64> {
+        let mut all: Vec<u64> = fragments
+            .iter()
+            .flat_map(|f| (0..f.indices.len()).filter_map(|i| f.indices.get(i)))
+            .collect();
+        all.sort_unstable();
+        all
+    }
+
+    pub(crate) fn a_redrive_runs_again_exactly_what_did_not_succeed_on(stores: &mut impl Stores) {
+        use crate::store::SplitterStore;
+        let mut job = Submitted::new(
+            stores.fresh(),
+            &serde_json::json!({
+                "job_id": "j", "operation": "noop", "range": {"start": 0, "end": 10},
+                "fragment_size": 2, "max_concurrent_fragments": 2, "max_attempts": 1,
+            }),
+        );
+        let first = job.sent();
+        assert_eq!(indices_of(&first), vec![0, 1, 2, 3]);
+        // Index 1 fails for good; the second fragment stops after one operation (3 runs on).
+        job.apply(vec![
+            settled_as(&first[0], 2, vec![1], true),
+            settled_as(&first[1], 1, Vec::new(), true),
+        ]);
+        let second = job.sent();
+        assert_eq!(indices_of(&second), vec![3, 4, 5]);
+        // The job fails (halt); a fragment reported after counts nothing; one stays out.
+        let halt = |round| Command::Halt {
+            job_id: "j".into(),
+            round,
+        };
+        let [tail, later] = [&second[0], &second[1]].map(|f| f.clone());
+        let (tail, later) = if tail.indices.get(0) == Some(3) {
+            (tail, later)
+        } else {
+            (later, tail)
+        };
+        job.apply(vec![halt(0), settled_as(&later, 2, Vec::new(), false)]);
+        assert!(job.sent().is_empty());
+
+        // Redriven: what failed, what was out, what was never dispatched; round 1, fresh
+        // attempts, within the window. A repeat of the redrive and a stale halt change nothing.
+        let redriven = |round| Command::Redriven {
+            job_id: "j".into(),
+            round,
+        };
+        job.apply(vec![redriven(1), redriven(1), halt(0)]);
+        let mut out = job.sent();
+        assert_eq!(out.len(), 2, "the window: {out:?}");
+        let mut released = Vec::new();
+        // The stale report of the fragment out before the redrive changes nothing either.
+        let mut stale = Some(settled_as(&tail, 1, Vec::new(), false));
+        while !out.is_empty() {
+            assert!(
+                out.iter().all(|f| f.round == 1 && f.attempt == 1),
+                "{out:?}"
+            );
+            let mut settle: Vec<Command> = out
+                .iter()
+                .map(|f| settled_as(f, f.indices.len() as u32, Vec::new(), true))
+                .collect();
+            settle.extend(stale.take());
+            released.extend(out);
+            job.apply(settle);
+            out = job.sent();
+        }
+        assert_eq!(indices_of(&released), vec![1, 3, 4, 5, 6, 7, 8, 9]);
+        let job_row = job
+            .store
+            .transaction(|tx| tx.job("j"))
+            .expect("read")
+            .expect("job");
+        assert_eq!(
+            (job_row.state, job_row.round, job_row.in_flight),
+            (DispatchState::Finished, 1, 0)
+        );
     }
 
     #[test]

@@ -1003,6 +1003,14 @@ impl TestEnv {
         self.publish_jobs(KEY_CANCEL, &body, RawProps::json()).await
     }
 
+    /// Publishes a RedriveRequest (as a user's program would, without `batchctl`'s check of
+    /// the job's state).
+    pub async fn redrive(&self, job_id: &str) -> Result<()> {
+        let body = serde_json::to_vec(&serde_json::json!({ "job_id": job_id }))?;
+        self.publish_jobs(common::topology::KEY_REDRIVE, &body, RawProps::json())
+            .await
+    }
+
     /// A job id unique to this test: `{name}-{8 hex}`.
     pub fn job_id(&self, name: &str) -> String {
         let suffix = uuid::Uuid::new_v4().simple().to_string();

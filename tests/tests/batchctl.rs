@@ -370,7 +370,7 @@ async fn results_are_contract_json_lines_one_per_index() -> Result<()> {
 }
 
 /// The fields of a JobStatus, as CONTRACT.md lists them.
-const JOB_STATUS_FIELDS: [&str; 12] = [
+const JOB_STATUS_FIELDS: [&str; 13] = [
     "job_id",
     "state",
     "operation",
@@ -383,6 +383,7 @@ const JOB_STATUS_FIELDS: [&str; 12] = [
     "started_at",
     "finished_at",
     "error",
+    "redrives",
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -416,6 +417,7 @@ async fn status_json_is_the_contract_job_status_and_cancel_refuses_a_finished_jo
     assert_eq!(value["state"], "succeeded");
     assert_eq!(value["operation"], "sha256");
     assert_eq!(value["error"], Value::Null);
+    assert_eq!(value["redrives"], 0, "never redriven");
     for stamp in ["submitted_at", "started_at", "finished_at"] {
         let text = value[stamp].as_str().context("a timestamp is a string")?;
         assert!(

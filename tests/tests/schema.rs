@@ -96,8 +96,8 @@ async fn stores_of_the_previous_schema_are_upgraded_and_keep_their_jobs() -> Res
             }
         );
     }
-    assert_eq!(user_version(&splitter_db)?, 2, "splitter store upgraded");
-    assert_eq!(user_version(&reducer_db)?, 3, "reducer store upgraded");
+    assert_eq!(user_version(&splitter_db)?, 3, "splitter store upgraded");
+    assert_eq!(user_version(&reducer_db)?, 4, "reducer store upgraded");
     // Accepted before the reducer kept specs (version 3): the console shows it without one.
     let request = Request::Job {
         job_id: OLD_JOB.to_owned(),
@@ -109,6 +109,33 @@ async fn stores_of_the_previous_schema_are_upgraded_and_keep_their_jobs() -> Res
         }
         other => anyhow::bail!("unexpected reply to a job request: {other:?}"),
     }
+
+    // Upgraded, it reads as never redriven, and succeeded: batchctl refuses to redrive it.
+    // Published anyway, the splitter refuses a job accepted before redrives, and keeps the
+    // request on {ns}.dead with the reason.
+    assert_eq!(old.redrives, 0);
+    let (exit, _, stderr) = env.batchctl(&["redrive", OLD_JOB]).await?;
+    assert_eq!(exit.code(), Some(2), "batchctl redrive: {stderr}");
+    env.redrive(OLD_JOB).await?;
+    let deadline = std::time::Instant::now() + JOB_TIMEOUT;
+    let refused = loop {
+        let dead = env.drain_dead().await?;
+        if let Some(first) = dead.first() {
+            break first.clone();
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the redrive of the old job was not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let reason = refused
+        .header(common::dead::REASON_HEADER)
+        .unwrap_or_default();
+    assert!(
+        reason.contains("accepted before this release"),
+        "{reason:?}"
+    );
 
     // Its id is still known to the upgraded splitter: submitting it again changes nothing.
     env.submit(&spec).await?;
@@ -191,8 +218,8 @@ async fn a_store_of_a_newer_schema_is_refused_at_start() -> Result<()> {
         let conn = rusqlite::Connection::open(&path)?;
         common::migrate::stamp(&conn, 7)?;
     }
-    // What each binary knows: the splitter's store is at version 2, the reducer's at 3.
-    for (bin, supported) in [(Bin::Splitter, 2), (Bin::Reducer, 3)] {
+    // What each binary knows: the splitter's store is at version 3, the reducer's at 4.
+    for (bin, supported) in [(Bin::Splitter, 3), (Bin::Reducer, 4)] {
         let (code, stderr) = run_on_newer_store(bin, &env).await?;
         assert!(
             code.is_some_and(|c| c != 0),

@@ -45,9 +45,9 @@ pub(crate) async fn listen(
                 }
             };
             match serde_json::from_slice::<Control>(&delivery.data) {
-                Ok(Control::Cancel { job_id }) => {
-                    tracing::info!(%job_id, "job cancelled; its fragments stop at the next operation");
-                    state.cancelled.insert(job_id);
+                Ok(Control::Cancel { job_id, round }) => {
+                    tracing::info!(%job_id, round, "job cancelled; its fragments stop at the next operation");
+                    state.cancelled.insert(job_id, round);
                 }
                 Err(e) => tracing::warn!(error = %e, "ignoring a malformed control message"),
             }

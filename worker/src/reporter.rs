@@ -127,6 +127,7 @@ mod tests {
             started_at_ms: 1,
             elapsed_us: 1,
             measurements: Default::default(),
+            round: 0,
         })
         .expect("encodes")
     }

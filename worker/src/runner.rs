@@ -16,27 +16,32 @@ use crate::operation::{OpError, OpInput, OpMetrics, Operation};
 /// How long a worker remembers a cancelled job (its queued fragments are dropped unrun).
 const CANCEL_MEMORY: Duration = Duration::from_secs(24 * 3600);
 
-/// Jobs this worker heard were cancelled.
+/// Jobs this worker heard were cancelled, each with the latest redrive round cancelled (a
+/// redrive runs the job's fragments of later rounds).
 #[derive(Clone, Default)]
 pub struct CancelledJobs {
-    jobs: Arc<Mutex<HashMap<String, Instant>>>,
+    jobs: Arc<Mutex<HashMap<String, (u64, Instant)>>>,
     /// Bumped on every insert, so a running fragment re-reads the set only when it changed
     /// (checked before every operation: a lock there would cost more than a `noop`).
     generation: Arc<AtomicU64>,
 }
 
 impl CancelledJobs {
-    pub fn insert(&self, job_id: String) {
+    /// The job's fragments of `round` and earlier are cancelled.
+    pub fn insert(&self, job_id: String, round: u64) {
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        jobs.retain(|_, at| now.duration_since(*at) < CANCEL_MEMORY);
-        jobs.insert(job_id, now);
+        jobs.retain(|_, (_, at)| now.duration_since(*at) < CANCEL_MEMORY);
+        let entry = jobs.entry(job_id).or_insert((round, now));
+        *entry = (entry.0.max(round), now);
         self.generation.fetch_add(1, Ordering::Release);
     }
 
-    pub fn contains(&self, job_id: &str) -> bool {
+    /// Whether the job's fragments of `round` are cancelled.
+    pub fn contains(&self, job_id: &str, round: u64) -> bool {
         let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        jobs.contains_key(job_id)
+        jobs.get(job_id)
+            .is_some_and(|(cancelled, _)| round <= *cancelled)
     }
 
     fn generation(&self) -> u64 {
@@ -60,11 +65,11 @@ impl<'a> CancelWatch<'a> {
         }
     }
 
-    fn is_cancelled(&mut self, job_id: &str) -> bool {
+    fn is_cancelled(&mut self, job_id: &str, round: u64) -> bool {
         let generation = self.cancelled.generation();
         if self.seen != Some(generation) {
             self.seen = Some(generation);
-            self.job_cancelled = self.cancelled.contains(job_id);
+            self.job_cancelled = self.cancelled.contains(job_id, round);
         }
         self.job_cancelled
     }
@@ -155,7 +160,7 @@ fn should_stop(
     deadline: Instant,
     done: usize,
 ) -> Option<Cut> {
-    if cancelled.is_cancelled(&fragment.job_id) {
+    if cancelled.is_cancelled(&fragment.job_id, fragment.round) {
         return Some(Cut::Cancelled);
     }
     if shutting_down {
@@ -312,6 +317,7 @@ pub async fn run_fragment(
             operation_seconds,
             user: metrics.into_inner(),
         },
+        round: fragment.round,
     }
 }
 
@@ -345,6 +351,7 @@ mod tests {
             payload: Payload::Range { base: 0 },
             lifespan_ms,
             collect_results: true,
+            round: 0,
         }
     }
 
@@ -370,9 +377,14 @@ mod tests {
     async fn cancelled_job_runs_nothing() {
         let f = fragment("noop", 3, 60_000, json!({}));
         let cancelled = CancelledJobs::default();
-        cancelled.insert("job".into());
+        cancelled.insert("job".into(), 0);
         let report = run_fragment(&f, &Noop, "w", &cancelled, &CancellationToken::new()).await;
         assert_eq!((report.done, report.cut), (0, Some(Cut::Cancelled)));
+        // The job redriven: its fragments of the next round run, and report their round.
+        let redriven = Fragment { round: 1, ..f };
+        let report =
+            run_fragment(&redriven, &Noop, "w", &cancelled, &CancellationToken::new()).await;
+        assert_eq!((report.done, report.cut, report.round), (3, None, 1));
     }
 
     #[tokio::test]

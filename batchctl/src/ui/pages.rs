@@ -678,6 +678,7 @@ mod tests {
             started_at: Some("2026-12-05T01:00:02.500Z".into()),
             finished_at: Some("2026-12-05T01:01:02.500Z".into()),
             error: None,
+            redrives: 0,
         };
         assert_eq!(
             timeline(&status),
@@ -712,6 +713,7 @@ mod tests {
             started_at: Some(common::timefmt::format_ms(now - 10_000)),
             finished_at: None,
             error: None,
+            redrives: 0,
         };
         let (rate, eta) = rate_and_eta(&status);
         let rate = rate.expect("a rate");

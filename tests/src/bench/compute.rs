@@ -77,6 +77,7 @@ pub fn runner(items: u64, rounds: u32, threads: usize) -> Result<f64, String> {
                     payload: common::wire::Payload::Range { base: 0 },
                     lifespan_ms: 3_600_000,
                     collect_results: false,
+                    round: 0,
                 };
                 let operation = operation.clone();
                 scope.spawn(move || -> Result<u64, String> {
