@@ -20,7 +20,7 @@ use common::jobspec::{ParseLimits, parse_job_spec};
 use common::lapin::types::ShortString;
 use common::rpc::RpcClient;
 use common::topology::{BUILTIN_OPERATIONS, KEY_CANCEL, KEY_SUBMIT};
-use common::wire::{Request, Response};
+use common::wire::{Request, Response, WorkerInfo};
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -116,6 +116,10 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let broker = Broker::new(&cli.broker, "batchctl")?;
     let timeout = Duration::from_secs(cli.timeout.max(1));
+    if let Command::Ui(args) = &cli.command {
+        // A weak token is refused before anything else is tried.
+        ui::check_tokens(args)?;
+    }
     if !matches!(cli.command, Command::Demo(_)) {
         // The connection stays in the broker's pool for the command to use.
         reach_broker(&broker).await?;
@@ -188,10 +192,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Queues { json } => queues(&broker, timeout, json).await?,
         Command::Workers { json } => {
-            let workers = match rpc(&broker, timeout, &Request::Workers).await? {
-                Response::Workers { workers } => workers,
-                other => return Err(unexpected(other)),
-            };
+            let workers = worker_records(rpc(&broker, timeout, &Request::Workers).await?)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&workers)?);
             } else {
@@ -300,6 +301,15 @@ pub(crate) fn unexpected(response: Response) -> anyhow::Error {
         }
         Response::Error { message } => anyhow!("the reducer failed to answer: {message}"),
         other => anyhow!("unexpected reply from the reducer: {other:?}"),
+    }
+}
+
+/// The records `batchctl workers --json` prints, from the reducer's answer to
+/// [`Request::Workers`].
+pub(crate) fn worker_records(response: Response) -> anyhow::Result<Vec<WorkerInfo>> {
+    match response {
+        Response::Workers { workers } => Ok(workers),
+        other => Err(unexpected(other)),
     }
 }
 

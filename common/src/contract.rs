@@ -95,6 +95,14 @@ pub struct CancelRequest {
     pub job_id: String,
 }
 
+/// Published on `{ns}.jobs` with routing key `redrive`: a failed or cancelled job runs again
+/// every operation that has not succeeded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedriveRequest {
+    pub job_id: String,
+}
+
 /// One line of `batchctl results`: the outcome of the operation at `index`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]

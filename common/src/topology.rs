@@ -14,6 +14,7 @@ use deadpool_lapin::lapin::{Channel, Connection, ErrorKind, ExchangeKind};
 /// Routing keys on `{ns}.jobs`.
 pub const KEY_SUBMIT: &str = "submit";
 pub const KEY_CANCEL: &str = "cancel";
+pub const KEY_REDRIVE: &str = "redrive";
 /// Routing keys on `{ns}.events`.
 pub const KEY_REDUCER: &str = "reducer";
 pub const KEY_SETTLED: &str = "settled";
