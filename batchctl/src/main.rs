@@ -95,8 +95,9 @@ enum Command {
     /// Run a real job end to end on this machine: splitter, reducer and workers in this
     /// process, a sha256 job over a range, with live progress.
     Demo(demo::DemoArgs),
-    /// A web console: jobs, a job's failed items, workers, queues, dead letters, submit and
-    /// cancel (default http://127.0.0.1:8080/; `BATCHQ_UI_TOKEN` to require a token).
+    /// A web console: jobs, a job's failed items, workers, queues, dead letters, submit,
+    /// cancel and redrive, and an HTTP API under /api/v1/ (default http://127.0.0.1:8080/;
+    /// `BATCHQ_UI_TOKEN` to require a token, `BATCHQ_UI_READ_TOKEN` for one that only reads).
     Ui(ui::UiArgs),
 }
 

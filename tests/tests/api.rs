@@ -242,6 +242,42 @@ async fn with_tokens_the_api_needs_them_and_the_read_token_changes_nothing() -> 
     )
     .await?;
     assert_eq!(page.status, 200, "a page with the read token");
+    // The read token logs in too: its session reads the pages and is refused their POSTs.
+    let login = http_with_body(
+        console.authority(),
+        "POST",
+        "/login",
+        &[],
+        Some((
+            "application/x-www-form-urlencoded",
+            format!("token={read}&next=%2Fjobs").as_bytes(),
+        )),
+    )
+    .await?;
+    let read_cookie = login
+        .header("set-cookie")
+        .and_then(|c| c.split(';').next())
+        .with_context(|| format!("no session cookie for the read token: {login:?}"))?
+        .to_owned();
+    ensure!(
+        read_cookie != cookie,
+        "the read token's session is the token's"
+    );
+    let with_read_cookie = [("Cookie", read_cookie.as_str())];
+    let page = http_with_body(console.authority(), "GET", "/jobs", &with_read_cookie, None).await?;
+    assert_eq!(page.status, 200, "a page with the read token's session");
+    let page_cancel = http_with_body(
+        console.authority(),
+        "POST",
+        &format!("/jobs/{job_id}/cancel"),
+        &with_read_cookie,
+        Some(("application/x-www-form-urlencoded", b"csrf=x")),
+    )
+    .await?;
+    assert_eq!(
+        page_cancel.status, 403,
+        "a page's POST with the read token's session"
+    );
     // The refused job was published before the allowed one, on the same queue: it would be
     // known by now.
     let unknown = reader.get(&format!("/api/v1/jobs/{refused_id}")).await?;
