@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 
 /// How far before its offset a cursor's next page starts reading.
 const SLACK: u64 = 64;
+/// Most entries one read asks of the reducer: the most it answers.
+const MOST_PER_READ: u32 = reducer::rpc::MAX_CONSOLE_PAGE;
 /// Most reads of the reducer for one page: past this (thousands of jobs submitted between
 /// two requests) the page is returned short, with a cursor where the reading stopped.
 const MAX_READS: usize = 8;
@@ -75,7 +77,10 @@ where
     };
     let want = limit as usize;
     // One more than the page, to know whether another page follows.
-    let read = limit.saturating_add(1).saturating_add(SLACK as u32);
+    let read = limit
+        .saturating_add(1)
+        .saturating_add(SLACK as u32)
+        .min(MOST_PER_READ);
     let mut kept: Vec<(u64, T)> = Vec::new();
     for _ in 0..MAX_READS {
         let entries = fetch(offset, read).await?;
@@ -123,7 +128,8 @@ fn next_cursor<T, K: Clone>(
 mod tests {
     use super::*;
 
-    /// Pages of `list` (ascending), read through [`page`].
+    /// Pages of `list` (ascending), read through [`page`] from a reader that, as the
+    /// reducer, answers at most [`MOST_PER_READ`] entries a read.
     async fn read(
         list: &[u64],
         limit: u32,
@@ -133,7 +139,7 @@ mod tests {
             let entries: Vec<u64> = list
                 .iter()
                 .skip(offset as usize)
-                .take(limit as usize)
+                .take(limit.min(MOST_PER_READ) as usize)
                 .copied()
                 .collect();
             std::future::ready(Ok::<_, ()>(entries))
@@ -143,19 +149,29 @@ mod tests {
 
     #[tokio::test]
     async fn pages_cover_the_list_once() {
-        let list: Vec<u64> = (0..250).collect();
-        let mut seen = Vec::new();
-        let mut cursor = None;
-        loop {
-            let (entries, next) = read(&list, 7, cursor).await;
-            assert!(entries.len() <= 7);
-            seen.extend(entries);
-            match next {
-                Some(next) => cursor = Some(next),
-                None => break,
+        for (n, limit) in [
+            (250, 7),
+            (1234, MOST_PER_READ),
+            (MOST_PER_READ as u64, MOST_PER_READ),
+        ] {
+            let list: Vec<u64> = (0..n).collect();
+            let mut seen = Vec::new();
+            let mut cursor = None;
+            loop {
+                let (entries, next) = read(&list, limit, cursor).await;
+                assert!(entries.len() <= limit as usize);
+                assert!(
+                    next.is_none() || entries.len() == limit as usize,
+                    "a short page before the end"
+                );
+                seen.extend(entries);
+                match next {
+                    Some(next) => cursor = Some(next),
+                    None => break,
+                }
             }
+            assert_eq!(seen, list, "{n} entries, {limit} a page");
         }
-        assert_eq!(seen, list);
     }
 
     #[tokio::test]

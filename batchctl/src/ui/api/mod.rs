@@ -28,9 +28,10 @@ use cursor::{Cursor, CursorProblem};
 
 /// The OpenAPI 3 description of [`routes`].
 const OPENAPI: &str = include_str!("openapi.json");
-/// Entries of a list page when the request names no `limit`, and the most it may name.
+/// Entries of a list page when the request names no `limit`, and the most it may name (the
+/// most the reducer answers at once).
 const DEFAULT_LIMIT: u32 = 50;
-const MAX_LIMIT: u32 = 1000;
+const MAX_LIMIT: u32 = reducer::rpc::MAX_CONSOLE_PAGE;
 
 pub(super) fn is_api(path: &str) -> bool {
     path == "/api" || path.starts_with("/api/")
