@@ -93,10 +93,13 @@ impl Tokens {
         if !self.is_set() {
             return Access::Full;
         }
+        // The scheme's name is case-insensitive (RFC 9110).
         let bearer = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(|v| v.trim_start().split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token);
         if let Some(bearer) = bearer {
             let access = self.access_of(bearer.trim());
             if access != Access::Denied || api {
@@ -208,7 +211,7 @@ mod tests {
         );
         assert_eq!(tokens.access(&headers, false), Access::Full);
         assert_eq!(tokens.access(&headers, true), Access::Denied);
-        let bearer = format!("Bearer {READ}");
+        let bearer = format!("bearer {READ}");
         headers.insert(
             header::AUTHORIZATION,
             HeaderValue::from_str(&bearer).expect("ascii"),
