@@ -478,15 +478,19 @@ async fn job_events(
     Sse::new(status_events(console, id)).keep_alive(KeepAlive::default())
 }
 
-/// Events of job `id`, a second apart: `status` (a JobStatus) until one is terminal, then
+/// Events of job `id`, one a second: `status` (a JobStatus) until one is terminal, then
 /// the stream ends; `gone` (why) and the end when the job is unknown or deleted; `problem`
 /// (why) when the reducer does not answer, and the stream goes on.
 pub(crate) fn status_events(
     console: Arc<Console>,
     id: String,
 ) -> impl Stream<Item = Result<Event, std::convert::Infallible>> {
-    futures::stream::unfold(Some((console, id)), |next| async move {
-        let (console, id) = next?;
+    // Ticks a second apart, however long each answer takes (the first one at once).
+    let mut every = tokio::time::interval(EVENT_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    futures::stream::unfold(Some((console, id, every)), |next| async move {
+        let (console, id, mut every) = next?;
+        every.tick().await;
         let status = console.call(&Request::Status { job_id: id.clone() }).await;
         let (event, more) = match status {
             Ok(Response::Status(status)) => {
@@ -514,10 +518,7 @@ pub(crate) fn status_events(
                 true,
             ),
         };
-        if more {
-            tokio::time::sleep(EVENT_EVERY).await;
-        }
-        Some((Ok(event), more.then_some((console, id))))
+        Some((Ok(event), more.then_some((console, id, every))))
     })
 }
 
