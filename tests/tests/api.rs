@@ -414,8 +414,14 @@ async fn a_job_submitted_over_the_api_runs_and_its_results_are_batchctls() -> Re
         &api.post("/api/v1/jobs/no-such-job/cancel", b"").await?,
         404,
     )?;
-    // The bad JobSpec never reached the splitter: it was refused before the good one.
+    // The bad JobSpecs never reached the splitter: the first was refused before the good
+    // one, and the splitter set none aside as rejected.
     error_of(&api.get(&format!("/api/v1/jobs/{bad_id}")).await?, 404)?;
+    let dead = env.drain_dead().await?;
+    ensure!(
+        dead.is_empty(),
+        "rejected JobSpecs reached the splitter: {dead:?}"
+    );
     // A finished job cannot be cancelled, nor a succeeded one redriven.
     error_of(
         &api.post(&format!("/api/v1/jobs/{job_id}/cancel"), b"")
