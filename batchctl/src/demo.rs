@@ -79,13 +79,12 @@ pub async fn run(broker_args: BrokerArgs, args: DemoArgs) -> anyhow::Result<Exit
         );
     }
     // The console's port is taken before anything starts, so a port in use fails at once.
-    let token = std::env::var("BATCHQ_UI_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty());
+    let variable = |name: &str| std::env::var(name).ok().filter(|t| !t.is_empty());
     let listener = if args.ui {
         let ui = crate::ui::UiArgs {
             listen: args.listen,
-            token: token.clone(),
+            token: variable("BATCHQ_UI_TOKEN"),
+            read_token: variable("BATCHQ_UI_READ_TOKEN"),
         };
         Some(crate::ui::bind(&ui).await?)
     } else {
@@ -143,10 +142,10 @@ pub async fn run(broker_args: BrokerArgs, args: DemoArgs) -> anyhow::Result<Exit
 
     let job_id = format!("demo-sha256-{}", args.ops);
     let console_url = match listener {
-        Some(listener) => {
+        Some((listener, tokens)) => {
             let url = crate::ui::announce(&listener)?;
             eprintln!("watch it in a browser: {url}jobs/{job_id}");
-            let console = crate::ui::Console::new(broker.clone(), Duration::from_secs(5), token);
+            let console = crate::ui::Console::new(broker.clone(), Duration::from_secs(5), tokens);
             let stop = shutdown.clone();
             components.spawn("console", async move {
                 crate::ui::serve(listener, console, async move { stop.cancelled().await }).await

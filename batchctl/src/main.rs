@@ -19,7 +19,7 @@ use common::config::BrokerArgs;
 use common::contract::JobState;
 use common::rpc::RpcClient;
 use common::topology::BUILTIN_OPERATIONS;
-use common::wire::{Request, Response};
+use common::wire::{Request, Response, WorkerInfo};
 
 #[derive(Parser)]
 #[command(version, about = "Submit and watch batchq jobs")]
@@ -100,8 +100,9 @@ enum Command {
     /// Run a real job end to end on this machine: splitter, reducer and workers in this
     /// process, a sha256 job over a range, with live progress.
     Demo(demo::DemoArgs),
-    /// A web console: jobs, a job's failed items, workers, queues, dead letters, submit and
-    /// cancel (default http://127.0.0.1:8080/; `BATCHQ_UI_TOKEN` to require a token).
+    /// A web console: jobs, a job's failed items, workers, queues, dead letters, submit,
+    /// cancel and redrive, and an HTTP API under /api/v1/ (default http://127.0.0.1:8080/;
+    /// `BATCHQ_UI_TOKEN` to require a token, `BATCHQ_UI_READ_TOKEN` for one that only reads).
     Ui(ui::UiArgs),
 }
 
@@ -122,6 +123,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let broker = Broker::new(&cli.broker, "batchctl")?;
     let timeout = Duration::from_secs(cli.timeout.max(1));
     let client = Client::from_broker(broker.clone()).with_timeout(timeout);
+    if let Command::Ui(args) = &cli.command {
+        // A weak token is refused before anything else is tried.
+        ui::check_tokens(args)?;
+    }
     if !matches!(cli.command, Command::Demo(_)) {
         // The connection stays in the broker's pool for the command to use.
         client.reach().await?;
@@ -227,6 +232,15 @@ fn exit_for(state: JobState) -> ExitCode {
 /// The error a reply other than the one asked for stands for (the console's pages use it).
 pub(crate) fn unexpected(response: Response) -> anyhow::Error {
     ClientError::from_response(response).into()
+}
+
+/// The records `batchctl workers --json` prints, from the reducer's answer to
+/// [`Request::Workers`].
+pub(crate) fn worker_records(response: Response) -> anyhow::Result<Vec<WorkerInfo>> {
+    match response {
+        Response::Workers { workers } => Ok(workers),
+        other => Err(unexpected(other)),
+    }
 }
 
 pub(crate) async fn declared_publisher(

@@ -585,6 +585,26 @@ pub async fn http_with_body(
     headers: &[(&str, &str)],
     body: Option<(&str, &[u8])>,
 ) -> Result<HttpResponse> {
+    http_within(
+        authority,
+        method,
+        path,
+        headers,
+        body,
+        Duration::from_secs(10),
+    )
+    .await
+}
+
+/// [`http_with_body`] for an answer that may take up to `limit` to end (an event stream).
+pub async fn http_within(
+    authority: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<(&str, &[u8])>,
+    limit: Duration,
+) -> Result<HttpResponse> {
     let mut request = format!("{method} {path} HTTP/1.0\r\nHost: {authority}\r\n");
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
@@ -605,9 +625,9 @@ pub async fn http_with_body(
         stream.read_to_end(&mut response).await?;
         anyhow::Ok(response)
     };
-    let response = tokio::time::timeout(Duration::from_secs(10), exchange)
+    let response = tokio::time::timeout(limit, exchange)
         .await
-        .with_context(|| format!("{method} {path} timed out"))?
+        .with_context(|| format!("{method} {path} timed out after {limit:?}"))?
         .with_context(|| format!("{method} {path}"))?;
     let response = String::from_utf8_lossy(&response);
     let (head, body) = response

@@ -299,6 +299,7 @@ impl Proc {
             "BATCHQ_TLS_CA_FILE",
             "BATCHQ_EXEC_ALLOW",
             "BATCHQ_UI_TOKEN",
+            "BATCHQ_UI_READ_TOKEN",
         ] {
             command.env_remove(var);
         }

@@ -367,6 +367,15 @@ async fn assert_failed_job_page(browser: &Browser, path: &str, n: u64, failed: u
         browser.node("#cancel").await?.is_none(),
         "a failed job still offers Cancel"
     );
+    let redrive = browser
+        .node("#redrive")
+        .await?
+        .context("a failed job offers no Redrive")?;
+    assert_eq!(
+        redrive.attrs.get("action").map(String::as_str),
+        Some(format!("{path}/redrive").as_str()),
+        "#redrive: {redrive:?}"
+    );
     let spec: Value = serde_json::from_str(&browser.text("#spec").await?)
         .context("#spec is not the JobSpec as JSON")?;
     assert_eq!(
@@ -570,6 +579,10 @@ async fn cancel_on_the_job_page_ends_the_job_cancelled() -> Result<()> {
         Some(format!("{path}/cancel").as_str()),
         "#cancel: {form:?}"
     );
+    ensure!(
+        browser.node("#redrive").await?.is_none(),
+        "a running job offers Redrive"
+    );
     let csrf = browser
         .node("#cancel input[name=csrf]")
         .await?
@@ -626,6 +639,33 @@ async fn cancel_on_the_job_page_ends_the_job_cancelled() -> Result<()> {
         })
         .await?;
     browser.wait_for_text("#state", "cancelled", PAGE).await?;
+
+    // It offers Redrive instead, which publishes a RedriveRequest for the job.
+    let channel = env.broker().channel().await?;
+    let mut redrives = common::consume::subscribe(
+        &channel,
+        &env.broker().names().jobs(),
+        common::topology::KEY_REDRIVE,
+        "batchq-tests-redrive",
+    )
+    .await?;
+    browser.wait_for("#redrive-button", PAGE).await?;
+    browser.click("#redrive-button").await?;
+    let question = browser.accept_dialog(PAGE).await?;
+    ensure!(
+        question.contains(&job_id),
+        "the confirmation does not name the job: {question:?}"
+    );
+    browser.wait_for_location(&path, PAGE).await?;
+    let request = tokio::time::timeout(PAGE, futures::StreamExt::next(&mut redrives))
+        .await
+        .context("no RedriveRequest after the Redrive button")?
+        .context("the redrive subscription ended")??;
+    assert_eq!(
+        serde_json::from_slice::<Value>(&request.data)?,
+        json!({ "job_id": job_id })
+    );
+    let _ = channel.close(200, "seen".into()).await;
     stage.finish().await
 }
 

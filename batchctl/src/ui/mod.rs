@@ -8,10 +8,13 @@
 //!
 //! Security: the console listens on loopback unless told otherwise, and refuses any other
 //! address without `BATCHQ_UI_TOKEN`. With a token every page needs it, as
-//! `Authorization: Bearer TOKEN` or the session cookie the login form sets. Every POST
-//! (cancel, submit) carries a CSRF token that only pages of this console hold, and a POST
-//! whose `Origin` names another site is refused.
+//! `Authorization: Bearer TOKEN` or the session cookie the login form sets; `BATCHQ_UI_READ_TOKEN`
+//! reads and changes nothing (see [`access`]). Every POST of a page (cancel, redrive, submit)
+//! carries a CSRF token that only pages of this console hold, and a POST whose `Origin` names
+//! another site is refused. The HTTP API under `/api/v1/` ([`api`]) takes bearer tokens only.
 
+mod access;
+mod api;
 mod pages;
 
 use std::net::SocketAddr;
@@ -30,14 +33,15 @@ use axum::response::{IntoResponse, Redirect, Response as HttpResponse};
 use axum::routing::{get, post};
 use clap::Args;
 use common::broker::Broker;
-use common::contract::{CancelRequest, JobState, JobStatus};
+use common::contract::{CancelRequest, JobState, JobStatus, RedriveRequest};
 use common::rpc::RpcClient;
-use common::topology::KEY_CANCEL;
+use common::topology::{KEY_CANCEL, KEY_REDRIVE};
 use common::wire::{Request, Response, ResultsPage};
 use futures::Stream;
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
+
+use access::{Access, SESSION_COOKIE, Tokens, same};
 
 /// Jobs on one page of the jobs list.
 pub(crate) const JOBS_PER_PAGE: u32 = 50;
@@ -52,7 +56,6 @@ const EVENT_EVERY: Duration = Duration::from_secs(1);
 /// Largest JobSpec the submit form takes (the splitter's own limit is far above what anyone
 /// pastes into a browser).
 const MAX_SUBMIT_BYTES: usize = 16 * 1024 * 1024;
-const SESSION_COOKIE: &str = "batchq_session";
 
 #[derive(Debug, Args)]
 pub struct UiArgs {
@@ -61,37 +64,46 @@ pub struct UiArgs {
     #[arg(long, env = "BATCHQ_UI_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// A shared secret every request must carry (a bearer token, or the session cookie the
-    /// login form sets). Required when listening on anything but loopback.
+    /// login form sets); at least 32 characters. Required when listening on anything but
+    /// loopback.
     #[arg(long, env = "BATCHQ_UI_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// A second secret, beside the token, that may read every page and every GET of the API
+    /// and change nothing (every POST with it is refused with 403); at least 32 characters.
+    #[arg(long, env = "BATCHQ_UI_READ_TOKEN", hide_env_values = true)]
+    pub read_token: Option<String>,
 }
 
 /// `batchctl ui`: serves until Ctrl-C or SIGTERM.
 pub async fn run(broker: Broker, timeout: Duration, args: UiArgs) -> anyhow::Result<()> {
-    let listener = bind(&args).await?;
-    let console = Console::new(broker, timeout, args.token);
+    let (listener, tokens) = bind(&args).await?;
+    let console = Console::new(broker, timeout, tokens);
     console.broker.declare_topology().await?;
     announce(&listener)?;
     let stop = common::shutdown::on_signals();
     serve(listener, console, async move { stop.cancelled().await }).await
 }
 
-/// Binds the listening address, refusing one other than loopback without a token.
-pub(crate) async fn bind(args: &UiArgs) -> anyhow::Result<TcpListener> {
-    let token_set = args.token.as_deref().is_some_and(|t| !t.is_empty());
-    if !args.listen.ip().is_loopback() && !token_set {
+/// The tokens of `args`, refused when weak (see [`Tokens::checked`]).
+pub(crate) fn check_tokens(args: &UiArgs) -> anyhow::Result<Tokens> {
+    Tokens::checked(args.token.clone(), args.read_token.clone())
+}
+
+/// Checks the tokens and binds the listening address, refusing one other than loopback
+/// without a token.
+pub(crate) async fn bind(args: &UiArgs) -> anyhow::Result<(TcpListener, Tokens)> {
+    let tokens = check_tokens(args)?;
+    if !args.listen.ip().is_loopback() && !tokens.is_set() {
         bail!(
             "listening on {} (not loopback) needs BATCHQ_UI_TOKEN (or --token): anyone who \
              reaches that address could cancel and submit jobs",
             args.listen
         );
     }
-    if args.token.as_deref() == Some("") {
-        bail!("BATCHQ_UI_TOKEN is set but empty");
-    }
-    TcpListener::bind(args.listen)
+    let listener = TcpListener::bind(args.listen)
         .await
-        .with_context(|| format!("listening on {}", args.listen))
+        .with_context(|| format!("listening on {}", args.listen))?;
+    Ok((listener, tokens))
 }
 
 /// Prints the console's address as the first line on stdout (tests and scripts read it).
@@ -117,6 +129,7 @@ pub(crate) async fn serve(
 
 fn router(console: Arc<Console>) -> Router {
     Router::new()
+        .merge(api::router())
         .route("/", get(|| async { Redirect::to("/jobs") }))
         .route("/healthz", get(|| async { "ok" }))
         .route("/static/console.css", get(css))
@@ -128,10 +141,13 @@ fn router(console: Arc<Console>) -> Router {
         .route("/jobs/{id}/events", get(job_events))
         .route("/jobs/{id}/results.jsonl", get(results))
         .route("/jobs/{id}/cancel", post(cancel))
+        .route("/jobs/{id}/redrive", post(redrive))
         .route("/workers", get(workers))
         .route("/queues", get(queues))
         .route("/dead", get(dead))
         .route("/submit", get(submit_page).post(submit))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(console.clone(), guard))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_SUBMIT_BYTES))
         .with_state(console)
@@ -142,33 +158,21 @@ pub(crate) struct Console {
     broker: Broker,
     timeout: Duration,
     idle: Mutex<Vec<RpcClient>>,
-    token: Option<String>,
-    /// The session cookie's value: derived from the token, so it survives restarts and is the
-    /// same on every replica of the console; useless without knowing the token.
-    session: Option<String>,
-    /// The CSRF token in every form: derived from the token when there is one (the same on
-    /// every replica), else random per process.
+    tokens: Tokens,
+    /// See [`Tokens::csrf`].
     csrf: String,
     /// Held while the dead-letter page reads `{ns}.dead`.
     dead_walk: tokio::sync::Mutex<()>,
 }
 
 impl Console {
-    pub(crate) fn new(broker: Broker, timeout: Duration, token: Option<String>) -> Arc<Self> {
-        let derive = |purpose: &str, token: &str| {
-            hex::encode(Sha256::digest(format!("batchq console {purpose}\0{token}")))
-        };
-        let csrf = match &token {
-            Some(token) => derive("csrf", token),
-            None => hex::encode(rand::random::<[u8; 16]>()),
-        };
+    pub(crate) fn new(broker: Broker, timeout: Duration, tokens: Tokens) -> Arc<Self> {
         Arc::new(Self {
             broker,
             timeout,
             idle: Mutex::new(Vec::new()),
-            session: token.as_deref().map(|t| derive("session", t)),
-            token,
-            csrf,
+            csrf: tokens.csrf(),
+            tokens,
             dead_walk: tokio::sync::Mutex::new(()),
         })
     }
@@ -199,46 +203,13 @@ impl Console {
         }
     }
 
-    fn authorized(&self, headers: &HeaderMap) -> bool {
-        let (Some(token), Some(session)) = (&self.token, &self.session) else {
-            return true;
-        };
-        let bearer = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if bearer.is_some_and(|b| same(b.trim(), token)) {
-            return true;
-        }
-        cookie(headers, SESSION_COOKIE).is_some_and(|c| same(&c, session))
-    }
-
     fn csrf_ok(&self, given: Option<&str>) -> bool {
         given.is_some_and(|g| same(g, &self.csrf))
     }
 }
 
-/// Compares secrets in time that does not depend on where they differ.
-fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
-}
-
-fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.to_owned())
-}
-
-/// Authentication, the cross-site check, and the security headers on every response.
+/// Authentication, the read token's limits, the cross-site check, and the security headers
+/// on every response.
 async fn guard(
     State(console): State<Arc<Console>>,
     request: HttpRequest,
@@ -249,37 +220,27 @@ async fn guard(
         path.as_str(),
         "/healthz" | "/login" | "/static/console.css" | "/static/console.js"
     );
-    let mut response = if !open && !console.authorized(request.headers()) {
-        let next_path = request
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str().to_owned())
-            .unwrap_or_else(|| "/jobs".into());
-        let wants_html = request
-            .headers()
-            .get(header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|a| a.contains("text/html"));
-        let mut response = if wants_html {
-            (StatusCode::UNAUTHORIZED, pages::login(&next_path, None)).into_response()
+    let is_api = api::is_api(&path);
+    let access = console.tokens.access(request.headers(), is_api);
+    // Logging out changes nothing but the caller's own cookie: a read session may do it.
+    let changes_things = request.method() == Method::POST && path != "/logout";
+    let mut response = if !open && access == Access::Denied {
+        unauthorized(&request, is_api)
+    } else if !open && access == Access::Read && changes_things {
+        let message = "refused: the read token (BATCHQ_UI_READ_TOKEN) may read and change nothing";
+        if is_api {
+            api::error(StatusCode::FORBIDDEN, message)
         } else {
-            (
-                StatusCode::UNAUTHORIZED,
-                "unauthorized: this console needs its token (Authorization: Bearer TOKEN)\n",
-            )
-                .into_response()
-        };
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"batchq\""),
-        );
-        response
+            PageError::new(StatusCode::FORBIDDEN, message).into_response()
+        }
     } else if request.method() == Method::POST && cross_site(request.headers()) {
-        (
-            StatusCode::FORBIDDEN,
-            "refused: a request from another site (its Origin does not match this console)\n",
-        )
-            .into_response()
+        let message =
+            "refused: a request from another site (its Origin does not match this console)";
+        if is_api {
+            api::error(StatusCode::FORBIDDEN, message)
+        } else {
+            (StatusCode::FORBIDDEN, format!("{message}\n")).into_response()
+        }
     } else {
         next.run(request).await
     };
@@ -302,6 +263,40 @@ async fn guard(
     headers
         .entry(header::CACHE_CONTROL)
         .or_insert(HeaderValue::from_static("no-store"));
+    response
+}
+
+/// The 401 for a request without the token: JSON for the API, the login page for a browser,
+/// a line of text for anything else.
+fn unauthorized(request: &HttpRequest, is_api: bool) -> HttpResponse {
+    let wants_html = request
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/html"));
+    let mut response = if is_api {
+        api::error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized: the API needs this console's token (Authorization: Bearer TOKEN)",
+        )
+    } else if wants_html {
+        let next_path = request
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "/jobs".into());
+        (StatusCode::UNAUTHORIZED, pages::login(&next_path, None)).into_response()
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            "unauthorized: this console needs its token (Authorization: Bearer TOKEN)\n",
+        )
+            .into_response()
+    };
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"batchq\""),
+    );
     response
 }
 
@@ -334,6 +329,25 @@ async fn js() -> impl IntoResponse {
         ],
         include_str!("console.js"),
     )
+}
+
+/// Anything not routed: a JSON error under `/api/`, else a page saying so.
+async fn not_found(method: Method, uri: axum::http::Uri) -> HttpResponse {
+    if api::is_api(uri.path()) {
+        api::not_found(&method, uri.path())
+    } else {
+        PageError::new(StatusCode::NOT_FOUND, format!("no page at {}", uri.path())).into_response()
+    }
+}
+
+/// A route asked with a method it does not take.
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> HttpResponse {
+    let message = format!("{} does not take {method}", uri.path());
+    if api::is_api(uri.path()) {
+        api::error(StatusCode::METHOD_NOT_ALLOWED, message)
+    } else {
+        PageError::new(StatusCode::METHOD_NOT_ALLOWED, message).into_response()
+    }
 }
 
 /// A page that could not be made, as a page saying why.
@@ -461,8 +475,22 @@ async fn job_events(
     State(console): State<Arc<Console>>,
     Path(id): Path<String>,
 ) -> Sse<impl Stream<Item = Result<Event, std::convert::Infallible>>> {
-    let stream = futures::stream::unfold(Some((console, id)), |next| async move {
-        let (console, id) = next?;
+    Sse::new(status_events(console, id)).keep_alive(KeepAlive::default())
+}
+
+/// Events of job `id`, one a second: `status` (a JobStatus) until one is terminal, then
+/// the stream ends; `gone` (why) and the end when the job is unknown or deleted; `problem`
+/// (why) when the reducer does not answer, and the stream goes on.
+pub(crate) fn status_events(
+    console: Arc<Console>,
+    id: String,
+) -> impl Stream<Item = Result<Event, std::convert::Infallible>> {
+    // Ticks a second apart, however long each answer takes (the first one at once).
+    let mut every = tokio::time::interval(EVENT_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    futures::stream::unfold(Some((console, id, every)), |next| async move {
+        let (console, id, mut every) = next?;
+        every.tick().await;
         let status = console.call(&Request::Status { job_id: id.clone() }).await;
         let (event, more) = match status {
             Ok(Response::Status(status)) => {
@@ -490,12 +518,8 @@ async fn job_events(
                 true,
             ),
         };
-        if more {
-            tokio::time::sleep(EVENT_EVERY).await;
-        }
-        Some((Ok(event), more.then_some((console, id))))
-    });
-    Sse::new(stream).keep_alive(KeepAlive::default())
+        Some((Ok(event), more.then_some((console, id, every))))
+    })
 }
 
 /// The job's results as JSON Lines, as `batchctl results` prints them, streamed a page at a
@@ -504,9 +528,25 @@ async fn results(
     State(console): State<Arc<Console>>,
     Path(id): Path<String>,
 ) -> Result<HttpResponse, PageError> {
-    // The first page is asked before the answer starts, so an unknown job is a 404.
-    let first = results_page(&console, &id, 0).await?;
     let filename = format!("{}.jsonl", id.replace(['"', '\\', '/'], "_"));
+    let body = results_body(console, id).await?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson".to_owned()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{filename}\""),
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// The lines of [`results`]: the first page is asked before the answer starts, so an unknown
+/// job is an error (404) and not an empty body.
+pub(crate) async fn results_body(console: Arc<Console>, id: String) -> Result<Body, PageError> {
+    let first = results_page(&console, &id, 0).await?;
     let pages = futures::stream::unfold(
         (console, id, Some(Ok(first))),
         |(console, id, page): (Arc<Console>, String, Option<Result<ResultsPage, PageError>>)| async move {
@@ -531,17 +571,7 @@ async fn results(
             Some((Ok::<_, std::io::Error>(body), (console, id, next)))
         },
     );
-    Ok((
-        [
-            (header::CONTENT_TYPE, "application/x-ndjson".to_owned()),
-            (
-                header::CONTENT_DISPOSITION,
-                format!("attachment; filename=\"{filename}\""),
-            ),
-        ],
-        Body::from_stream(pages),
-    )
-        .into_response())
+    Ok(Body::from_stream(pages))
 }
 
 async fn results_page(console: &Console, id: &str, from: u64) -> Result<ResultsPage, PageError> {
@@ -572,30 +602,83 @@ async fn cancel(
     Path(id): Path<String>,
     form: Result<axum::Form<CsrfForm>, FormRejection>,
 ) -> Result<HttpResponse, PageError> {
+    act_from_page(&console, &id, JobAction::Cancel, form).await
+}
+
+async fn redrive(
+    State(console): State<Arc<Console>>,
+    Path(id): Path<String>,
+    form: Result<axum::Form<CsrfForm>, FormRejection>,
+) -> Result<HttpResponse, PageError> {
+    act_from_page(&console, &id, JobAction::Redrive, form).await
+}
+
+/// A Cancel or Redrive button's form: checked for its CSRF token, then back to the job's page.
+async fn act_from_page(
+    console: &Console,
+    id: &str,
+    action: JobAction,
+    form: Result<axum::Form<CsrfForm>, FormRejection>,
+) -> Result<HttpResponse, PageError> {
     if !console.csrf_ok(csrf_of(form).as_deref()) {
         return Err(PageError::new(
             StatusCode::FORBIDDEN,
             "refused: the form's CSRF token is missing or wrong (reload the job's page and try again)",
         ));
     }
-    let status = job_status(&console, &id).await?;
-    if status.state.is_terminal() {
-        return Err(PageError::new(
-            StatusCode::CONFLICT,
-            format!("job {id} has already ended ({})", status.state),
-        ));
+    console.request(id, action).await?;
+    Ok(Redirect::to(&job_path(id)).into_response())
+}
+
+/// What a user may ask of a job after submitting it, on `{ns}.jobs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum JobAction {
+    Cancel,
+    Redrive,
+}
+
+impl Console {
+    /// Publishes (confirmed) the CancelRequest or RedriveRequest for job `id`, refusing with
+    /// 409 a job whose state the request would not change (as `batchctl cancel` and
+    /// `batchctl redrive` do), and with 404 an unknown one.
+    async fn request(&self, id: &str, action: JobAction) -> Result<(), PageError> {
+        let status = job_status(self, id).await?;
+        let refusal = match action {
+            JobAction::Cancel if status.state.is_terminal() => {
+                Some(format!("job {id} has already ended ({})", status.state))
+            }
+            JobAction::Redrive
+                if !matches!(status.state, JobState::Failed | JobState::Cancelled) =>
+            {
+                Some(format!(
+                    "job {id} is {}: only a failed or cancelled job can be redriven",
+                    status.state
+                ))
+            }
+            _ => None,
+        };
+        if let Some(refusal) = refusal {
+            return Err(PageError::new(StatusCode::CONFLICT, refusal));
+        }
+        let publisher = crate::declared_publisher(&self.broker).await?;
+        let jobs = self.broker.names().jobs();
+        let job_id = id.to_owned();
+        let sent = match action {
+            JobAction::Cancel => {
+                publisher
+                    .send_json(&jobs, KEY_CANCEL, &CancelRequest { job_id })
+                    .await
+            }
+            JobAction::Redrive => {
+                publisher
+                    .send_json(&jobs, KEY_REDRIVE, &RedriveRequest { job_id })
+                    .await
+            }
+        };
+        sent.map_err(anyhow::Error::from)?;
+        tracing::info!(job_id = %id, ?action, "requested from the console");
+        Ok(())
     }
-    crate::declared_publisher(&console.broker)
-        .await?
-        .send_json(
-            &console.broker.names().jobs(),
-            KEY_CANCEL,
-            &CancelRequest { job_id: id.clone() },
-        )
-        .await
-        .map_err(anyhow::Error::from)?;
-    tracing::info!(job_id = %id, "cancel requested from the console");
-    Ok(Redirect::to(&job_path(&id)).into_response())
 }
 
 async fn job_status(console: &Console, id: &str) -> Result<JobStatus, PageError> {
@@ -619,10 +702,7 @@ async fn workers(State(console): State<Arc<Console>>) -> Result<HttpResponse, Pa
         console.call(&Request::Workers),
         console.call(&Request::Health)
     );
-    let workers = match workers? {
-        Response::Workers { workers } => workers,
-        other => return Err(unexpected(other)),
-    };
+    let workers = crate::worker_records(workers?)?;
     let health = match health? {
         Response::Health(report) => report,
         other => return Err(unexpected(other)),
@@ -631,16 +711,23 @@ async fn workers(State(console): State<Arc<Console>>) -> Result<HttpResponse, Pa
 }
 
 async fn queues(State(console): State<Arc<Console>>) -> Result<HttpResponse, PageError> {
-    let [workers, recent] = &crate::QUEUE_QUESTIONS;
-    let answer = |response: anyhow::Result<Response>| {
-        response.unwrap_or_else(|e| Response::Error {
-            message: e.to_string(),
-        })
-    };
-    let (workers, recent) = tokio::join!(console.call(workers), console.call(recent));
-    let rows = crate::queue_rows(&console.broker, answer(workers), answer(recent)).await?;
+    let rows = console.queue_rows().await?;
     let dead = console.broker.names().dead();
     Ok(pages::queues(&console.chrome("queues"), &rows, &dead).into_response())
+}
+
+impl Console {
+    /// The records `batchctl queues --json` prints, asked on this console's clients.
+    async fn queue_rows(&self) -> anyhow::Result<Vec<crate::table::QueueRow>> {
+        let [workers, recent] = &crate::QUEUE_QUESTIONS;
+        let answer = |response: anyhow::Result<Response>| {
+            response.unwrap_or_else(|e| Response::Error {
+                message: e.to_string(),
+            })
+        };
+        let (workers, recent) = tokio::join!(self.call(workers), self.call(recent));
+        crate::queue_rows(&self.broker, answer(workers), answer(recent)).await
+    }
 }
 
 async fn dead(State(console): State<Arc<Console>>) -> Result<HttpResponse, PageError> {
@@ -735,16 +822,19 @@ async fn login(
     axum::Form(form): axum::Form<LoginForm>,
 ) -> HttpResponse {
     let next = safe_next(form.next.as_deref());
-    let (Some(token), Some(session)) = (&console.token, &console.session) else {
+    if !console.tokens.is_set() {
         return Redirect::to(&next).into_response();
-    };
-    if !same(form.token.trim(), token) {
+    }
+    let Some(session) = console
+        .tokens
+        .session(console.tokens.access_of(form.token.trim()))
+    else {
         return (
             StatusCode::UNAUTHORIZED,
             pages::login(&next, Some("that is not this console's token")),
         )
             .into_response();
-    }
+    };
     let mut cookie = format!("{SESSION_COOKIE}={session}; HttpOnly; SameSite=Strict; Path=/");
     // Behind a proxy that terminates TLS, the cookie never travels over plain HTTP.
     let behind_tls = headers
@@ -797,7 +887,7 @@ impl Console {
             current,
             namespace: self.namespace().to_owned(),
             csrf: self.csrf.clone(),
-            logged_in: self.token.is_some(),
+            logged_in: self.tokens.is_set(),
         }
     }
 }
@@ -833,24 +923,5 @@ mod tests {
             HeaderValue::from_static("http://evil.example"),
         );
         assert!(cross_site(&headers));
-    }
-
-    #[test]
-    fn secrets_compare_whole() {
-        assert!(same("abc", "abc"));
-        assert!(!same("abc", "abd"));
-        assert!(!same("abc", "abcd"));
-        assert!(!same("", "a"));
-    }
-
-    #[test]
-    fn the_session_cookie_is_read_among_others() {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::COOKIE,
-            HeaderValue::from_static("a=1; batchq_session=s3cr3t; b=2"),
-        );
-        assert_eq!(cookie(&headers, SESSION_COOKIE).as_deref(), Some("s3cr3t"));
-        assert_eq!(cookie(&headers, "c"), None);
     }
 }

@@ -3,7 +3,8 @@
 //! stable. Among them: `#jobs tr.job[data-job][data-state][data-done][data-total]`,
 //! `#jobs-total[data-count]`, `#state`, `#counts[data-succeeded][data-failed][data-total]`,
 //! `#failures tr.failure[data-index]` with `td.error`, `#failures-total[data-count]`,
-//! `#failure-search`, `a.prev`/`a.next`, `form#cancel` with `#cancel-button`,
+//! `#failure-search`, `a.prev`/`a.next`, `form#cancel` with `#cancel-button`, `form#redrive` with
+//! `#redrive-button` (failed or cancelled jobs),
 //! `#workers tr.worker[data-worker]`, `#services tr.service[data-role][data-active]`,
 //! `#queues tr.queue[data-queue]`, `#dead-link`, `#dead tr.dead`, `form#submit`, `#error`,
 //! `form#login`. Text shows figures grouped (`1,234`); the attributes hold them bare.
@@ -435,6 +436,13 @@ pub fn job(
                         data-confirm=(format!("Cancel job {}? Running fragments stop at their next operation; nothing more of it is dispatched.", s.job_id)) {
                         input type="hidden" name="csrf" value=(chrome.csrf);
                         button #cancel-button .danger type="submit" { "Cancel job" }
+                    }
+                }
+                @if matches!(s.state, JobState::Failed | JobState::Cancelled) {
+                    form #redrive method="post" action=(format!("{path}/redrive"))
+                        data-confirm=(format!("Redrive job {}? Every operation that has not succeeded runs again, with fresh attempts.", s.job_id)) {
+                        input type="hidden" name="csrf" value=(chrome.csrf);
+                        button #redrive-button type="submit" { "Redrive job" }
                     }
                 }
             }
