@@ -47,11 +47,14 @@ enum DeadAction {
         #[arg(long)]
         job: Option<String>,
     },
-    /// Drop messages for good.
+    /// Drop messages for good (asks for `--yes`).
     Purge {
         /// Only this job's messages; the others stay untouched.
         #[arg(long)]
         job: Option<String>,
+        /// Yes, drop them: dead letters are the only copy of what was refused.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -61,7 +64,16 @@ pub async fn run(broker: &Broker, args: DeadArgs) -> anyhow::Result<()> {
     match args.action {
         None => list(broker, args.json, args.limit).await,
         Some(DeadAction::Requeue { job }) => requeue(broker, job_filter(job)?.as_deref()).await,
-        Some(DeadAction::Purge { job }) => purge(broker, job_filter(job)?.as_deref()).await,
+        Some(DeadAction::Purge { job, yes }) => {
+            if !yes {
+                bail!(
+                    "dead purge drops {ns}.dead's messages for good (they are the only copy of \
+                     what was refused); run it again with --yes to do so",
+                    ns = broker.names().namespace()
+                );
+            }
+            purge(broker, job_filter(job)?.as_deref()).await
+        }
     }
 }
 

@@ -71,7 +71,7 @@ pub async fn run(broker_args: BrokerArgs, args: DemoArgs) -> anyhow::Result<Exit
     };
     let log = data_dir.join("demo.log");
     if args.verbose {
-        common::init_logging();
+        common::init_logging(common::config::LogFormat::Text);
     } else {
         common::init_logging_to(
             std::fs::File::create(&log)

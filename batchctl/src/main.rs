@@ -31,69 +31,131 @@ struct Cli {
     #[arg(long, global = true, default_value_t = 5)]
     timeout: u64,
 
+    #[command(flatten)]
+    log: common::config::LogArgs,
+
     #[command(subcommand)]
     command: Command,
+}
+
+/// The shells `batchctl completions` writes a script for.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Shell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Publish a JobSpec (a file, or - for stdin) and print its job id.
     Submit {
+        /// The JobSpec: a file of JSON, or `-` to read it from stdin.
         file: String,
         /// Show live progress until the job ends; exit 0 only if it succeeded.
         #[arg(long)]
         wait: bool,
+        /// Print `{"job_id": …}` instead of the bare id (with --wait: then the final status).
+        #[arg(long)]
+        json: bool,
     },
     /// The job's current status.
     Status {
+        /// The job's id.
         job: String,
+        /// Print the JobStatus record as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Live progress until the job ends.
-    Watch { job: String },
+    Watch {
+        /// The job's id.
+        job: String,
+        /// Print every status as one JSON line (NDJSON) instead of a progress bar.
+        #[arg(long)]
+        json: bool,
+    },
     /// The job's results as JSON Lines, ordered by index.
-    Results { job: String },
+    Results {
+        /// The job's id.
+        job: String,
+    },
     /// Cancel a job.
-    Cancel { job: String },
+    Cancel {
+        /// The job's id.
+        job: String,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run again every operation of a failed or cancelled job that has not succeeded.
     Redrive {
+        /// The job's id.
         job: String,
         /// Show live progress until the job ends again; exit 0 only if it succeeded.
         #[arg(long)]
         wait: bool,
-    },
-    /// Delete a finished job's status and results now (as retention does later).
-    Delete { job: String },
-    /// Recent jobs with state and progress.
-    Jobs {
+        /// Print the outcome as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Delete a finished job's status and results now (as retention does later).
+    Delete {
+        /// The job's id.
+        job: String,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recent jobs with state and progress, newest first (filtered by the reducer).
+    Jobs {
+        /// Print the JobStatus records as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Most jobs to list.
         #[arg(long, default_value_t = 20)]
         limit: u32,
+        /// Only jobs in this state (accepted, running, succeeded, failed, cancelled, rejected).
+        #[arg(long, value_parser = parse_state)]
+        state: Option<JobState>,
+        /// Only jobs whose id starts with this.
+        #[arg(long)]
+        prefix: Option<String>,
     },
     /// Each batchq queue: ready, unacknowledged, consumers.
     Queues {
+        /// Print the records as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Live workers.
     Workers {
+        /// Print the records as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Every splitter and reducer replica heard from, with its role and whether it is the
     /// active one (with `BATCHQ_DATABASE_URL`, one of each role is; the rest are standbys).
     Members {
+        /// Print the records as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Whether the splitter and the reducer are alive and their stores work; exits 1 when
     /// one is not.
     Health {
+        /// Print the report as JSON.
         #[arg(long)]
         json: bool,
     },
+    /// A completion script for a shell, on stdout (`batchctl completions bash >
+    /// /etc/bash_completion.d/batchctl`).
+    Completions {
+        /// The shell: bash, zsh or fish.
+        shell: Shell,
+    },
+    /// batchctl's manual page in roff, on stdout (`batchctl man > batchctl.1; man ./batchctl.1`).
+    Man,
     /// What {ns}.dead holds (reason, job, size, age, origin); `requeue` puts messages back
     /// where they came from, `purge` drops them.
     Dead(dead::DeadArgs),
@@ -120,6 +182,13 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        // Neither needs a broker.
+        Command::Completions { shell } => return print_completions(shell),
+        Command::Man => return print_man(),
+        Command::Ui(_) => common::init_logging(cli.log.log_format),
+        _ => {}
+    }
     let broker = Broker::new(&cli.broker, "batchctl")?;
     let timeout = Duration::from_secs(cli.timeout.max(1));
     let client = Client::from_broker(broker.clone()).with_timeout(timeout);
@@ -132,14 +201,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         client.reach().await?;
     }
     match cli.command {
-        Command::Submit { file, wait } => {
+        Command::Submit { file, wait, json } => {
             let job_id = submit(&client, &file).await?;
-            println!("{job_id}");
-            if wait {
-                return Ok(exit_for(
-                    progress::watch(&broker, &job_id, timeout, true).await?,
-                ));
+            if !wait {
+                print_outcome(json, &job_id, None, &job_id);
+                return Ok(ExitCode::SUCCESS);
             }
+            if json {
+                let last = watch_json(&client, &job_id).await?;
+                return Ok(exit_for(last));
+            }
+            println!("{job_id}");
+            return Ok(exit_for(
+                progress::watch(&broker, &job_id, timeout, true).await?,
+            ));
         }
         Command::Status { job, json } => {
             let status = client.status(&job).await?;
@@ -149,32 +224,50 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print!("{}", table::status_text(&status));
             }
         }
-        Command::Watch { job } => {
+        Command::Watch { job, json } => {
+            if json {
+                return Ok(exit_for(watch_json(&client, &job).await?));
+            }
             return Ok(exit_for(
                 progress::watch(&broker, &job, timeout, false).await?,
             ));
         }
         Command::Results { job } => results(&client, &job).await?,
-        Command::Cancel { job } => {
+        Command::Cancel { job, json } => {
             client.cancel(&job).await?;
-            println!("cancel requested for {job}");
+            print_outcome(
+                json,
+                &job,
+                Some("cancel requested"),
+                &format!("cancel requested for {job}"),
+            );
         }
-        Command::Redrive { job, wait } => {
+        Command::Redrive { job, wait, json } => {
             let current = client.status(&job).await?;
             client.redrive(&job).await?;
-            println!("redrive requested for {job}");
+            print_outcome(
+                json,
+                &job,
+                Some("redrive requested"),
+                &format!("redrive requested for {job}"),
+            );
             if wait {
                 return Ok(exit_for(
                     progress::watch_redriven(&broker, &job, timeout, current.redrives + 1).await?,
                 ));
             }
         }
-        Command::Delete { job } => {
+        Command::Delete { job, json } => {
             client.delete(&job).await?;
-            println!("deleted job {job}");
+            print_outcome(json, &job, Some("deleted"), &format!("deleted job {job}"));
         }
-        Command::Jobs { json, limit } => {
-            let jobs = client.jobs(None, None, limit).await?;
+        Command::Jobs {
+            json,
+            limit,
+            state,
+            prefix,
+        } => {
+            let jobs = client.jobs(state, prefix.as_deref(), limit).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&jobs)?);
             } else {
@@ -217,6 +310,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dead(args) => dead::run(&broker, args).await?,
         Command::Demo(args) => return demo::run(cli.broker, args).await,
         Command::Ui(args) => ui::run(broker, timeout, args).await?,
+        Command::Completions { .. } | Command::Man => unreachable!("answered before the broker"),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -381,4 +475,119 @@ pub(crate) async fn queue_rows(
         })
         .collect();
     Ok(rows)
+}
+
+/// `--state`'s values: the contract's states.
+fn parse_state(text: &str) -> Result<JobState, String> {
+    JobState::parse(text).ok_or_else(|| {
+        format!(
+            "{text:?} is not a state (accepted, running, succeeded, failed, cancelled, rejected)"
+        )
+    })
+}
+
+/// What a command that changes a job did: `{"job_id": …, "outcome": …}` with `--json`
+/// (just the id for a submit), else `text`.
+fn print_outcome(json: bool, job_id: &str, outcome: Option<&str>, text: &str) {
+    if !json {
+        println!("{text}");
+        return;
+    }
+    let record = match outcome {
+        Some(outcome) => serde_json::json!({"job_id": job_id, "outcome": outcome}),
+        None => serde_json::json!({"job_id": job_id}),
+    };
+    println!("{record}");
+}
+
+/// Every status of the job until it ends, one JSON line each (NDJSON); the last state.
+async fn watch_json(client: &Client, job_id: &str) -> anyhow::Result<JobState> {
+    use std::io::Write;
+    let mut statuses = client.watch_submitted(job_id);
+    let mut last = None;
+    while let Some(status) = statuses.next().await {
+        let status = status?;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{}", serde_json::to_string(&status)?)?;
+        out.flush()?;
+        last = Some(status.state);
+    }
+    last.ok_or_else(|| anyhow!("job {job_id}: no status before the watch ended"))
+}
+
+fn print_completions(shell: Shell) -> anyhow::Result<ExitCode> {
+    use clap::CommandFactory;
+    let shell = match shell {
+        Shell::Bash => clap_complete::Shell::Bash,
+        Shell::Zsh => clap_complete::Shell::Zsh,
+        Shell::Fish => clap_complete::Shell::Fish,
+    };
+    clap_complete::generate(
+        shell,
+        &mut Cli::command(),
+        "batchctl",
+        &mut std::io::stdout(),
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_man() -> anyhow::Result<ExitCode> {
+    use clap::CommandFactory;
+    clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod cli_tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every flag and argument of every command, with the command's path, that has no help.
+    fn without_help(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        for arg in command.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                missing.push(format!("{path} {id}"));
+            }
+        }
+        for sub in command.get_subcommands() {
+            if sub.get_about().is_none() && sub.get_long_about().is_none() {
+                missing.push(format!("{path} {} (the command)", sub.get_name()));
+            }
+            without_help(sub, &format!("{path} {}", sub.get_name()), missing);
+        }
+    }
+
+    #[test]
+    fn every_command_flag_and_argument_has_help() {
+        let mut missing = Vec::new();
+        without_help(&Cli::command(), "batchctl", &mut missing);
+        assert!(missing.is_empty(), "without help text: {missing:#?}");
+    }
+
+    #[test]
+    fn completions_and_the_manual_name_every_command() {
+        let mut script = Vec::new();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut Cli::command(),
+            "batchctl",
+            &mut script,
+        );
+        let script = String::from_utf8(script).expect("utf-8");
+        let mut man = Vec::new();
+        clap_mangen::Man::new(Cli::command())
+            .render(&mut man)
+            .expect("renders");
+        let man = String::from_utf8(man).expect("utf-8");
+        for command in ["submit", "watch", "redrive", "completions", "dead", "ui"] {
+            assert!(script.contains(command), "completion lacks {command}");
+            assert!(man.contains(command), "manual lacks {command}");
+        }
+        Cli::command().debug_assert();
+    }
 }

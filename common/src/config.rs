@@ -173,3 +173,21 @@ mod tests {
         assert_eq!(args.urls(), vec!["amqp://a", "amqp://b"]);
     }
 }
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// For people: one line an event, coloured only when stderr is a terminal.
+    #[default]
+    Text,
+    /// For log shippers: one JSON object a line (timestamp, level, target, fields).
+    Json,
+}
+
+/// The logging setting every binary reads.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct LogArgs {
+    /// Log lines as `text` (for people) or `json` (one object a line, for log shippers).
+    #[arg(long = "log-format", env = "BATCHQ_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}

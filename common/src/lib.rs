@@ -31,11 +31,20 @@ pub use deadpool_lapin::lapin;
 /// lines are off unless `RUST_LOG` names lapin: it logs an ERROR for every failed attempt,
 /// where the supervisor reports each cause once, with the URL. refinery's and
 /// tokio-postgres's are at WARN unless named.
-pub fn init_logging() {
-    let _ = tracing_subscriber::fmt()
+///
+/// Text lines carry colour codes only when stderr is a terminal: `docker logs`, `kubectl logs`
+/// and log shippers get plain text, or JSON with [`config::LogFormat::Json`].
+pub fn init_logging(format: config::LogFormat) {
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(log_filter())
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        config::LogFormat::Json => builder.json().try_init(),
+        config::LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+    };
 }
 
 /// [`init_logging`]'s filter, with the lines written to `file` instead of stderr (no colours):

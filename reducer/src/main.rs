@@ -9,12 +9,15 @@ use clap::Parser;
 struct Cli {
     #[command(flatten)]
     config: ReducerConfig,
+
+    #[command(flatten)]
+    log: common::config::LogArgs,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    common::init_logging();
     let cli = Cli::parse();
+    common::init_logging(cli.log.log_format);
     let shutdown = common::shutdown::on_signals();
     match batchq_reducer::run(cli.config, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,

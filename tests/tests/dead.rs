@@ -512,7 +512,7 @@ async fn requeue_moves_only_the_jobs_messages_back_and_purge_drops_them() -> Res
     );
     assert_eq!(env.queue_depth(&dead).await?, 3);
 
-    let out = batchctl_ok(&env, &["dead", "purge", "--job", &second]).await?;
+    let out = batchctl_ok(&env, &["dead", "purge", "--job", &second, "--yes"]).await?;
     assert_eq!(
         out,
         format!("purged 1 message(s) of job {second} from {dead}; 2 left\n")
@@ -521,7 +521,7 @@ async fn requeue_moves_only_the_jobs_messages_back_and_purge_drops_them() -> Res
     let jobs: Vec<&str> = rows.iter().filter_map(|r| r["job_id"].as_str()).collect();
     assert_eq!(jobs, [stray.as_str(), unroutable.as_str()], "{rows:#?}");
 
-    let out = batchctl_ok(&env, &["dead", "purge"]).await?;
+    let out = batchctl_ok(&env, &["dead", "purge", "--yes"]).await?;
     assert_eq!(out, format!("purged 2 message(s) from {dead}\n"));
     assert_eq!(env.queue_depth(&dead).await?, 0);
 

@@ -239,9 +239,12 @@ pub async fn main_with(registry: Registry) -> Result<(), WorkerError> {
     struct Cli {
         #[command(flatten)]
         config: WorkerConfig,
+
+        #[command(flatten)]
+        log: common::config::LogArgs,
     }
-    common::init_logging();
     let cli = <Cli as clap::Parser>::parse();
+    common::init_logging(cli.log.log_format);
     run(cli.config, registry, common::shutdown::on_signals()).await
 }
 
