@@ -132,6 +132,26 @@ async fn stack(
     Ok((env, console))
 }
 
+/// The session cookie (`name=value`) the console's login form sets for `token`.
+async fn login_cookie(console: &Console, token: &str) -> Result<String> {
+    let login = http_with_body(
+        console.authority(),
+        "POST",
+        "/login",
+        &[],
+        Some((
+            "application/x-www-form-urlencoded",
+            format!("token={token}&next=%2Fjobs").as_bytes(),
+        )),
+    )
+    .await?;
+    Ok(login
+        .header("set-cookie")
+        .and_then(|c| c.split(';').next())
+        .with_context(|| format!("no session cookie: {login:?}"))?
+        .to_owned())
+}
+
 fn sha256_spec(job_id: &str, n: u64) -> Value {
     json!({
         "job_id": job_id,
@@ -165,22 +185,7 @@ async fn with_tokens_the_api_needs_them_and_the_read_token_changes_nothing() -> 
         reader.get_json(path).await.context("with the read token")?;
     }
     // The session cookie of the login form opens the pages, not the API.
-    let login = http_with_body(
-        console.authority(),
-        "POST",
-        "/login",
-        &[],
-        Some((
-            "application/x-www-form-urlencoded",
-            format!("token={full}&next=%2Fjobs").as_bytes(),
-        )),
-    )
-    .await?;
-    let cookie = login
-        .header("set-cookie")
-        .and_then(|c| c.split(';').next())
-        .with_context(|| format!("no session cookie: {login:?}"))?
-        .to_owned();
+    let cookie = login_cookie(&console, &full).await?;
     let with_cookie = [("Cookie", cookie.as_str())];
     let page = http_with_body(console.authority(), "GET", "/jobs", &with_cookie, None).await?;
     assert_eq!(page.status, 200, "a page with the session cookie");
@@ -243,22 +248,7 @@ async fn with_tokens_the_api_needs_them_and_the_read_token_changes_nothing() -> 
     .await?;
     assert_eq!(page.status, 200, "a page with the read token");
     // The read token logs in too: its session reads the pages and is refused their POSTs.
-    let login = http_with_body(
-        console.authority(),
-        "POST",
-        "/login",
-        &[],
-        Some((
-            "application/x-www-form-urlencoded",
-            format!("token={read}&next=%2Fjobs").as_bytes(),
-        )),
-    )
-    .await?;
-    let read_cookie = login
-        .header("set-cookie")
-        .and_then(|c| c.split(';').next())
-        .with_context(|| format!("no session cookie for the read token: {login:?}"))?
-        .to_owned();
+    let read_cookie = login_cookie(&console, &read).await?;
     ensure!(
         read_cookie != cookie,
         "the read token's session is the token's"
